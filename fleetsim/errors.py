@@ -1,0 +1,90 @@
+"""The fleetsim exception tree.
+
+Every error a user can see is a :class:`FleetsimError`; its docstring is the
+default message, and the CLI prints ``str(error)`` as one line (the cause
+chain only with ``-v``)::
+
+    FleetsimError
+    ├── ConfigError            bad option, workload, scenario file, duration
+    ├── StoreError             anything the store could not do
+    │   ├── StoreUnavailable   cannot reach / authenticate to PostgreSQL
+    │   ├── SchemaMismatch     not a fleetsim store, or another schema version
+    │   ├── QueueFull          submit beyond a queue's max length
+    │   └── NotLeader          a fenced leader action by a non-holder
+    ├── BusError               control-bus failures
+    │   ├── BusTimeout         no reply in time (is the fleet running?)
+    │   └── ProtocolError      malformed or unknown bus message
+    └── FleetNotRunning        no run.json / coordinator in the run directory
+"""
+
+from __future__ import annotations
+
+
+class FleetsimError(Exception):
+    """Unexpected fleetsim error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__)
+
+
+class ConfigError(FleetsimError):
+    """Invalid configuration."""
+
+
+class StoreError(FleetsimError):
+    """The store could not complete the operation."""
+
+
+class StoreUnavailable(StoreError):
+    """Cannot connect to the PostgreSQL store."""
+
+
+class SchemaMismatch(StoreError):
+    """The database does not hold a fleetsim store of a supported version."""
+
+
+class QueueFull(StoreError):
+    """The queue is at its maximum length."""
+
+    def __init__(self, queue: str, max_length: int, depth: int, adding: int) -> None:
+        self.queue = queue
+        self.max_length = max_length
+        super().__init__(
+            f"queue {queue!r} is full: max length {max_length}, "
+            f"{depth} waiting, cannot add {adding} more"
+        )
+
+
+class NotLeader(StoreError):
+    """This pod does not hold a valid leader lease."""
+
+
+class BusError(FleetsimError):
+    """Control bus error."""
+
+
+class BusTimeout(BusError):
+    """No reply from the coordinator in time."""
+
+
+class ProtocolError(BusError):
+    """Malformed or unsupported bus message."""
+
+
+class FleetNotRunning(FleetsimError):
+    """No running fleet found in the run directory (start one with `fleetsim up`)."""
+
+
+__all__ = [
+    "BusError",
+    "BusTimeout",
+    "ConfigError",
+    "FleetNotRunning",
+    "FleetsimError",
+    "NotLeader",
+    "ProtocolError",
+    "QueueFull",
+    "SchemaMismatch",
+    "StoreError",
+    "StoreUnavailable",
+]
