@@ -1,0 +1,202 @@
+"""CURVE encryption and client authentication for the bus.
+
+``fleetsim keys generate`` calls :func:`generate_keys`, which writes::
+
+    KEYS_DIR/                      (0700)
+        server.key                 coordinator public key           (0600)
+        server.key_secret          coordinator secret key           (0600)
+        client.key                 pod/CLI public key               (0600)
+        client.key_secret          pod/CLI secret key               (0600)
+        authorized_clients/        public keys the coordinator admits
+            client.key
+
+The coordinator loads :class:`ServerKeys` and runs a :class:`ClientAuthenticator`
+that admits only the public keys in ``authorized_clients/`` (add a key file
+there and restart to admit another client). Pods and the CLI load
+:class:`ClientKeys` (their keypair + the server's public key); for a remote
+pod, copy ``server.key``, ``client.key`` and ``client.key_secret``.
+
+A client without an admitted key never completes the handshake: its
+messages are silently never delivered, so requests time out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from fleetsim.errors import ConfigError
+
+SERVER_NAME = "server"
+CLIENT_NAME = "client"
+AUTHORIZED_CLIENTS_DIR = "authorized_clients"
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """Paths of the key files :func:`generate_keys` wrote."""
+
+    directory: Path
+    server_public: Path
+    server_secret: Path
+    client_public: Path
+    client_secret: Path
+    authorized_clients: Path
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """What the coordinator needs: its keypair and where admitted client keys live."""
+
+    public: bytes
+    secret: bytes
+    authorized_clients: Path
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """What a pod or the CLI needs: its keypair and the coordinator's public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+def key_files(directory: str | os.PathLike[str]) -> KeyFiles:
+    """The standard key file paths inside ``directory`` (they may not exist yet)."""
+    root = Path(directory)
+    return KeyFiles(
+        directory=root,
+        server_public=root / f"{SERVER_NAME}.key",
+        server_secret=root / f"{SERVER_NAME}.key_secret",
+        client_public=root / f"{CLIENT_NAME}.key",
+        client_secret=root / f"{CLIENT_NAME}.key_secret",
+        authorized_clients=root / AUTHORIZED_CLIENTS_DIR,
+    )
+
+
+def generate_keys(directory: str | os.PathLike[str], *, overwrite: bool = False) -> KeyFiles:
+    """Create server and client keypairs in ``directory`` (ConfigError if keys exist).
+
+    The directory is created 0700 before any secret is written, so no secret
+    is ever readable by other users, and every file ends up 0600.
+    """
+    _require_curve()
+    paths = key_files(directory)
+    if paths.server_secret.exists() and not overwrite:
+        raise ConfigError(f"CURVE keys already exist in {paths.directory} (use --overwrite)")
+    paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.directory.chmod(0o700)
+    paths.authorized_clients.mkdir(mode=0o700, exist_ok=True)
+    for name in (SERVER_NAME, CLIENT_NAME):
+        zmq.auth.create_certificates(paths.directory, name)
+    shutil.copyfile(paths.client_public, paths.authorized_clients / paths.client_public.name)
+    for path in (
+        paths.server_public,
+        paths.server_secret,
+        paths.client_public,
+        paths.client_secret,
+        paths.authorized_clients / paths.client_public.name,
+    ):
+        path.chmod(0o600)
+    return paths
+
+
+def load_server_keys(directory: str | os.PathLike[str]) -> ServerKeys:
+    """Load the coordinator's keys from ``directory`` (ConfigError if absent)."""
+    paths = key_files(directory)
+    public, secret = _load_keypair(paths.server_secret)
+    if not paths.authorized_clients.is_dir():
+        raise ConfigError(f"no {AUTHORIZED_CLIENTS_DIR}/ in {paths.directory}")
+    return ServerKeys(public=public, secret=secret, authorized_clients=paths.authorized_clients)
+
+
+def load_client_keys(directory: str | os.PathLike[str]) -> ClientKeys:
+    """Load a pod's or the CLI's keys from ``directory`` (ConfigError if absent)."""
+    paths = key_files(directory)
+    public, secret = _load_keypair(paths.client_secret)
+    server_public, _ = _load_certificate(paths.server_public)
+    return ClientKeys(public=public, secret=secret, server_public=server_public)
+
+
+def _load_keypair(path: Path) -> tuple[bytes, bytes]:
+    public, secret = _load_certificate(path)
+    if secret is None:
+        raise ConfigError(f"{path} holds no secret key")
+    return public, secret
+
+
+def _load_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read CURVE key {path}: {exc} (run `fleetsim keys generate`)"
+        ) from exc
+
+
+def _require_curve() -> None:
+    if not zmq.has("curve"):
+        raise ConfigError("this libzmq was built without CURVE support")
+
+
+def configure_server_socket(socket: zmq.Socket[bytes], keys: ServerKeys) -> None:
+    """Make ``socket`` a CURVE server (call before bind)."""
+    _require_curve()
+    socket.setsockopt(zmq.CURVE_SERVER, 1)
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
+def configure_client_socket(socket: zmq.Socket[bytes], keys: ClientKeys) -> None:
+    """Make ``socket`` a CURVE client of the coordinator (call before connect)."""
+    _require_curve()
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    socket.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+
+
+class ClientAuthenticator:
+    """ZAP handler admitting only the public keys in ``keys.authorized_clients``.
+
+    Start it before binding the server sockets (a handshake that happens
+    while no handler runs is not checked) and stop it before terminating
+    the context.
+    """
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], keys: ServerKeys) -> None:
+        """Prepare (not start) an authenticator on ``context``."""
+        self._authenticator = ThreadAuthenticator(context)
+        self._keys = keys
+
+    def start(self) -> None:
+        """Run the ZAP handler thread and load the admitted keys."""
+        self._authenticator.start()
+        self._authenticator.configure_curve(
+            domain="*", location=str(self._keys.authorized_clients)
+        )
+
+    def stop(self) -> None:
+        """Stop the handler thread and close its sockets."""
+        self._authenticator.stop()
+
+
+__all__ = [
+    "AUTHORIZED_CLIENTS_DIR",
+    "ClientAuthenticator",
+    "ClientKeys",
+    "KeyFiles",
+    "ServerKeys",
+    "configure_client_socket",
+    "configure_server_socket",
+    "generate_keys",
+    "key_files",
+    "load_client_keys",
+    "load_server_keys",
+]

@@ -1,0 +1,39 @@
+"""The PostgreSQL step store. Only this package imports SQLAlchemy or psycopg2."""
+
+from fleetsim.store.records import (
+    ClaimedStep,
+    FailOutcome,
+    Heartbeat,
+    Lease,
+    QueueConfig,
+    QueueStats,
+    Recovery,
+    RetryPolicy,
+    Step,
+    StepSpec,
+    WriteOutcome,
+)
+from fleetsim.store.schema import SCHEMA_VERSION, STEP_STATUSES
+from fleetsim.store.store import LeaderTransaction, Store, StoreConfig
+from fleetsim.store.url import redact, validate_url
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STEP_STATUSES",
+    "ClaimedStep",
+    "FailOutcome",
+    "Heartbeat",
+    "LeaderTransaction",
+    "Lease",
+    "QueueConfig",
+    "QueueStats",
+    "Recovery",
+    "RetryPolicy",
+    "Step",
+    "StepSpec",
+    "Store",
+    "StoreConfig",
+    "WriteOutcome",
+    "redact",
+    "validate_url",
+]

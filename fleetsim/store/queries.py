@@ -1,0 +1,454 @@
+"""Named SQL: every statement the store runs, in one place.
+
+All statements are parametrised (``:name`` binds); none is built by string
+formatting of values. Times are always the database's: ``statement_timestamp()``
+is used rather than ``now()`` so that, inside a transaction that waited for a
+lock, a timestamp reflects when the statement really ran.
+"""
+
+from __future__ import annotations
+
+# Backoff delay in seconds for a step that has already spent ``s.attempts``.
+_BACKOFF = (
+    "make_interval(secs => LEAST(CAST(:retry_cap AS float8),"
+    " CAST(:retry_base AS float8) * power(2, s.attempts))"
+    " * (1 - CAST(:retry_jitter AS float8) * random()))"
+)
+
+SUBMIT_MANY = """
+WITH input AS (
+    SELECT t.ord, t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key
+      FROM ROWS FROM (jsonb_to_recordset(CAST(:items AS jsonb))
+                      AS (queue text, priority int, payload jsonb, max_attempts int,
+                          idempotency_key text))
+           WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key, ord)
+), new_queues AS (
+    INSERT INTO queues (name)
+    SELECT DISTINCT queue FROM input
+    ON CONFLICT (name) DO NOTHING
+), inserted AS (
+    INSERT INTO steps (queue, priority, payload, max_attempts, idempotency_key)
+    SELECT queue, priority, payload, max_attempts, idempotency_key
+      FROM input
+     -- Queues with a max length take the locked path (see Store.submit_many).
+     WHERE NOT EXISTS (SELECT 1 FROM queues q
+                        WHERE q.name IN (SELECT queue FROM input)
+                          AND q.max_length IS NOT NULL)
+     ORDER BY ord
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id, idempotency_key
+)
+SELECT id, idempotency_key FROM inserted ORDER BY id
+"""
+
+INSERT_STEPS = """
+INSERT INTO steps (queue, priority, payload, max_attempts, idempotency_key)
+SELECT t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key
+      FROM ROWS FROM (jsonb_to_recordset(CAST(:items AS jsonb))
+                      AS (queue text, priority int, payload jsonb, max_attempts int,
+                          idempotency_key text))
+           WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key, ord)
+ ORDER BY t.ord
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id, idempotency_key
+"""
+
+LOCK_LIMITED_QUEUES = """
+SELECT name, max_length FROM queues
+ WHERE name = ANY(CAST(:names AS text[])) AND max_length IS NOT NULL
+ ORDER BY name
+   FOR UPDATE
+"""
+
+QUEUE_DEPTH = """
+SELECT count(*) FROM steps WHERE queue = :queue AND status IN ('queued', 'failed')
+"""
+
+STEPS_BY_KEY = """
+SELECT id, idempotency_key FROM steps WHERE idempotency_key = ANY(CAST(:keys AS text[]))
+"""
+
+# The fast path: queues with no concurrency limit, not strict FIFO, not
+# paused. One statement claims, issues tokens and records the attempts.
+CLAIM = """
+WITH picked AS (
+    SELECT s.id
+      FROM steps s
+     WHERE s.status IN ('queued', 'failed')
+       AND s.queue = ANY(CAST(:queues AS text[]))
+       AND s.available_at <= statement_timestamp()
+       AND s.queue IN (SELECT q.name FROM queues q
+                        WHERE NOT q.paused AND NOT q.strict_fifo
+                          AND q.concurrency_limit IS NULL)
+       AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive')
+     ORDER BY s.priority, s.id
+     LIMIT :batch
+       FOR UPDATE OF s SKIP LOCKED
+), claimed AS (
+    UPDATE steps s
+       SET status = 'claimed', claimed_by = :pod,
+           claim_token = nextval('claim_token_seq'),
+           claimed_at = statement_timestamp(), cancel_requested = false
+      FROM picked
+     WHERE s.id = picked.id
+    RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
+              s.claim_token
+), recorded AS (
+    INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at)
+    SELECT claim_token, id, :pod, :incarnation, statement_timestamp() FROM claimed
+)
+SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
+  FROM claimed ORDER BY priority, id
+"""
+
+# The locked path for one queue with a concurrency limit or strict FIFO:
+# the queue row lock serialises its claimers, and each statement after it
+# runs on a fresh snapshot (READ COMMITTED), so the count of claimed steps is
+# current and the oldest step is really the next one.
+LOCK_QUEUE = """
+SELECT concurrency_limit, strict_fifo, paused FROM queues WHERE name = :queue FOR UPDATE
+"""
+
+COUNT_CLAIMED = "SELECT count(*) FROM steps WHERE queue = :queue AND status = 'claimed'"
+
+_CLAIM_ONE_QUEUE = """
+WITH picked AS (
+    SELECT s.id
+      FROM steps s
+     WHERE s.status IN ('queued', 'failed')
+       AND s.queue = :queue
+       AND s.available_at <= statement_timestamp()
+       AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive')
+     ORDER BY {order}
+     LIMIT :batch
+       FOR UPDATE OF s {skip}
+), claimed AS (
+    UPDATE steps s
+       SET status = 'claimed', claimed_by = :pod,
+           claim_token = nextval('claim_token_seq'),
+           claimed_at = statement_timestamp(), cancel_requested = false
+      FROM picked
+     WHERE s.id = picked.id
+    RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
+              s.claim_token
+), recorded AS (
+    INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at)
+    SELECT claim_token, id, :pod, :incarnation, statement_timestamp() FROM claimed
+)
+SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
+  FROM claimed ORDER BY claim_token
+"""
+# Strict FIFO ignores priority and waits for a locked row rather than skip it,
+# so no claim can overtake an older step.
+CLAIM_LIMITED = _CLAIM_ONE_QUEUE.format(order="s.priority, s.id", skip="SKIP LOCKED")
+CLAIM_FIFO = _CLAIM_ONE_QUEUE.format(order="s.id", skip="")
+
+# Tokens that a fenced write found superseded are stamped, so the history
+# shows every refused late write.
+_REJECT = """
+rejected AS (
+    UPDATE step_attempts a SET rejected_at = statement_timestamp()
+      FROM input
+     WHERE a.claim_token = input.token AND a.rejected_at IS NULL
+       AND NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = input.id)
+)
+"""
+
+COMPLETE = (
+    """
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb))
+             AS t(id bigint, token bigint, result jsonb)
+), done AS (
+    UPDATE steps s
+       SET status = 'completed', finished_at = statement_timestamp(),
+           result = input.result, cancel_requested = false
+      FROM input
+     WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
+    RETURNING s.id, s.claim_token
+), recorded AS (
+    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'completed'
+      FROM done WHERE a.claim_token = done.claim_token
+),"""
+    + _REJECT.format(done="done")
+    + "SELECT id FROM done"
+)
+
+FAIL = (
+    """
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb))
+             AS t(id bigint, token bigint, error text)
+), failed AS (
+    UPDATE steps s
+       SET attempts = s.attempts + 1,
+           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'failed' END,
+           finished_at = CASE WHEN s.attempts + 1 >= s.max_attempts
+                              THEN statement_timestamp() END,
+           available_at = statement_timestamp() + """
+    + _BACKOFF
+    + """,
+           error = input.error, claimed_by = NULL, cancel_requested = false
+      FROM input
+     WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
+    RETURNING s.id, s.claim_token, s.status,
+              extract(epoch FROM s.available_at - statement_timestamp()) AS retry_in
+), recorded AS (
+    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'failed'
+      FROM failed WHERE a.claim_token = failed.claim_token
+),"""
+    + _REJECT.format(done="failed")
+    + "SELECT id, status, retry_in FROM failed"
+)
+
+# Release spends no attempt: the step goes back as it was, at once.
+RELEASE = (
+    """
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb)) AS t(id bigint, token bigint)
+), released AS (
+    UPDATE steps s
+       SET status = 'queued', claimed_by = NULL, cancel_requested = false,
+           available_at = statement_timestamp()
+      FROM input
+     WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
+    RETURNING s.id, s.claim_token
+), recorded AS (
+    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'released'
+      FROM released WHERE a.claim_token = released.claim_token
+),"""
+    + _REJECT.format(done="released")
+    + "SELECT id FROM released"
+)
+
+CANCEL = """
+UPDATE steps
+   SET status = CASE WHEN status = 'claimed' THEN status ELSE 'cancelled' END,
+       finished_at = CASE WHEN status = 'claimed' THEN finished_at
+                          ELSE statement_timestamp() END,
+       cancel_requested = (status = 'claimed')
+ WHERE id = :id AND status IN ('queued', 'failed', 'claimed')
+RETURNING status
+"""
+
+ACK_CANCEL = """
+WITH acked AS (
+    UPDATE steps s SET status = 'cancelled', finished_at = statement_timestamp(),
+                       cancel_requested = false
+     WHERE s.id = :id AND s.claim_token = :token AND s.status = 'claimed'
+    RETURNING s.id, s.claim_token
+), recorded AS (
+    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'cancelled'
+      FROM acked WHERE a.claim_token = acked.claim_token
+)
+SELECT id FROM acked
+"""
+
+STEP_STATUS = "SELECT status FROM steps WHERE id = :id"
+
+GET_STEP = """
+SELECT id, queue, status, priority, payload, attempts, max_attempts, idempotency_key,
+       claimed_by, claim_token, cancel_requested, result, error
+  FROM steps WHERE id = :id
+"""
+
+UPSERT_QUEUE = """
+INSERT INTO queues (name, concurrency_limit, max_length, strict_fifo, paused)
+VALUES (:name, :concurrency_limit, :max_length, :strict_fifo, :paused)
+ON CONFLICT (name) DO UPDATE
+   SET concurrency_limit = EXCLUDED.concurrency_limit,
+       max_length = EXCLUDED.max_length,
+       strict_fifo = EXCLUDED.strict_fifo,
+       paused = EXCLUDED.paused
+"""
+
+SET_PAUSED = "UPDATE queues SET paused = :paused WHERE name = :name RETURNING name"
+
+GET_QUEUES = """
+SELECT name, concurrency_limit, max_length, strict_fifo, paused FROM queues ORDER BY name
+"""
+
+QUEUE_STATS = """
+SELECT queue, depth, queued, claimed, completed, failed, dead, cancelled
+  FROM queue_stats ORDER BY queue
+"""
+
+STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
+
+# A (re)registering pod holds no work from before: whatever its id still has
+# claimed is requeued now, spending an attempt, as recovery would.
+REGISTER_POD = """
+WITH pod AS (
+    INSERT INTO pods (id, incarnation, pid, host, status, started_at, heartbeat_at)
+    VALUES (:pod, :incarnation, :pid, :host, 'alive', statement_timestamp(),
+            statement_timestamp())
+    ON CONFLICT (id) DO UPDATE
+       SET incarnation = EXCLUDED.incarnation, pid = EXCLUDED.pid, host = EXCLUDED.host,
+           status = 'alive', started_at = EXCLUDED.started_at,
+           heartbeat_at = EXCLUDED.heartbeat_at, died_at = NULL
+    RETURNING id
+), orphans AS (
+    UPDATE steps s
+       SET attempts = s.attempts + 1,
+           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
+           finished_at = CASE WHEN s.attempts + 1 >= s.max_attempts
+                              THEN statement_timestamp() END,
+           available_at = statement_timestamp(), claimed_by = NULL,
+           error = 'pod ' || :pod || ' restarted while holding this step'
+     WHERE s.status = 'claimed' AND s.claimed_by = :pod
+    RETURNING s.claim_token
+), lost AS (
+    UPDATE step_attempts a SET outcome = 'lease_lost', finished_at = statement_timestamp()
+      FROM orphans WHERE a.claim_token = orphans.claim_token
+)
+SELECT count(*) FROM orphans
+"""
+
+HEARTBEAT = """
+WITH beat AS (
+    UPDATE pods SET heartbeat_at = statement_timestamp()
+     WHERE id = :pod AND incarnation = :incarnation AND status = 'alive'
+    RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM beat) AS alive,
+       (SELECT incarnation FROM pods WHERE id = :pod) AS incarnation,
+       ARRAY(SELECT s.id FROM steps s
+              WHERE s.claimed_by = :pod AND s.status = 'claimed' AND s.cancel_requested
+              ORDER BY s.id) AS cancel_ids,
+       ARRAY(SELECT s.claim_token FROM steps s
+              WHERE s.claimed_by = :pod AND s.status = 'claimed' AND s.cancel_requested
+              ORDER BY s.id) AS cancel_tokens
+"""
+
+STOP_POD = """
+UPDATE pods SET status = 'stopped', died_at = statement_timestamp()
+ WHERE id = :pod AND incarnation = :incarnation AND status = 'alive'
+"""
+
+PODS = """
+SELECT id, incarnation, pid, host, status,
+       extract(epoch FROM statement_timestamp() - heartbeat_at) AS heartbeat_age_s,
+       (SELECT count(*) FROM steps s WHERE s.claimed_by = pods.id
+                                       AND s.status = 'claimed') AS claimed,
+       (SELECT count(*) FROM step_attempts a WHERE a.pod_id = pods.id
+                                               AND a.outcome = 'completed') AS completed
+  FROM pods ORDER BY id
+"""
+
+ACQUIRE_LEASE = """
+WITH won AS (
+    UPDATE leader_lease
+       SET holder = :pod, term = term + 1, acquired_at = statement_timestamp(),
+           expires_at = statement_timestamp() + make_interval(secs => CAST(:ttl AS float8))
+     WHERE id = 1 AND (holder IS NULL OR expires_at <= statement_timestamp())
+    RETURNING term, acquired_at, expires_at
+), closed AS (
+    UPDATE leader_terms t SET ended_at = LEAST(t.expires_at, won.acquired_at)
+      FROM won WHERE t.ended_at IS NULL AND t.term < won.term
+), opened AS (
+    INSERT INTO leader_terms (term, pod_id, started_at, expires_at)
+    SELECT term, :pod, acquired_at, expires_at FROM won
+)
+SELECT term, extract(epoch FROM expires_at - statement_timestamp()) FROM won
+"""
+
+RENEW_LEASE = """
+WITH renewed AS (
+    UPDATE leader_lease
+       SET expires_at = statement_timestamp() + make_interval(secs => CAST(:ttl AS float8))
+     WHERE id = 1 AND holder = :pod AND term = :term AND expires_at > statement_timestamp()
+    RETURNING term, expires_at
+), recorded AS (
+    UPDATE leader_terms t SET expires_at = renewed.expires_at
+      FROM renewed WHERE t.term = renewed.term
+)
+SELECT term, extract(epoch FROM expires_at - statement_timestamp()) FROM renewed
+"""
+
+RELEASE_LEASE = """
+WITH released AS (
+    UPDATE leader_lease SET holder = NULL, expires_at = statement_timestamp()
+     WHERE id = 1 AND holder = :pod AND term = :term AND expires_at > statement_timestamp()
+    RETURNING term
+), recorded AS (
+    UPDATE leader_terms t SET ended_at = statement_timestamp(),
+                              expires_at = statement_timestamp()
+      FROM released WHERE t.term = released.term
+)
+SELECT term FROM released
+"""
+
+CURRENT_LEASE = """
+SELECT holder, term, extract(epoch FROM expires_at - statement_timestamp())
+  FROM leader_lease
+ WHERE id = 1 AND holder IS NOT NULL AND expires_at > statement_timestamp()
+"""
+
+# The fence for every leader action: holder, term and expiry re-checked in
+# the acting transaction. FOR SHARE keeps a new holder from taking the lease
+# until the action commits, so no action can land inside the next term.
+CHECK_LEASE = """
+SELECT term FROM leader_lease
+ WHERE id = 1 AND holder = :pod AND term = :term AND expires_at > statement_timestamp()
+   FOR SHARE
+"""
+
+# One fenced statement: mark silent pods dead, requeue (or dead-letter) every
+# step claimed by a pod that is not alive, and log each action with its term.
+RECOVER = (
+    """
+WITH lease AS (
+    SELECT term FROM leader_lease
+     WHERE id = 1 AND holder = :pod AND term = :term
+       AND expires_at > statement_timestamp()
+       FOR SHARE
+), newly_dead AS (
+    UPDATE pods p SET status = 'dead', died_at = statement_timestamp()
+     WHERE p.status = 'alive'
+       AND p.heartbeat_at < statement_timestamp()
+                            - make_interval(secs => CAST(:dead_after AS float8))
+       AND EXISTS (SELECT 1 FROM lease)
+    RETURNING p.id
+), orphans AS (
+    SELECT s.id, s.claimed_by, s.claim_token FROM steps s
+     WHERE s.status = 'claimed'
+       AND EXISTS (SELECT 1 FROM lease)
+       AND (s.claimed_by IN (SELECT id FROM newly_dead)
+            OR s.claimed_by IN (SELECT id FROM pods WHERE status <> 'alive'))
+), requeued AS (
+    UPDATE steps s
+       SET attempts = s.attempts + 1,
+           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
+           finished_at = CASE WHEN s.attempts + 1 >= s.max_attempts
+                              THEN statement_timestamp() END,
+           available_at = statement_timestamp() + """
+    + _BACKOFF
+    + """,
+           claimed_by = NULL, cancel_requested = false,
+           error = 'pod ' || orphans.claimed_by || ' died while holding this step'
+      FROM orphans
+     -- Re-checked after any row lock wait: the token pins the exact claim.
+     WHERE s.id = orphans.id AND s.status = 'claimed'
+       AND s.claim_token = orphans.claim_token
+    RETURNING s.id, s.claim_token, s.status, orphans.claimed_by AS owner
+), lost AS (
+    UPDATE step_attempts a SET outcome = 'lease_lost', finished_at = statement_timestamp()
+      FROM requeued WHERE a.claim_token = requeued.claim_token
+), log_dead AS (
+    INSERT INTO leader_actions (term, pod_id, action, target_pod, at)
+    SELECT :term, :pod, 'mark_dead', id, statement_timestamp() FROM newly_dead
+), log_requeued AS (
+    INSERT INTO leader_actions (term, pod_id, action, target_pod, step_id, claim_token, at)
+    SELECT :term, :pod,
+           CASE WHEN status = 'dead' THEN 'dead_letter' ELSE 'requeue' END,
+           owner, id, claim_token, statement_timestamp()
+      FROM requeued
+)
+SELECT EXISTS (SELECT 1 FROM lease) AS valid,
+       ARRAY(SELECT id FROM newly_dead ORDER BY id) AS marked_dead,
+       ARRAY(SELECT id FROM requeued WHERE status = 'queued' ORDER BY id) AS requeued,
+       ARRAY(SELECT id FROM requeued WHERE status = 'dead' ORDER BY id) AS dead_lettered
+"""
+)
+
+DB_NOW = "SELECT statement_timestamp()"

@@ -1,0 +1,158 @@
+"""The store's schema: DDL, its version, and idempotent creation.
+
+The table and column names here are an interface: users query them after a
+run, and ``docs/reference/schema.md`` documents them. Change them only with a
+new ``SCHEMA_VERSION`` and a note in that document.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Statuses a step moves through. 'failed' means "the last attempt failed and
+# a retry is scheduled at available_at"; it is claimable like 'queued' once
+# available_at has passed. 'dead' is the dead-letter queue (DLQ).
+STEP_STATUSES = ("queued", "claimed", "completed", "failed", "dead", "cancelled")
+TERMINAL_STATUSES = ("completed", "dead", "cancelled")
+ATTEMPT_OUTCOMES = ("completed", "failed", "lease_lost", "released", "cancelled")
+
+# One statement per entry, run in order inside one transaction. Every
+# statement is idempotent so `fleetsim init` can run any number of times.
+DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS fleetsim_schema (
+        version     integer PRIMARY KEY,
+        applied_at  timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS queues (
+        name               text PRIMARY KEY,
+        concurrency_limit  integer CHECK (concurrency_limit > 0),
+        max_length         integer CHECK (max_length > 0),
+        strict_fifo        boolean NOT NULL DEFAULT false,
+        paused             boolean NOT NULL DEFAULT false,
+        created_at         timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    # A global sequence: claim tokens grow monotonically across the whole
+    # store, so "newer claim" is a plain integer comparison everywhere.
+    "CREATE SEQUENCE IF NOT EXISTS claim_token_seq",
+    """
+    CREATE TABLE IF NOT EXISTS steps (
+        id                bigserial PRIMARY KEY,
+        queue             text NOT NULL,
+        status            text NOT NULL DEFAULT 'queued' CHECK (status IN
+                          ('queued','claimed','completed','failed','dead','cancelled')),
+        priority          integer NOT NULL DEFAULT 0,
+        payload           jsonb NOT NULL DEFAULT '{}'::jsonb,
+        attempts          integer NOT NULL DEFAULT 0,
+        max_attempts      integer NOT NULL DEFAULT 3 CHECK (max_attempts > 0),
+        idempotency_key   text UNIQUE,
+        claimed_by        text,
+        claim_token       bigint,
+        claimed_at        timestamptz,
+        cancel_requested  boolean NOT NULL DEFAULT false,
+        available_at      timestamptz NOT NULL DEFAULT now(),
+        created_at        timestamptz NOT NULL DEFAULT now(),
+        finished_at       timestamptz,
+        result            jsonb,
+        error             text,
+        -- Reserved for runs (pipelines): the steps this one waits on.
+        depends_on        bigint[]
+    )
+    """,
+    # The claim scans only claimable rows, in claim order.
+    """
+    CREATE INDEX IF NOT EXISTS steps_claimable
+        ON steps (priority, id) WHERE status IN ('queued', 'failed')
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS steps_claimed_by
+        ON steps (claimed_by) WHERE status = 'claimed'
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS steps_queue_status ON steps (queue, status)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS step_attempts (
+        claim_token  bigint PRIMARY KEY,
+        step_id      bigint NOT NULL,
+        pod_id       text NOT NULL,
+        incarnation  integer NOT NULL DEFAULT 0,
+        claimed_at   timestamptz NOT NULL DEFAULT now(),
+        finished_at  timestamptz,
+        outcome      text CHECK (outcome IN
+                     ('completed','failed','lease_lost','released','cancelled')),
+        -- Set when the pod later tried to complete or fail with this token
+        -- after it had been superseded: the write was refused.
+        rejected_at  timestamptz
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS step_attempts_step ON step_attempts (step_id)",
+    """
+    CREATE TABLE IF NOT EXISTS pods (
+        id            text PRIMARY KEY,
+        incarnation   integer NOT NULL DEFAULT 0,
+        pid           integer,
+        host          text,
+        status        text NOT NULL DEFAULT 'alive'
+                      CHECK (status IN ('alive','dead','stopped')),
+        started_at    timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+        died_at       timestamptz
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS leader_lease (
+        id           integer PRIMARY KEY CHECK (id = 1),
+        holder       text,
+        term         bigint NOT NULL DEFAULT 0,
+        acquired_at  timestamptz,
+        expires_at   timestamptz NOT NULL DEFAULT '-infinity'
+    )
+    """,
+    "INSERT INTO leader_lease (id) VALUES (1) ON CONFLICT (id) DO NOTHING",
+    """
+    CREATE TABLE IF NOT EXISTS leader_terms (
+        term        bigint PRIMARY KEY,
+        pod_id      text NOT NULL,
+        started_at  timestamptz NOT NULL,
+        -- The lease's expiry as last renewed: the latest instant this term
+        -- could act. ended_at is set on release or when superseded.
+        expires_at  timestamptz NOT NULL,
+        ended_at    timestamptz
+    )
+    """,
+    # Every recovery action a leader took, with the term it acted under, so
+    # the checker can prove each was taken inside a valid term.
+    """
+    CREATE TABLE IF NOT EXISTS leader_actions (
+        id           bigserial PRIMARY KEY,
+        term         bigint NOT NULL,
+        pod_id       text NOT NULL,
+        action       text NOT NULL CHECK (action IN
+                     ('mark_dead','requeue','dead_letter')),
+        target_pod   text,
+        step_id      bigint,
+        claim_token  bigint,
+        at           timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    """
+    CREATE OR REPLACE VIEW queue_stats AS
+    SELECT q.name AS queue,
+           count(s.id) FILTER (WHERE s.status IN ('queued','failed')) AS depth,
+           count(s.id) FILTER (WHERE s.status = 'queued')    AS queued,
+           count(s.id) FILTER (WHERE s.status = 'claimed')   AS claimed,
+           count(s.id) FILTER (WHERE s.status = 'completed') AS completed,
+           count(s.id) FILTER (WHERE s.status = 'failed')    AS failed,
+           count(s.id) FILTER (WHERE s.status = 'dead')      AS dead,
+           count(s.id) FILTER (WHERE s.status = 'cancelled') AS cancelled
+      FROM queues q LEFT JOIN steps s ON s.queue = q.name
+     GROUP BY q.name
+    """,
+    """
+    INSERT INTO fleetsim_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING
+    """,
+)

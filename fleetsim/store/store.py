@@ -1,0 +1,628 @@
+"""The PostgreSQL step store: the only place that talks to the database.
+
+Every operation is one parametrised statement on an autocommit connection
+(one round trip) unless it needs a lock held across statements: submit to a
+queue with a max length, and claims from a queue with a concurrency limit or
+strict FIFO order. The SQL lives in :mod:`fleetsim.store.queries`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from fleetsim.errors import (
+    ConfigError,
+    NotLeader,
+    QueueFull,
+    SchemaMismatch,
+    StoreError,
+    StoreUnavailable,
+)
+from fleetsim.store import queries as q
+from fleetsim.store.records import (
+    ClaimedStep,
+    FailOutcome,
+    Heartbeat,
+    Lease,
+    QueueConfig,
+    QueueStats,
+    Recovery,
+    RetryPolicy,
+    Step,
+    StepSpec,
+    WriteOutcome,
+)
+from fleetsim.store.schema import DDL, SCHEMA_VERSION, STEP_STATUSES
+from fleetsim.store.url import redact, validate_schema_name, validate_url
+
+# How long a cached list of "special" queues (limited or strict FIFO) is
+# trusted. A stale list never breaks a limit: the fast path excludes those
+# queues in SQL; staleness only delays their claims.
+_SPECIAL_QUEUES_TTL_S = 1.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the store is and how to talk to it."""
+
+    url: str
+    schema: str | None = None  # a PostgreSQL schema to hold the tables (tests use one each)
+    connect_timeout_s: int = 5
+    statement_timeout_s: float = 30.0
+    pool_size: int = 4
+    application_name: str = "fleetsim"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # TCP keepalive so a blackholed connection is noticed in a few seconds.
+    keepalive_idle_s: int = 2
+    keepalive_interval_s: int = 1
+    keepalive_count: int = 3
+
+    def __post_init__(self) -> None:
+        validate_url(self.url)
+        if self.schema is not None:
+            validate_schema_name(self.schema)
+        if self.connect_timeout_s < 1:
+            raise ConfigError("connect timeout must be at least 1 s")
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class Store:
+    """A fleetsim step store on PostgreSQL.
+
+    Thread-safe: each call checks a connection out of a small pool.
+    """
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.url_for_display = redact(config.url)
+        options = [
+            f"-c statement_timeout={int(config.statement_timeout_s * 1000)}",
+            # A client frozen mid-transaction (SIGSTOP) must not hold locks forever.
+            "-c idle_in_transaction_session_timeout=10000",
+        ]
+        if config.schema:
+            # validate_schema_name() made the name a plain identifier.
+            options.append(f"-c search_path={config.schema}")
+        connect_args = {
+            "connect_timeout": config.connect_timeout_s,
+            "application_name": config.application_name[:63],
+            "keepalives": 1,
+            "keepalives_idle": config.keepalive_idle_s,
+            "keepalives_interval": config.keepalive_interval_s,
+            "keepalives_count": config.keepalive_count,
+            "options": " ".join(options),
+        }
+        url = validate_url(config.url)
+        common: dict[str, Any] = {
+            "connect_args": connect_args,
+            "pool_size": config.pool_size,
+            "max_overflow": config.pool_size,
+            "pool_timeout": config.connect_timeout_s + 5,
+        }
+        # Single statements run in autocommit (one round trip, no BEGIN/COMMIT);
+        # multi-statement transactions use a second pool in READ COMMITTED.
+        self._auto: Engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **common)
+        self._tx: Engine = sa.create_engine(url, **common)
+        self._special_queues: frozenset[str] = frozenset()
+        self._special_queues_at = float("-inf")
+        self._lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate driver errors into the fleetsim error tree, one line each."""
+        try:
+            yield
+        except (StoreError, ConfigError):
+            raise
+        except sa_exc.DBAPIError as exc:
+            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            pgcode = getattr(exc.orig, "pgcode", None)
+            if exc.connection_invalidated or isinstance(
+                exc, sa_exc.OperationalError | sa_exc.InterfaceError
+            ) and pgcode is None:
+                raise StoreUnavailable(
+                    f"cannot reach the store at {self.url_for_display}: {detail}"
+                ) from exc
+            if pgcode in ("42P01", "3F000"):  # undefined table / schema
+                raise SchemaMismatch(
+                    f"{self.url_for_display} holds no fleetsim store"
+                    f"{' in schema ' + self.config.schema if self.config.schema else ''}:"
+                    " run `fleetsim init`"
+                ) from exc
+            if pgcode in ("57P01", "57P02", "57P03", "08006", "08003", "08000"):
+                raise StoreUnavailable(
+                    f"the store at {self.url_for_display} went away: {detail}"
+                ) from exc
+            raise StoreError(f"store error: {detail}") from exc
+        except sa_exc.TimeoutError as exc:
+            raise StoreUnavailable(
+                f"no free connection to the store at {self.url_for_display}"
+            ) from exc
+
+    def _rows(self, sql: str, **params: Any) -> list[sa.Row[Any]]:
+        with self._errors(), self._auto.connect() as conn:
+            return list(conn.execute(sa.text(sql), params))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self._errors(), self._tx.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._auto.dispose()
+        self._tx.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ping(self) -> None:
+        """Check the server answers; raises StoreUnavailable within the connect timeout."""
+        self._rows("SELECT 1")
+
+    def db_now(self) -> datetime:
+        """The database's clock (the only clock fleetsim trusts)."""
+        value: datetime = self._rows(q.DB_NOW)[0][0]
+        return value
+
+    # -- schema -----------------------------------------------------------
+
+    def init_schema(self) -> None:
+        """Create the schema if needed (idempotent, safe to run concurrently)."""
+        with self._transaction() as conn:
+            # Serialise concurrent inits: CREATE ... IF NOT EXISTS races otherwise.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7364001)"))
+            if self.config.schema:
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.config.schema}"'))
+            for statement in DDL:
+                conn.execute(sa.text(statement))
+
+    def check_schema(self) -> int:
+        """Return the schema version; raise SchemaMismatch if absent or unsupported."""
+        rows = self._rows("SELECT max(version) FROM fleetsim_schema")
+        version = rows[0][0]
+        if version != SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"{self.url_for_display} has fleetsim schema version {version},"
+                f" this fleetsim needs {SCHEMA_VERSION}"
+            )
+        return int(version)
+
+    def drop_schema(self) -> None:
+        """Drop the store's private schema and everything in it (tests, `fleetsim reset`)."""
+        if not self.config.schema:
+            raise ConfigError("refusing to drop the tables of a store without its own schema")
+        with self._transaction() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.config.schema}" CASCADE'))
+
+    # -- queues -----------------------------------------------------------
+
+    def configure_queue(self, config: QueueConfig) -> None:
+        """Create or update a queue's settings."""
+        if config.concurrency_limit is not None and config.concurrency_limit < 1:
+            raise ConfigError("a queue's concurrency limit must be at least 1")
+        if config.max_length is not None and config.max_length < 1:
+            raise ConfigError("a queue's max length must be at least 1")
+        self._rows(
+            q.UPSERT_QUEUE + " RETURNING name",
+            name=config.name,
+            concurrency_limit=config.concurrency_limit,
+            max_length=config.max_length,
+            strict_fifo=config.strict_fifo,
+            paused=config.paused,
+        )
+        self._special_queues_at = float("-inf")
+
+    def set_queue_paused(self, name: str, paused: bool) -> None:
+        """Pause (no claims) or resume a queue."""
+        if not self._rows(q.SET_PAUSED, name=name, paused=paused):
+            raise StoreError(f"no queue named {name!r}")
+
+    def queues(self) -> dict[str, QueueConfig]:
+        """Every queue's settings, by name."""
+        return {
+            row[0]: QueueConfig(row[0], row[1], row[2], row[3], row[4])
+            for row in self._rows(q.GET_QUEUES)
+        }
+
+    def queue_stats(self) -> dict[str, QueueStats]:
+        """Counts by status for every queue, consistent with the rows of ``steps``."""
+        return {row[0]: QueueStats(*row) for row in self._rows(q.QUEUE_STATS)}
+
+    def status_counts(self) -> dict[str, int]:
+        """Counts of all steps by status (every status present, zero if none)."""
+        counts = dict.fromkeys(STEP_STATUSES, 0)
+        counts.update({row[0]: int(row[1]) for row in self._rows(q.STATUS_COUNTS)})
+        return counts
+
+    # -- submit -----------------------------------------------------------
+
+    def submit(
+        self,
+        queue: str = "default",
+        payload: dict[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        max_attempts: int = 3,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Submit one step; return its id (the first step's, for a repeated key)."""
+        spec = StepSpec(queue, payload or {}, priority, max_attempts, idempotency_key)
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Sequence[StepSpec]) -> list[int]:
+        """Submit steps in one round trip; return their ids in order.
+
+        A step whose idempotency key exists already is not inserted again: its
+        id is the existing step's. Raises QueueFull, writing nothing, if a
+        queue with a max length would exceed it.
+        """
+        if not specs:
+            return []
+        for spec in specs:
+            _check_spec(spec)
+        items = _to_json([
+            {
+                "queue": s.queue,
+                "priority": s.priority,
+                "payload": s.payload,
+                "max_attempts": s.max_attempts,
+                "idempotency_key": s.idempotency_key,
+            }
+            for s in specs
+        ])
+        rows = self._rows(q.SUBMIT_MANY, items=items)
+        if len(rows) < len(specs) and not rows:
+            names = sorted({s.queue for s in specs})
+            if self._has_max_length(names):
+                rows = self._submit_locked(specs, items, names)
+        return self._ids_in_order(specs, rows)
+
+    def _has_max_length(self, names: list[str]) -> bool:
+        found = self._rows(
+            "SELECT 1 FROM queues WHERE name = ANY(CAST(:names AS text[]))"
+            " AND max_length IS NOT NULL",
+            names=names,
+        )
+        return bool(found)
+
+    def _submit_locked(
+        self, specs: Sequence[StepSpec], items: str, names: list[str]
+    ) -> list[sa.Row[Any]]:
+        with self._transaction() as conn:
+            limited = list(conn.execute(sa.text(q.LOCK_LIMITED_QUEUES), {"names": names}))
+            keys = [s.idempotency_key for s in specs if s.idempotency_key]
+            existing = set()
+            if keys:
+                existing = {
+                    row[1] for row in conn.execute(sa.text(q.STEPS_BY_KEY), {"keys": keys})
+                }
+            for name, max_length in limited:
+                adding = sum(
+                    1
+                    for s in specs
+                    if s.queue == name and (s.idempotency_key not in existing)
+                )
+                depth = conn.execute(sa.text(q.QUEUE_DEPTH), {"queue": name}).scalar_one()
+                if depth + adding > max_length:
+                    raise QueueFull(name, max_length, depth, adding)
+            return list(conn.execute(sa.text(q.INSERT_STEPS), {"items": items}))
+
+    def _ids_in_order(self, specs: Sequence[StepSpec], rows: list[sa.Row[Any]]) -> list[int]:
+        if len(rows) == len(specs):
+            return [int(row[0]) for row in rows]
+        by_key = {row[1]: int(row[0]) for row in rows if row[1] is not None}
+        fresh = iter(int(row[0]) for row in rows if row[1] is None)
+        missing = [s.idempotency_key for s in specs if s.idempotency_key not in by_key]
+        missing_keys = [k for k in missing if k is not None]
+        if missing_keys:
+            for row in self._rows(q.STEPS_BY_KEY, keys=missing_keys):
+                by_key[row[1]] = int(row[0])
+        ids = []
+        for spec in specs:
+            if spec.idempotency_key is not None:
+                if spec.idempotency_key not in by_key:
+                    raise StoreError(f"step with key {spec.idempotency_key!r} vanished")
+                ids.append(by_key[spec.idempotency_key])
+            else:
+                ids.append(next(fresh))
+        return ids
+
+    # -- claim ------------------------------------------------------------
+
+    def claim_steps(
+        self, pod_id: str, queues: Sequence[str] = ("default",), batch: int = 1,
+        *, incarnation: int = 0,
+    ) -> list[ClaimedStep]:
+        """Claim up to ``batch`` steps for ``pod_id`` (which must be registered and alive).
+
+        Ordered by priority (lower first), then id. Each claimed step gets a
+        fresh claim token and a ``step_attempts`` row.
+        """
+        if batch < 1:
+            raise ConfigError("batch must be at least 1")
+        queue_list = list(queues)
+        rows = self._rows(
+            q.CLAIM, queues=queue_list, pod=pod_id, batch=batch, incarnation=incarnation
+        )
+        claimed = [_claimed(row) for row in rows]
+        if len(claimed) < batch:
+            for name in sorted(self._special(queue_list)):
+                claimed += self._claim_locked(name, pod_id, batch - len(claimed), incarnation)
+                if len(claimed) >= batch:
+                    break
+        return claimed
+
+    def _special(self, names: list[str]) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._special_queues_at > _SPECIAL_QUEUES_TTL_S:
+                self._special_queues = frozenset(
+                    row[0]
+                    for row in self._rows(
+                        "SELECT name FROM queues"
+                        " WHERE concurrency_limit IS NOT NULL OR strict_fifo"
+                    )
+                )
+                self._special_queues_at = now
+            return self._special_queues.intersection(names)
+
+    def _claim_locked(
+        self, queue: str, pod_id: str, batch: int, incarnation: int
+    ) -> list[ClaimedStep]:
+        with self._transaction() as conn:
+            config = conn.execute(sa.text(q.LOCK_QUEUE), {"queue": queue}).first()
+            if config is None or config.paused:
+                return []
+            limit, fifo = config.concurrency_limit, config.strict_fifo
+            if limit is not None:
+                running = conn.execute(sa.text(q.COUNT_CLAIMED), {"queue": queue}).scalar_one()
+                batch = min(batch, limit - running)
+                if batch <= 0:
+                    return []
+            sql = q.CLAIM_FIFO if fifo else q.CLAIM_LIMITED
+            rows = conn.execute(
+                sa.text(sql),
+                {"queue": queue, "pod": pod_id, "batch": batch, "incarnation": incarnation},
+            )
+            return [_claimed(row) for row in rows]
+
+    # -- fenced writes ----------------------------------------------------
+
+    def complete(self, step_id: int, claim_token: int, result: Any = None) -> WriteOutcome:
+        """Complete a claimed step, if ``claim_token`` is still its current claim."""
+        accepted = self.complete_many([(step_id, claim_token, result)])
+        return WriteOutcome.ACCEPTED if step_id in accepted else WriteOutcome.LEASE_LOST
+
+    def complete_many(self, items: Iterable[tuple[int, int, Any]]) -> set[int]:
+        """Complete several steps in one round trip; return the ids accepted.
+
+        The others' tokens were superseded: nothing about them changed.
+        """
+        payload = [{"id": i, "token": t, "result": r} for i, t, r in items]
+        if not payload:
+            return set()
+        return {int(row[0]) for row in self._rows(q.COMPLETE, items=_to_json(payload))}
+
+    def fail(self, step_id: int, claim_token: int, error: str) -> FailOutcome:
+        """Fail a claimed step: retry after backoff, or dead (DLQ) at max_attempts."""
+        return self.fail_many([(step_id, claim_token, error)]).get(
+            step_id, FailOutcome(WriteOutcome.LEASE_LOST)
+        )
+
+    def fail_many(self, items: Iterable[tuple[int, int, str]]) -> dict[int, FailOutcome]:
+        """Fail several steps in one round trip; return the outcome of each accepted one."""
+        payload = [{"id": i, "token": t, "error": e[:4000]} for i, t, e in items]
+        if not payload:
+            return {}
+        retry = self.config.retry
+        rows = self._rows(
+            q.FAIL, items=_to_json(payload), retry_base=retry.base_s,
+            retry_cap=retry.cap_s, retry_jitter=retry.jitter,
+        )
+        return {
+            int(row[0]): FailOutcome(
+                WriteOutcome.ACCEPTED, row[1], float(row[2]) if row[1] == "failed" else None
+            )
+            for row in rows
+        }
+
+    def release(self, step_id: int, claim_token: int) -> WriteOutcome:
+        """Return a claimed step to its queue without spending an attempt."""
+        accepted = self.release_many([(step_id, claim_token)])
+        return WriteOutcome.ACCEPTED if step_id in accepted else WriteOutcome.LEASE_LOST
+
+    def release_many(self, items: Iterable[tuple[int, int]]) -> set[int]:
+        """Release several claimed steps; return the ids released."""
+        payload = [{"id": i, "token": t} for i, t in items]
+        if not payload:
+            return set()
+        return {int(row[0]) for row in self._rows(q.RELEASE, items=_to_json(payload))}
+
+    # -- cancel -----------------------------------------------------------
+
+    def cancel(self, step_id: int) -> str:
+        """Cancel a step: at once if waiting, cooperatively if claimed.
+
+        Returns ``"cancelled"``, ``"cancel_requested"`` (the pod sees it on its
+        next heartbeat), or the step's final status if it had already ended.
+        """
+        rows = self._rows(q.CANCEL, id=step_id)
+        if rows:
+            return "cancel_requested" if rows[0][0] == "claimed" else "cancelled"
+        current = self._rows(q.STEP_STATUS, id=step_id)
+        if not current:
+            raise StoreError(f"no step with id {step_id}")
+        return str(current[0][0])
+
+    def acknowledge_cancel(self, step_id: int, claim_token: int) -> WriteOutcome:
+        """A pod confirms it stopped a step whose cancel was requested."""
+        rows = self._rows(q.ACK_CANCEL, id=step_id, token=claim_token)
+        return WriteOutcome.ACCEPTED if rows else WriteOutcome.LEASE_LOST
+
+    def get_step(self, step_id: int) -> Step | None:
+        """One step's row, or None."""
+        rows = self._rows(q.GET_STEP, id=step_id)
+        return Step(*rows[0]) if rows else None
+
+    # -- pods -------------------------------------------------------------
+
+    def register_pod(
+        self, pod_id: str, *, incarnation: int = 0, pid: int | None = None,
+        host: str | None = None,
+    ) -> int:
+        """Register (or re-register) a pod as alive.
+
+        Whatever the id still had claimed from before is requeued, spending an
+        attempt: a (re)starting pod holds no work. Returns how many.
+        """
+        rows = self._rows(
+            q.REGISTER_POD, pod=pod_id, incarnation=incarnation, pid=pid, host=host
+        )
+        return int(rows[0][0])
+
+    def heartbeat(self, pod_id: str, incarnation: int = 0) -> Heartbeat:
+        """Record a heartbeat in database time; learn of cancel requests.
+
+        ``alive`` is False when the pod was declared dead or another
+        incarnation replaced it: the pod must stop working on its steps.
+        """
+        row = self._rows(q.HEARTBEAT, pod=pod_id, incarnation=incarnation)[0]
+        return Heartbeat(
+            alive=bool(row.alive),
+            incarnation=row.incarnation,
+            cancel_requested=tuple(zip(row.cancel_ids, row.cancel_tokens, strict=True)),
+        )
+
+    def stop_pod(self, pod_id: str, incarnation: int = 0) -> None:
+        """Mark a pod stopped after a graceful shutdown."""
+        self._rows(q.STOP_POD + " RETURNING id", pod=pod_id, incarnation=incarnation)
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every pod with its state, heartbeat age (DB time), claimed and completed counts."""
+        return [
+            {
+                "id": row.id,
+                "incarnation": row.incarnation,
+                "pid": row.pid,
+                "host": row.host,
+                "state": row.status,
+                "heartbeat_age_s": round(float(row.heartbeat_age_s), 3),
+                "claimed": int(row.claimed),
+                "completed": int(row.completed),
+            }
+            for row in self._rows(q.PODS)
+        ]
+
+    # -- leader lease -----------------------------------------------------
+
+    def acquire_leadership(self, pod_id: str, ttl_s: float) -> Lease | None:
+        """Take the lease if it is free or expired, with a new term; else None."""
+        rows = self._rows(q.ACQUIRE_LEASE, pod=pod_id, ttl=ttl_s)
+        return Lease(pod_id, int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def renew_leadership(self, pod_id: str, term: int, ttl_s: float) -> Lease | None:
+        """Extend our unexpired lease for ``term``; None if we lost it."""
+        rows = self._rows(q.RENEW_LEASE, pod=pod_id, term=term, ttl=ttl_s)
+        return Lease(pod_id, int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def release_leadership(self, pod_id: str, term: int) -> bool:
+        """Give the lease up (graceful shutdown); False if it was not ours."""
+        return bool(self._rows(q.RELEASE_LEASE, pod=pod_id, term=term))
+
+    def current_leader(self) -> Lease | None:
+        """The holder of the unexpired lease, if any."""
+        rows = self._rows(q.CURRENT_LEASE)
+        return Lease(rows[0][0], int(rows[0][1]), float(rows[0][2])) if rows else None
+
+    @contextmanager
+    def leader_transaction(self, pod_id: str, term: int) -> Iterator[LeaderTransaction]:
+        """Run leader actions in one transaction fenced by holder, term and expiry.
+
+        Raises NotLeader (and does nothing) if ``pod_id`` does not hold an
+        unexpired lease for ``term``. The lease row stays share-locked until
+        the transaction ends, so no new term can start in the middle.
+        """
+        with self._transaction() as conn:
+            held = conn.execute(sa.text(q.CHECK_LEASE), {"pod": pod_id, "term": term}).first()
+            if held is None:
+                raise NotLeader(f"{pod_id} does not hold the leader lease for term {term}")
+            yield LeaderTransaction(conn, pod_id, term)
+
+    def recover(self, pod_id: str, term: int, dead_after_s: float) -> Recovery:
+        """One recovery pass by the leader, fenced by its term (one statement).
+
+        Pods silent for longer than ``dead_after_s`` (DB time) are marked dead;
+        steps claimed by any pod that is not alive are requeued with backoff,
+        or dead-lettered once ``max_attempts`` is spent.
+        """
+        retry = self.config.retry
+        row = self._rows(
+            q.RECOVER, pod=pod_id, term=term, dead_after=dead_after_s,
+            retry_base=retry.base_s, retry_cap=retry.cap_s, retry_jitter=retry.jitter,
+        )[0]
+        if not row.valid:
+            raise NotLeader(f"{pod_id} does not hold the leader lease for term {term}")
+        return Recovery(
+            tuple(row.marked_dead), tuple(row.requeued), tuple(row.dead_lettered)
+        )
+
+
+class LeaderTransaction:
+    """Leader-only operations inside a fenced transaction."""
+
+    def __init__(self, conn: Connection, pod_id: str, term: int) -> None:
+        self._conn = conn
+        self.pod_id = pod_id
+        self.term = term
+
+    def mark_pod_dead(self, target: str) -> bool:
+        """Declare a pod dead now (its steps are requeued by the next recovery)."""
+        rows = self._conn.execute(
+            sa.text(
+                "WITH d AS (UPDATE pods SET status = 'dead', died_at = statement_timestamp()"
+                " WHERE id = :target AND status = 'alive' RETURNING id)"
+                " INSERT INTO leader_actions (term, pod_id, action, target_pod, at)"
+                " SELECT :term, :pod, 'mark_dead', id, statement_timestamp() FROM d"
+                " RETURNING id"
+            ),
+            {"target": target, "term": self.term, "pod": self.pod_id},
+        ).all()
+        return bool(rows)
+
+
+def _claimed(row: sa.Row[Any]) -> ClaimedStep:
+    return ClaimedStep(
+        id=int(row[0]), queue=row[1], priority=int(row[2]), payload=row[3],
+        attempts=int(row[4]), max_attempts=int(row[5]), claim_token=int(row[6]),
+    )
+
+
+def _check_spec(spec: StepSpec) -> None:
+    if not spec.queue or len(spec.queue) > 200:
+        raise ConfigError("a queue name must be 1 to 200 characters")
+    if spec.max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1")
+    if not isinstance(spec.payload, dict):
+        raise ConfigError("a step's payload must be a JSON object")
+    if not -(2**31) <= spec.priority < 2**31:
+        raise ConfigError("priority must fit in a 32-bit integer")

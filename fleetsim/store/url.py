@@ -1,0 +1,56 @@
+"""Store URLs: validation and redaction.
+
+A store URL may carry a password; nothing fleetsim prints or logs may show
+it, so every message that names a URL goes through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+from fleetsim.errors import ConfigError
+
+_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def validate_url(url: str) -> str:
+    """Check that ``url`` looks like a PostgreSQL URL; return the SQLAlchemy form.
+
+    Raises ConfigError with a one-line message (password redacted) otherwise.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"invalid store URL {redact(url)!r}: {exc}") from None
+    if parts.scheme not in _SCHEMES:
+        raise ConfigError(
+            f"invalid store URL {redact(url)!r}: expected postgresql://user@host:port/db"
+        )
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError(f"invalid store URL {redact(url)!r}: no host")
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+
+
+def validate_schema_name(name: str) -> str:
+    """Check a PostgreSQL schema name fleetsim may create (lower-case identifier)."""
+    if not _SCHEMA_NAME.match(name):
+        raise ConfigError(
+            f"invalid schema name {name!r}: use lower-case letters, digits and _ (max 63)"
+        )
+    return name
