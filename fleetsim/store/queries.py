@@ -452,3 +452,19 @@ SELECT EXISTS (SELECT 1 FROM lease) AS valid,
 )
 
 DB_NOW = "SELECT statement_timestamp()"
+
+RUN_SUMMARY = """
+WITH done AS (
+    SELECT step_id, count(*) AS n FROM step_attempts
+     WHERE outcome = 'completed' GROUP BY step_id
+)
+SELECT (SELECT count(*) FROM steps) AS submitted,
+       extract(epoch FROM (SELECT max(finished_at) FROM step_attempts
+                            WHERE outcome = 'completed')
+                          - (SELECT min(claimed_at) FROM step_attempts)) AS window_s,
+       (SELECT count(*) FROM done WHERE n > 1) AS duplicates,
+       (SELECT count(*) FROM steps s WHERE s.status = 'completed'
+           AND NOT EXISTS (SELECT 1 FROM done d WHERE d.step_id = s.id)) AS unbacked,
+       (SELECT count(DISTINCT pod_id) FROM step_attempts
+         WHERE outcome = 'completed') AS pods_with_work
+"""

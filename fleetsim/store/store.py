@@ -133,9 +133,9 @@ class Store:
         except sa_exc.DBAPIError as exc:
             detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             pgcode = getattr(exc.orig, "pgcode", None)
-            if exc.connection_invalidated or isinstance(
+            if exc.connection_invalidated or (isinstance(
                 exc, sa_exc.OperationalError | sa_exc.InterfaceError
-            ) and pgcode is None:
+            ) and pgcode is None):
                 raise StoreUnavailable(
                     f"cannot reach the store at {self.url_for_display}: {detail}"
                 ) from exc
@@ -155,7 +155,7 @@ class Store:
                 f"no free connection to the store at {self.url_for_display}"
             ) from exc
 
-    def _rows(self, sql: str, **params: Any) -> list[sa.Row[Any]]:
+    def _rows(self, sql: str, **params: Any) -> list[Any]:
         with self._errors(), self._auto.connect() as conn:
             return list(conn.execute(sa.text(sql), params))
 
@@ -307,7 +307,7 @@ class Store:
 
     def _submit_locked(
         self, specs: Sequence[StepSpec], items: str, names: list[str]
-    ) -> list[sa.Row[Any]]:
+    ) -> list[Any]:
         with self._transaction() as conn:
             limited = list(conn.execute(sa.text(q.LOCK_LIMITED_QUEUES), {"names": names}))
             keys = [s.idempotency_key for s in specs if s.idempotency_key]
@@ -327,7 +327,7 @@ class Store:
                     raise QueueFull(name, max_length, depth, adding)
             return list(conn.execute(sa.text(q.INSERT_STEPS), {"items": items}))
 
-    def _ids_in_order(self, specs: Sequence[StepSpec], rows: list[sa.Row[Any]]) -> list[int]:
+    def _ids_in_order(self, specs: Sequence[StepSpec], rows: list[Any]) -> list[int]:
         if len(rows) == len(specs):
             return [int(row[0]) for row in rows]
         by_key = {row[1]: int(row[0]) for row in rows if row[1] is not None}
@@ -384,7 +384,7 @@ class Store:
                     )
                 )
                 self._special_queues_at = now
-            return self._special_queues.intersection(names)
+            return set(self._special_queues.intersection(names))
 
     def _claim_locked(
         self, queue: str, pod_id: str, batch: int, incarnation: int
@@ -483,6 +483,23 @@ class Store:
         """One step's row, or None."""
         rows = self._rows(q.GET_STEP, id=step_id)
         return Step(*rows[0]) if rows else None
+
+    def run_summary(self) -> dict[str, Any]:
+        """Counts and the throughput window of everything in this store.
+
+        ``window_s`` runs from the first claim to the last completion (DB time);
+        ``duplicate_completions`` counts steps with more than one accepted
+        completion, ``completed_without_attempt`` completed steps with none.
+        """
+        row = self._rows(q.RUN_SUMMARY)[0]
+        return {
+            "submitted": int(row.submitted),
+            "window_s": float(row.window_s) if row.window_s is not None else None,
+            "duplicate_completions": int(row.duplicates),
+            "completed_without_attempt": int(row.unbacked),
+            "pods_with_work": int(row.pods_with_work),
+            **self.status_counts(),
+        }
 
     # -- pods -------------------------------------------------------------
 
@@ -610,7 +627,7 @@ class LeaderTransaction:
         return bool(rows)
 
 
-def _claimed(row: sa.Row[Any]) -> ClaimedStep:
+def _claimed(row: Any) -> ClaimedStep:
     return ClaimedStep(
         id=int(row[0]), queue=row[1], priority=int(row[2]), payload=row[3],
         attempts=int(row[4]), max_attempts=int(row[5]), claim_token=int(row[6]),

@@ -1,0 +1,676 @@
+"""The ``fleetsim`` command line.
+
+Every option has an environment variable ``FLEETSIM_<NAME>`` (shown in
+``--help``); commands that report take ``--json``; errors print one line
+(the cause chain with ``-v``) and exit non-zero:
+
+====  ======================================================
+code  meaning
+====  ======================================================
+0     success
+1     failure (an invalid run, a crashed command)
+2     bad usage or configuration
+3     the store is unreachable
+4     no running fleet in the run directory
+====  ======================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from fleetsim import __version__
+from fleetsim.config import FleetTimings
+from fleetsim.durations import DurationType
+from fleetsim.errors import (
+    ConfigError,
+    FleetNotRunning,
+    FleetsimError,
+    SchemaMismatch,
+    StoreUnavailable,
+)
+from fleetsim.rundir import RunDir
+from fleetsim.store import StepSpec, Store, StoreConfig, redact
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STORE, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
+F = TypeVar("F", bound=Callable[..., Any])
+DURATION = DurationType()
+DEFAULTS = FleetTimings()
+
+
+def option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option whose env var is FLEETSIM_<NAME>, shown in --help."""
+    longest = max((d for d in decls if d.startswith("--")), key=len)
+    env = "FLEETSIM_" + longest.lstrip("-").replace("-", "_").upper()
+    kwargs.setdefault("show_default", "default" in kwargs and not kwargs.get("is_flag"))
+    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
+
+
+def json_option(f: F) -> F:
+    """The --json flag of reporting commands."""
+    return option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
+    """Print ``data`` as JSON, or call ``text`` to print it for people."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        text()
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    """Print one error line and exit."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def exit_code_for(exc: FleetsimError) -> int:
+    """The exit code of an error class (see the module docstring)."""
+    if isinstance(exc, ConfigError | SchemaMismatch):
+        return EXIT_USAGE
+    if isinstance(exc, StoreUnavailable):
+        return EXIT_STORE
+    if isinstance(exc, FleetNotRunning):
+        return EXIT_NOT_RUNNING
+    return EXIT_FAILURE
+
+
+class FleetsimGroup(click.Group):
+    """Turns fleetsim errors into one line and a named exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetsimError as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            fail(str(exc), exit_code_for(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=FleetsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@option("-v", "--verbose", is_flag=True, help="Log more; show the cause chain of errors.")
+@option(
+    "--run-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".fleetsim"),
+    help="Where the running fleet keeps run.json, logs and the embedded database.",
+)
+@click.version_option(__version__, prog_name="fleetsim")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, run_dir: Path) -> None:
+    """fleetsim: a fleet of PostgreSQL-backed worker pods and the chaos harness that proves it.
+
+    \b
+    fleetsim up --pods 5        start a fleet on an embedded PostgreSQL
+    fleetsim submit --count 100 submit steps to it (from another terminal)
+    fleetsim status             who leads, which pods live, how many steps
+    fleetsim down               stop everything `up` started
+    fleetsim run --pods 5 --steps 10000   one finite experiment, verified
+    """
+    ctx.obj = {"verbose": verbose, "run_dir": RunDir(run_dir)}
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+# -- shared store resolution ------------------------------------------------
+
+store_option = option(
+    "--store", metavar="URL",
+    help="PostgreSQL URL of the store (default: the running fleet's store).",
+)
+schema_option = option(
+    "--schema", metavar="NAME",
+    help="PostgreSQL schema holding the fleetsim tables (default: the running fleet's, "
+    "else 'fleetsim').",
+)
+
+
+def open_store(ctx: click.Context, url: str | None, schema: str | None) -> Store:
+    """A Store from --store/--schema, else from the running fleet's run.json."""
+    run_dir: RunDir = ctx.obj["run_dir"]
+    if not url:
+        data = run_dir.read()
+        url = data.get("store_url")
+        schema = schema or data.get("schema")
+        if not url:
+            raise FleetNotRunning(f"{run_dir.run_file} names no store")
+    store = Store(StoreConfig(url, schema=schema or "fleetsim", application_name="fleetsim-cli"))
+    store.ping()
+    return store
+
+
+def timing_options(f: F) -> F:
+    """Options for the fleet's clocks."""
+    for decl, name, default, text in reversed([
+        ("--heartbeat", "heartbeat", DEFAULTS.heartbeat_s, "Pod heartbeat period."),
+        ("--lease", "lease", DEFAULTS.lease_s, "Leader lease length."),
+        ("--renew", "renew", DEFAULTS.renew_s, "Leader renew period."),
+        ("--dead-after", "dead_after", DEFAULTS.dead_after_s,
+         "Heartbeat age after which a pod is declared dead."),
+        ("--recovery", "recovery", DEFAULTS.recovery_s, "Leader recovery period."),
+        ("--grace", "grace", DEFAULTS.grace_s,
+         "How long a stopping pod lets in-flight steps finish."),
+    ]):
+        f = option(decl, name, type=DURATION, default=default, help=text)(f)
+    return f
+
+
+def timings_from(params: dict[str, Any]) -> FleetTimings:
+    """FleetTimings from the timing options."""
+    return FleetTimings(
+        heartbeat_s=params["heartbeat"], lease_s=params["lease"], renew_s=params["renew"],
+        dead_after_s=params["dead_after"], recovery_s=params["recovery"],
+        grace_s=params["grace"],
+    )
+
+
+def check_workload(spec: str) -> None:
+    """Validate a workload spec (importing a user handler) before anything starts."""
+    from pods.workloads import parse_workload  # the CLI is the glue; core never imports pods
+
+    parse_workload(spec)
+
+
+# -- init -------------------------------------------------------------------
+
+
+@cli.command()
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def init(ctx: click.Context, store: str | None, schema: str | None, as_json: bool) -> None:
+    """Create the store's tables (idempotent)."""
+    embedded = None
+    if not store:
+        try:
+            data = ctx.obj["run_dir"].read()
+            store = data["store_url"]
+            schema = schema or data.get("schema")
+        except FleetNotRunning:
+            from fleetsim.store.embedded import EmbeddedPostgres
+
+            embedded = EmbeddedPostgres(ctx.obj["run_dir"].ensure().pgdata)
+            store = embedded.start()
+    try:
+        with Store(StoreConfig(store, schema=schema or "fleetsim")) as s:
+            s.init_schema()
+            version = s.check_schema()
+            shown = s.url_for_display
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    emit({"store": shown, "schema": schema or "fleetsim", "version": version}, as_json,
+         lambda: click.echo(f"store ready: {shown} (schema {schema or 'fleetsim'}, "
+                            f"version {version})"))
+
+
+# -- up / down ----------------------------------------------------------------
+
+
+def fleet_options(f: F) -> F:
+    """Options shared by `up` and `run`."""
+    decorators = [
+        option("--pods", type=int, default=5, help="Number of pods."),
+        option("--concurrency", type=int, default=1, help="Steps a pod runs at once."),
+        option("--batch", type=int, default=50, help="Steps a pod claims per round trip."),
+        option("--workload", default="noop",
+               help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function."),
+        option("--queue", "queues", multiple=True, default=("default",),
+               help="Queue(s) the pods claim from."),
+        store_option,
+        option("--seed", type=int, default=0, help="Seed for seeded workloads and chaos."),
+        timing_options,
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+@cli.command()
+@fleet_options
+@option("--schema", default="fleetsim", help="PostgreSQL schema for the fleet's tables.")
+@option("--steps", type=int, default=0, help="Steps to submit once the fleet is ready.")
+@option("--rate", type=float, default=0.0, help="Submit --steps at this many per second "
+        "(0: all at once).")
+@option("--restart/--no-restart", default=False, help="Respawn pods that die (new incarnation).")
+@option("--detach", is_flag=True, help="Return once the fleet is ready; leave it running.")
+@option("--status-line/--no-status-line", default=True, help="Live status line in the "
+        "foreground.")
+@click.pass_context
+def up(ctx: click.Context, /, **params: Any) -> None:
+    """Start a fleet: the store (embedded by default), the schema and the pods.
+
+    In the foreground a status line shows steps/s, queue depth, the leader and
+    live pods; Ctrl-C stops everything gracefully. With --detach the command
+    returns once the fleet is ready; stop it with `fleetsim down`.
+    """
+    from fleetsim.coordinator import Coordinator, FleetSpec
+
+    check_workload(params["workload"])
+    spec = FleetSpec(
+        run_dir=ctx.obj["run_dir"].path, pods=params["pods"],
+        concurrency=params["concurrency"], batch=params["batch"],
+        workload=params["workload"], queues=tuple(params["queues"]),
+        store_url=params["store"], schema=params["schema"], seed=params["seed"],
+        restart=params["restart"], timings=timings_from(params), steps=params["steps"],
+        rate=params["rate"],
+    )
+    if params["detach"]:
+        _up_detached(ctx, params)
+        return
+    coordinator = Coordinator(spec, echo=click.echo)
+    coordinator.install_signal_handlers()
+    coordinator.start()
+    leader = _wait_for_leader(coordinator.store)
+    click.echo(
+        f"fleet ready: {spec.pods} pods, leader {leader}, run dir {spec.run_dir}"
+        " (Ctrl-C to stop)"
+    )
+    ticker = StatusTicker(coordinator.store) if params["status_line"] else None
+    try:
+        coordinator.run_forever(on_tick=ticker.tick if ticker else None)
+    finally:
+        if ticker:
+            ticker.close()
+        click.echo("stopping: pods finish in-flight steps (up to the grace period)...")
+        coordinator.stop()
+        click.echo("fleet stopped")
+
+
+def _wait_for_leader(store: Store | None, timeout_s: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while store is not None and time.monotonic() < deadline:
+        lease = store.current_leader()
+        if lease is not None:
+            return f"{lease.holder} (term {lease.term})"
+        time.sleep(0.05)
+    return "(electing)"
+
+
+class StatusTicker:
+    """The foreground status line: steps/s, depth, leader, pods alive."""
+
+    def __init__(self, store: Store | None, period_s: float = 1.0) -> None:
+        self.store = store
+        self.period_s = period_s if sys.stdout.isatty() else 10.0
+        self.tty = sys.stdout.isatty()
+        self._last: tuple[float, int] | None = None
+        self._next = time.monotonic() + self.period_s
+
+    def tick(self) -> None:
+        """Print the status line if it is time."""
+        now = time.monotonic()
+        if self.store is None or now < self._next:
+            return
+        self._next = now + self.period_s
+        try:
+            counts = self.store.status_counts()
+            pods = self.store.pods()
+            lease = self.store.current_leader()
+        except FleetsimError as exc:
+            line = f"store unavailable: {exc}"
+        else:
+            done = counts["completed"] + counts["dead"]
+            rate = 0.0
+            if self._last is not None:
+                rate = (done - self._last[1]) / max(1e-6, now - self._last[0])
+            self._last = (now, done)
+            alive = sum(1 for p in pods if p["state"] == "alive")
+            leader = f"{lease.holder} (term {lease.term})" if lease else "none"
+            line = (
+                f"{rate:8.0f} steps/s | depth {counts['queued'] + counts['failed']} | "
+                f"claimed {counts['claimed']} | done {done} | leader {leader} | "
+                f"pods {alive}/{len(pods)} alive"
+            )
+        if self.tty:
+            click.echo(f"\r\033[K{line}", nl=False)
+        else:
+            click.echo(line)
+
+    def close(self) -> None:
+        """End the status line."""
+        if self.tty:
+            click.echo()
+
+
+def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
+    """Run `up` in a background coordinator process and wait until it is ready."""
+    run_dir: RunDir = ctx.obj["run_dir"].ensure()
+    argv = [sys.executable, "-m", "fleetsim", "--run-dir", str(run_dir.path)]
+    if ctx.obj["verbose"]:
+        argv.append("-v")
+    argv += ["up", "--no-status-line"]
+    for name in ("pods", "concurrency", "batch", "workload", "schema", "seed", "steps",
+                 "rate", "heartbeat", "lease", "renew", "dead_after", "recovery", "grace"):
+        argv += [f"--{name.replace('_', '-')}", str(params[name])]
+    for queue in params["queues"]:
+        argv += ["--queue", queue]
+    argv.append("--restart" if params["restart"] else "--no-restart")
+    env = dict(os.environ)
+    if params["store"]:
+        env["FLEETSIM_STORE"] = params["store"]  # not on the command line (ps shows it)
+    else:
+        env.pop("FLEETSIM_STORE", None)
+    # Options given as FLEETSIM_* variables are already in argv; drop them so
+    # they cannot conflict.
+    for key in list(env):
+        if key.startswith("FLEETSIM_") and key not in ("FLEETSIM_STORE",):
+            env.pop(key)
+    log_path = run_dir.logs / "coordinator.log"
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        code = child.poll()
+        if code is not None:
+            from fleetsim.coordinator import last_line
+
+            fail(f"the fleet did not start: {last_line(log_path)}",
+                 code if code in (EXIT_USAGE, EXIT_STORE) else EXIT_FAILURE)
+        try:
+            data = run_dir.read()
+        except FleetNotRunning:
+            data = {}
+        if data.get("state") == "ready" and data.get("coordinator_pid") == child.pid:
+            break
+        if time.monotonic() > deadline:
+            child.terminate()
+            fail(f"the fleet was not ready within 120 s; see {log_path}")
+        time.sleep(0.1)
+    for pod in data["pods"]:
+        click.echo(f"{pod['id']}: pid {pod['pid']}, incarnation {pod['incarnation']}")
+    click.echo(
+        f"fleet ready: {len(data['pods'])} pods, coordinator pid {child.pid}, "
+        f"run dir {run_dir.path} (stop with `fleetsim down`)"
+    )
+
+
+@cli.command()
+@json_option
+@option("--timeout", type=DURATION, default=60.0, help="How long to wait for a clean stop.")
+@click.pass_context
+def down(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """Stop the fleet that `up` started, embedded store included."""
+    from fleetsim.coordinator import stop_detached_fleet
+
+    result = stop_detached_fleet(ctx.obj["run_dir"], timeout_s=timeout)
+    emit({"stopped": True, **result}, as_json, lambda: click.echo(
+        "fleet stopped" + (f" (killed leftover pods: {', '.join(result['killed'])})"
+                           if result["killed"] else "")))
+
+
+# -- status / submit ------------------------------------------------------------
+
+
+def status_data(store: Store) -> dict[str, Any]:
+    """The `status --json` document (field names are an interface)."""
+    pods = store.pods()
+    lease = store.current_leader()
+    leader = None
+    if lease is not None:
+        pid = next((p["pid"] for p in pods if p["id"] == lease.holder), None)
+        leader = {"pod": lease.holder, "term": lease.term, "pid": pid}
+    return {
+        "leader": leader,
+        "pods": [
+            {k: p[k] for k in ("id", "pid", "incarnation", "state", "heartbeat_age_s",
+                               "claimed", "completed")}
+            for p in pods
+        ],
+        "steps": store.status_counts(),
+        "queues": {name: s.as_dict() for name, s in store.queue_stats().items()},
+    }
+
+
+@cli.command()
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def status(ctx: click.Context, store: str | None, schema: str | None, as_json: bool) -> None:
+    """Show the leader, the pods and the steps."""
+    with open_store(ctx, store, schema) as s:
+        data = status_data(s)
+
+    def text() -> None:
+        leader = data["leader"]
+        click.echo("leader: " + (f"{leader['pod']} (term {leader['term']}, pid {leader['pid']})"
+                                 if leader else "none"))
+        click.echo(f"{'pod':<10} {'pid':>7} {'inc':>4} {'state':<8} {'heartbeat':>10} "
+                   f"{'claimed':>8} {'completed':>10}")
+        for p in data["pods"]:
+            click.echo(f"{p['id']:<10} {p['pid'] or '-':>7} {p['incarnation']:>4} "
+                       f"{p['state']:<8} {p['heartbeat_age_s']:>9.1f}s {p['claimed']:>8} "
+                       f"{p['completed']:>10}")
+        click.echo("steps: " + ", ".join(f"{k} {v}" for k, v in data["steps"].items()))
+
+    emit(data, as_json, text)
+
+
+@cli.command()
+@option("--count", type=click.IntRange(1, 10_000_000), default=1, help="How many steps.")
+@option("--queue", default="default", help="Queue to submit to.")
+@option("--workload", default=None, help="Workload for these steps (default: the pods').")
+@option("--priority", type=int, default=0, help="Lower runs first.")
+@option("--max-attempts", type=click.IntRange(1, 1000), default=3,
+        help="Attempts before a step goes to the DLQ.")
+@option("--key", default=None, help="Idempotency key (with --count N: KEY-0 ... KEY-N-1).")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def submit(ctx: click.Context, count: int, queue: str, workload: str | None, priority: int,
+           max_attempts: int, key: str | None, store: str | None, schema: str | None,
+           as_json: bool) -> None:
+    """Submit steps to the fleet's store."""
+    if workload:
+        check_workload(workload)
+    payload = {"workload": workload} if workload else {}
+    specs = [
+        StepSpec(queue, payload, priority, max_attempts,
+                 (key if count == 1 else f"{key}-{i}") if key else None)
+        for i in range(count)
+    ]
+    with open_store(ctx, store, schema) as s:
+        ids: list[int] = []
+        for start in range(0, count, 10_000):
+            ids += s.submit_many(specs[start:start + 10_000])
+    data = {"queue": queue, "count": len(ids), "first_id": ids[0], "last_id": ids[-1],
+            "ids": ids if len(ids) <= 1000 else None}
+    emit(data, as_json, lambda: click.echo(
+        f"submitted {len(ids)} step{'s' if len(ids) != 1 else ''} to queue {queue!r} "
+        f"(ids {ids[0]}..{ids[-1]})" if len(ids) > 1 else
+        f"submitted step {ids[0]} to queue {queue!r}"))
+
+
+# -- pod ----------------------------------------------------------------------
+
+
+@cli.command()
+@option("--id", "pod_id", default=None, help="Pod id (default: pod-<pid>).")
+@option("--incarnation", type=int, default=0, help="Incarnation number (restarts count up).")
+@option("--join", metavar="ENDPOINT", default=None,
+        help="The coordinator's control endpoint (tcp://host:port), to take chaos "
+        "commands and send metrics.")
+@store_option
+@option("--schema", default="fleetsim", help="PostgreSQL schema of the fleet's tables.")
+@option("--workload", default="noop",
+        help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function.")
+@option("--concurrency", type=int, default=1, help="Steps this pod runs at once.")
+@option("--batch", type=int, default=50, help="Steps claimed per round trip.")
+@option("--queue", "queues", multiple=True, default=("default",), help="Queue(s) to claim.")
+@option("--seed", type=int, default=0, help="Seed for seeded workloads.")
+@timing_options
+@click.pass_context
+def pod(ctx: click.Context, /, **params: Any) -> None:
+    """Run one pod in the foreground (how pods on other hosts join a fleet)."""
+    from pods.config import PodConfig
+    from pods.exitcodes import PodExit
+    from pods.pod import Pod
+
+    url = params["store"]
+    if not url:
+        try:
+            url = ctx.obj["run_dir"].read()["store_url"]
+        except FleetNotRunning:
+            fail("no store: give --store URL (or FLEETSIM_STORE)", EXIT_USAGE)
+    pod_id = params["pod_id"] or f"pod-{os.getpid()}"
+    logging.getLogger().handlers.clear()
+    logging.basicConfig(
+        level=logging.DEBUG if ctx.obj["verbose"] else logging.INFO,
+        format=f"%(asctime)s {pod_id} %(levelname)s %(message)s", force=True,
+    )
+    try:
+        config = PodConfig(
+            pod_id=pod_id,
+            store=StoreConfig(url, schema=params["schema"], application_name=pod_id,
+                              pool_size=params["concurrency"] + 3),
+            incarnation=params["incarnation"], queues=tuple(params["queues"]),
+            workload=params["workload"], concurrency=params["concurrency"],
+            batch=params["batch"], seed=params["seed"], timings=timings_from(params),
+            join=params["join"],
+        )
+        check_workload(config.workload)
+    except ConfigError as exc:
+        fail(str(exc), PodExit.BAD_CONFIG)
+    store = Store(config.store)
+    worker = Pod(config, store)
+    worker.install_signal_handlers()
+    code = worker.run()
+    store.close()
+    if code == PodExit.STORE_UNREACHABLE:
+        fail(f"cannot reach the store at {redact(url)}", code)
+    sys.exit(int(code))
+
+
+# -- run ----------------------------------------------------------------------
+
+
+@cli.command()
+@fleet_options
+@option("--steps", type=click.IntRange(1, 10_000_000), default=10_000, help="Steps to run.")
+@option("--schema", default=None, help="Schema for this run (default: a new run_<time> one, "
+        "kept for `fleetsim check`).")
+@option("--timeout", type=DURATION, default=600.0, help="Give up if not drained by then.")
+@json_option
+@click.pass_context
+def run(ctx: click.Context, /, **params: Any) -> None:
+    """One finite experiment: up, submit, wait until drained, verify, down.
+
+    Exit 0 only when the run is valid: every step completed exactly once.
+    """
+    from fleetsim.coordinator import Coordinator, FleetSpec
+
+    as_json = params["as_json"]
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    check_workload(params["workload"])
+    schema = params["schema"] or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:4]}"
+    spec = FleetSpec(
+        run_dir=ctx.obj["run_dir"].path, pods=params["pods"],
+        concurrency=params["concurrency"], batch=params["batch"],
+        workload=params["workload"], queues=tuple(params["queues"]),
+        store_url=params["store"], schema=schema, seed=params["seed"],
+        restart=False, timings=timings_from(params),
+    )
+    coordinator = Coordinator(spec, echo=say)
+    coordinator.install_signal_handlers()
+    coordinator.start()
+    try:
+        store = coordinator.store
+        assert store is not None
+        steps = params["steps"]
+        say(f"submitting {steps} steps")
+        for start in range(0, steps, 10_000):
+            store.submit_many([StepSpec(spec.queues[0])] * min(10_000, steps - start))
+        _wait_drained(store, steps, params["timeout"], coordinator, say)
+        summary = store.run_summary()
+    finally:
+        coordinator.stop()
+    result = _run_result(summary, steps, spec, schema)
+    emit(result, as_json, lambda: _print_run_table(result))
+    sys.exit(EXIT_OK if result["valid"] else EXIT_FAILURE)
+
+
+def _wait_drained(store: Store, steps: int, timeout_s: float, coordinator: Any,
+                  say: Callable[[str], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    next_report = time.monotonic() + 2.0
+    while True:
+        if coordinator.stopping.is_set():
+            raise KeyboardInterrupt
+        counts = store.status_counts()
+        waiting = counts["queued"] + counts["claimed"] + counts["failed"]
+        if waiting == 0:
+            return
+        if time.monotonic() > deadline:
+            raise FleetsimError(f"not drained after {timeout_s:.0f}s: {waiting} steps left")
+        if time.monotonic() >= next_report:
+            say(f"  {steps - waiting}/{steps} done")
+            next_report = time.monotonic() + 2.0
+        coordinator.poll()
+        time.sleep(0.05)
+
+
+def _run_result(summary: dict[str, Any], steps: int, spec: Any, schema: str) -> dict[str, Any]:
+    window = summary["window_s"] or 0.0
+    valid = (
+        summary["submitted"] == steps
+        and summary["completed"] == steps
+        and summary["duplicate_completions"] == 0
+        and summary["completed_without_attempt"] == 0
+    )
+    return {
+        "submitted": summary["submitted"],
+        "completed": summary["completed"],
+        "dead": summary["dead"],
+        "cancelled": summary["cancelled"],
+        "elapsed_s": round(window, 3),
+        "steps_per_s": round(summary["completed"] / window, 1) if window > 0 else None,
+        "valid": valid,
+        "pods": spec.pods,
+        "pods_with_work": summary["pods_with_work"],
+        "workload": spec.workload,
+        "schema": schema,
+        "duplicate_completions": summary["duplicate_completions"],
+    }
+
+
+def _print_run_table(result: dict[str, Any]) -> None:
+    rows = [
+        ("pods", result["pods"]), ("workload", result["workload"]),
+        ("submitted", result["submitted"]), ("completed", result["completed"]),
+        ("dead (DLQ)", result["dead"]), ("elapsed (first claim → last completion)",
+                                         f"{result['elapsed_s']} s"),
+        ("throughput", f"{result['steps_per_s']} steps/s"),
+        ("history kept in schema", result["schema"]),
+        ("verdict", "VALID" if result["valid"] else "INVALID"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="fleetsim")

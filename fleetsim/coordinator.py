@@ -1,0 +1,393 @@
+"""The coordinator: starts the store, spawns and supervises the pods.
+
+It is not in the data path: pods claim and complete steps through the store,
+and keep doing so if the coordinator dies. Pods are separate OS processes
+started fresh (``python -m fleetsim pod``), never forked from this one, in
+their own session so a Ctrl-C in the terminal reaches only the coordinator,
+which then stops them gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fleetsim.config import FleetTimings
+from fleetsim.errors import ConfigError, FleetsimError, StoreUnavailable
+from fleetsim.rundir import RunDir, pid_alive
+from fleetsim.store import StepSpec, Store, StoreConfig, redact
+
+log = logging.getLogger("fleetsim.coordinator")
+
+# How long a pod may take from spawn to registered-and-alive.
+POD_READY_TIMEOUT_S = 30.0
+_SUBMIT_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What `fleetsim up` was asked to run."""
+
+    run_dir: Path
+    pods: int = 5
+    concurrency: int = 1
+    batch: int = 50
+    workload: str = "noop"
+    queues: tuple[str, ...] = ("default",)
+    store_url: str | None = None  # None: an embedded PostgreSQL in the run directory
+    schema: str = "fleetsim"
+    seed: int = 0
+    restart: bool = False
+    timings: FleetTimings = field(default_factory=FleetTimings)
+    steps: int = 0  # steps to submit at start
+    rate: float = 0.0  # steps per second for those (0: all at once)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.pods <= 200:
+            raise ConfigError(f"--pods must be between 1 and 200, got {self.pods}")
+        if self.steps < 0:
+            raise ConfigError("--steps must be >= 0")
+        if self.rate < 0:
+            raise ConfigError("--rate must be >= 0")
+
+
+@dataclass
+class PodProcess:
+    """A pod the coordinator spawned."""
+
+    pod_id: str
+    incarnation: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float
+    ready_at: float | None = None
+
+    @property
+    def pid(self) -> int:
+        """The pod's OS pid."""
+        return self.process.pid
+
+
+class Coordinator:
+    """Runs one fleet: store, pods, supervision, graceful stop."""
+
+    def __init__(self, spec: FleetSpec, echo: Callable[[str], None] | None = None) -> None:
+        self.spec = spec
+        self.run_dir = RunDir(spec.run_dir)
+        self.echo = echo or (lambda line: None)
+        self.pods: dict[str, PodProcess] = {}
+        self.store_url: str | None = None
+        self.store: Store | None = None
+        self.embedded: Any = None  # fleetsim.store.embedded.EmbeddedPostgres
+        self.stopping = threading.Event()
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.RLock()
+        self._submitter: threading.Thread | None = None
+
+    # -- start ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the store and the pods; return once every pod is ready."""
+        spec = self.spec
+        self.run_dir.ensure()
+        try:
+            existing = self.run_dir.read()
+        except FleetsimError:
+            existing = {}
+        pid = existing.get("coordinator_pid")
+        if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+            raise ConfigError(
+                f"a fleet is already running in {self.run_dir.path} (coordinator pid {pid});"
+                " stop it with `fleetsim down` or use another --run-dir"
+            )
+        try:
+            self._start_store()
+            self._write_run_file("starting")
+            for index in range(1, spec.pods + 1):
+                self._spawn(f"pod-{index}", incarnation=0)
+            self._wait_ready(list(self.pods.values()))
+            self._write_run_file("ready")
+            if spec.steps:
+                self._submitter = threading.Thread(
+                    target=self._submit_steps, name="submitter", daemon=True
+                )
+                self._submitter.start()
+        except BaseException:
+            self.stop(grace_s=2.0)
+            raise
+
+    def _start_store(self) -> None:
+        spec = self.spec
+        if spec.store_url:
+            url = spec.store_url
+        else:
+            from fleetsim.store.embedded import EmbeddedPostgres
+
+            self.embedded = EmbeddedPostgres(self.run_dir.pgdata)
+            self.echo(f"store: starting embedded PostgreSQL in {self.run_dir.pgdata}")
+            url = self.embedded.start()
+        self.store_url = url
+        self.store = Store(StoreConfig(url, schema=spec.schema, application_name="coordinator"))
+        self.store.ping()
+        self.store.init_schema()
+        self.echo(f"store: {redact(url)} (schema {spec.schema})")
+
+    def pod_command(self, pod_id: str, incarnation: int) -> list[str]:
+        """The command line of one pod (the store URL goes in the environment)."""
+        spec, t = self.spec, self.spec.timings
+        cmd = [
+            sys.executable, "-m", "fleetsim", "pod",
+            "--id", pod_id, "--incarnation", str(incarnation),
+            "--schema", spec.schema, "--workload", spec.workload,
+            "--concurrency", str(spec.concurrency), "--batch", str(spec.batch),
+            "--seed", str(spec.seed),
+            "--heartbeat", str(t.heartbeat_s), "--lease", str(t.lease_s),
+            "--renew", str(t.renew_s), "--dead-after", str(t.dead_after_s),
+            "--recovery", str(t.recovery_s), "--grace", str(t.grace_s),
+        ]
+        for queue in spec.queues:
+            cmd += ["--queue", queue]
+        return cmd
+
+    def _spawn(self, pod_id: str, incarnation: int) -> PodProcess:
+        assert self.store_url is not None
+        log_path = self.run_dir.logs / f"{pod_id}.log"
+        env = dict(os.environ)
+        # Never on the command line, where `ps` would show a password.
+        env["FLEETSIM_STORE"] = self.store_url
+        env["PYTHONUNBUFFERED"] = "1"
+        out: IO[bytes]
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(
+                self.pod_command(pod_id, incarnation),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )
+        pod = PodProcess(pod_id, incarnation, process, log_path, time.monotonic())
+        with self._lock:
+            self.pods[pod_id] = pod
+        self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
+        return pod
+
+    def _wait_ready(self, pods: list[PodProcess], timeout_s: float = POD_READY_TIMEOUT_S) -> None:
+        assert self.store is not None
+        deadline = time.monotonic() + timeout_s
+        waiting = {p.pod_id: p for p in pods}
+        while waiting:
+            for pod_id, pod in list(waiting.items()):
+                code = pod.process.poll()
+                if code is not None:
+                    raise FleetsimError(
+                        f"{pod_id} exited during start ({describe_returncode(code)}): "
+                        f"{last_line(pod.log_path)}"
+                    )
+            alive = {
+                row["id"]: row for row in self.store.pods()
+                if row["state"] == "alive" and row["id"] in waiting
+            }
+            for pod_id, row in alive.items():
+                pod = waiting[pod_id]
+                if row["incarnation"] == pod.incarnation and row["pid"] == pod.pid:
+                    pod.ready_at = time.monotonic()
+                    self.echo(
+                        f"{pod_id}: pid {pod.pid}, incarnation {pod.incarnation}, ready in "
+                        f"{pod.ready_at - pod.started_at:.2f}s"
+                    )
+                    del waiting[pod_id]
+            if waiting and time.monotonic() > deadline:
+                raise FleetsimError(
+                    f"pods not ready after {timeout_s:.0f}s: {', '.join(sorted(waiting))}"
+                )
+            if waiting:
+                time.sleep(0.05)
+
+    def _submit_steps(self) -> None:
+        assert self.store is not None
+        spec = self.spec
+        left = spec.steps
+        payload: dict[str, object] = {}
+        chunk = _SUBMIT_CHUNK if spec.rate <= 0 else max(1, int(spec.rate / 10))
+        next_at = time.monotonic()
+        while left > 0 and not self.stopping.is_set():
+            n = min(chunk, left)
+            try:
+                self.store.submit_many([StepSpec(spec.queues[0], payload)] * n)
+            except FleetsimError as exc:
+                log.warning("submit failed: %s", exc)
+                self.stopping.wait(1.0)
+                continue
+            left -= n
+            if spec.rate > 0:
+                next_at += n / spec.rate
+                self.stopping.wait(max(0.0, next_at - time.monotonic()))
+
+    # -- supervise --------------------------------------------------------
+
+    def poll(self) -> list[tuple[str, int]]:
+        """Reap exited pods, respawn them if ``restart``; return (pod, returncode) exits."""
+        exits = []
+        with self._lock:
+            for pod_id, pod in list(self.pods.items()):
+                code = pod.process.poll()
+                if code is None:
+                    continue
+                exits.append((pod_id, code))
+                self._event("pod.exited", pod=pod_id, pid=pod.pid, returncode=code,
+                            reason=describe_returncode(code))
+                del self.pods[pod_id]
+                if self.spec.restart and not self.stopping.is_set():
+                    new = self._spawn(pod_id, pod.incarnation + 1)
+                    self.echo(f"{pod_id}: {describe_returncode(code)}; restarted as "
+                              f"incarnation {new.incarnation} (pid {new.pid})")
+                else:
+                    self.echo(f"{pod_id}: {describe_returncode(code)}")
+            if exits:
+                self._write_run_file("ready")
+        return exits
+
+    def run_forever(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> None:
+        """Supervise until ``stopping`` is set (by a signal or a command)."""
+        while not self.stopping.wait(tick_s):
+            self.poll()
+            if on_tick is not None:
+                on_tick()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT / SIGHUP stop the fleet gracefully."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: self.stopping.set())
+
+    # -- stop -------------------------------------------------------------
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop every pod gracefully (SIGKILL after the grace period), then the store."""
+        self.stopping.set()
+        grace = self.spec.timings.grace_s if grace_s is None else grace_s
+        with self._lock:
+            pods = list(self.pods.values())
+        for pod in pods:
+            if pod.process.poll() is None:
+                pod.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + 2.0
+        for pod in pods:
+            try:
+                pod.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within the grace period: killing it", pod.pod_id)
+                pod.process.kill()
+                pod.process.wait()
+        with self._lock:
+            self.pods.clear()
+        if self.store is not None:
+            self.store.close()
+        if self.embedded is not None:
+            self.echo("store: stopping embedded PostgreSQL")
+            self.embedded.stop()
+        self.run_dir.remove_run_file()
+
+    # -- state ------------------------------------------------------------
+
+    def _event(self, topic: str, **data: Any) -> None:
+        self.events.append({"topic": topic, "ts": time.time(), **data})
+        log.info("%s %s", topic, data)
+
+    def _write_run_file(self, state: str) -> None:
+        with self._lock:
+            pods = [
+                {"id": p.pod_id, "pid": p.pid, "incarnation": p.incarnation}
+                for p in sorted(self.pods.values(), key=lambda p: pod_sort_key(p.pod_id))
+            ]
+        self.run_dir.write({
+            "version": 1,
+            "state": state,
+            "coordinator_pid": os.getpid(),
+            "store_url": self.store_url,
+            "schema": self.spec.schema,
+            "embedded": self.embedded is not None,
+            "pgdata": str(self.run_dir.pgdata) if self.embedded is not None else None,
+            "timings": self.spec.timings.to_dict(),
+            "workload": self.spec.workload,
+            "queues": list(self.spec.queues),
+            "restart": self.spec.restart,
+            "pods": pods,
+        })
+
+
+def pod_sort_key(pod_id: str) -> tuple[str, int]:
+    """Sort pod-2 before pod-10."""
+    prefix, _, number = pod_id.rpartition("-")
+    return (prefix, int(number)) if number.isdigit() else (pod_id, 0)
+
+
+def describe_returncode(code: int) -> str:
+    """How a pod ended, from its return code (see pods.exitcodes)."""
+    names = {0: "stopped", 1: "crashed", 2: "bad config", 3: "store unreachable",
+             4: "superseded"}
+    if code < 0:
+        return "killed (SIGKILL)" if code == -signal.SIGKILL else f"killed by signal {-code}"
+    return names.get(code, f"exit {code}")
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log file (for one-line errors)."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1].strip() if lines else "(empty log)"
+
+
+def stop_detached_fleet(run_dir: RunDir, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Stop the fleet of another process (`fleetsim down`); kill leftovers if needed."""
+    data = run_dir.read()
+    pid = data.get("coordinator_pid")
+    stopped: dict[str, Any] = {"coordinator_pid": pid, "killed": []}
+    if isinstance(pid, int) and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    # A coordinator that crashed (or never answered) leaves pods and maybe the
+    # embedded server: clean up after it from run.json.
+    for pod in data.get("pods", []):
+        ppid = pod.get("pid")
+        if isinstance(ppid, int) and pid_alive(ppid) and _is_pod(ppid):
+            os.kill(ppid, signal.SIGKILL)
+            stopped["killed"].append(pod.get("id"))
+    if data.get("embedded") and data.get("pgdata"):
+        from fleetsim.store.embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres(Path(data["pgdata"]))
+        if server.is_running():
+            server.stop()
+    run_dir.remove_run_file()
+    return stopped
+
+
+def _is_pod(pid: int) -> bool:
+    import psutil
+
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return "fleetsim" in cmdline and "pod" in cmdline
+
+
+__all__ = [
+    "Coordinator",
+    "FleetSpec",
+    "PodProcess",
+    "StoreUnavailable",
+    "describe_returncode",
+    "stop_detached_fleet",
+]

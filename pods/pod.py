@@ -1,0 +1,383 @@
+"""The pod process: heartbeat, claim loop, step execution, leadership, recovery.
+
+Threads:
+
+- the main thread claims batches and hands them to a pool of
+  ``concurrency`` runner threads, then writes the outcomes back, fenced by
+  each step's claim token;
+- the heartbeat thread keeps the pod alive in the store and fences the pod
+  when it cannot (store lost for longer than the lease, or declared dead);
+- the election thread competes for the leader lease and, while leader, runs
+  recovery, every action fenced by its term.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import tenacity
+
+from fleetsim.errors import ConfigError, NotLeader, StoreError, StoreUnavailable
+from fleetsim.store import ClaimedStep, Store
+from pods.config import PodConfig
+from pods.exitcodes import PodExit
+from pods.hooks import CountingHook, PodHook
+from pods.workloads import WorkloadCache, parse_workload
+
+log = logging.getLogger("fleetsim.pod")
+T = TypeVar("T")
+
+# The claim loop's idle poll backs off from the first to the second value
+# while the queues stay empty.
+_IDLE_POLL_S = (0.01, 0.2)
+
+
+@dataclass
+class _BatchOutcome:
+    """What happened to each step of a claimed batch (filled by runner threads)."""
+
+    completed: list[tuple[int, int, Any]] = field(default_factory=list)
+    failed: list[tuple[int, int, str]] = field(default_factory=list)
+    cancelled: list[tuple[int, int]] = field(default_factory=list)
+    unstarted: list[tuple[int, int]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Pod:
+    """One pod. ``run()`` blocks until the pod stops and returns its exit code."""
+
+    def __init__(
+        self, config: PodConfig, store: Store, hooks: Sequence[PodHook] = ()
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.counters = CountingHook()
+        self.hooks: list[PodHook] = [self.counters, *hooks]
+        self.workloads = WorkloadCache(parse_workload(config.workload))
+        self.stopping = threading.Event()  # graceful stop requested
+        self.fenced = threading.Event()  # must not act on claimed steps
+        self.superseded = threading.Event()  # a newer incarnation exists
+        self._cancel_requested: set[tuple[int, int]] = set()
+        self._abandoned: list[tuple[int, int]] = []  # tokens dropped while fenced
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="step")
+        self.term: int | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT request a graceful stop."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+
+    def register(self, timeout_s: float = 10.0) -> None:
+        """Register with the store, retrying transient errors up to ``timeout_s``."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=1.0),
+            stop=tenacity.stop_after_delay(timeout_s),
+            reraise=True,
+        )
+        requeued = retrying(
+            self.store.register_pod,
+            self.config.pod_id,
+            incarnation=self.config.incarnation,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        if requeued:
+            log.info("requeued %d steps left claimed by an earlier run of this pod", requeued)
+
+    def run(self) -> PodExit:
+        """Register, work until stopped, shut down gracefully."""
+        cfg = self.config
+        try:
+            self.register()
+        except StoreError as exc:
+            log.error("cannot register: %s", exc)
+            return PodExit.STORE_UNREACHABLE
+        log.info(
+            "ready: pod %s incarnation %d pid %d (workload %s, concurrency %d, batch %d)",
+            cfg.pod_id, cfg.incarnation, os.getpid(), cfg.workload, cfg.concurrency, cfg.batch,
+        )
+        threads = [
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+            threading.Thread(target=self._election_loop, name="election", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self._claim_loop()
+        finally:
+            self.stopping.set()
+            for thread in threads:
+                thread.join(timeout=cfg.timings.lease_s)
+            self._shutdown()
+        return PodExit.SUPERSEDED if self.superseded.is_set() else PodExit.OK
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        term = self.term
+        try:
+            if term is not None:
+                self.store.release_leadership(self.config.pod_id, term)
+                self._notify("on_leadership", None)
+            self._release_abandoned()
+            if not self.superseded.is_set():
+                self.store.stop_pod(self.config.pod_id, self.config.incarnation)
+        except StoreError as exc:
+            log.warning("shutdown without the store (recovery will requeue): %s", exc)
+        log.info("stopped: %s", self.counters.snapshot())
+
+    # -- the claim loop ---------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        cfg = self.config
+        idle = _IDLE_POLL_S[0]
+        while not self.stopping.is_set():
+            if self.fenced.is_set():
+                self.stopping.wait(cfg.timings.heartbeat_s)
+                continue
+            try:
+                steps = self.store.claim_steps(
+                    cfg.pod_id, cfg.queues, cfg.batch, incarnation=cfg.incarnation
+                )
+            except StoreError as exc:
+                log.warning("claim failed: %s", exc)
+                self.stopping.wait(min(1.0, idle * 4))
+                idle = min(_IDLE_POLL_S[1], idle * 2)
+                continue
+            if not steps:
+                self.stopping.wait(idle)
+                idle = min(_IDLE_POLL_S[1], idle * 2)
+                continue
+            idle = _IDLE_POLL_S[0]
+            self._notify("on_claimed", steps)
+            self._write_back(self._run_batch(steps))
+
+    def _run_batch(self, steps: list[ClaimedStep]) -> _BatchOutcome:
+        """Run a batch on the pool; on stop, wait at most the grace period."""
+        outcome = _BatchOutcome()
+        lanes = [steps[i :: self.config.concurrency] for i in range(self.config.concurrency)]
+        futures: list[Future[None]] = [
+            self._pool.submit(self._run_lane, lane, outcome) for lane in lanes if lane
+        ]
+        started_stop: float | None = None
+        pending = set(futures)
+        while pending:
+            _, pending = wait_futures(pending, timeout=0.1)
+            if self.stopping.is_set() and started_stop is None:
+                started_stop = time.monotonic()
+            if started_stop is not None and (
+                time.monotonic() - started_stop > self.config.timings.grace_s
+            ):
+                log.warning("grace period over with %d lanes still running", len(pending))
+                break
+        if pending:
+            # Steps still running past the grace period are released: whoever
+            # claims them next runs them again from the start.
+            with outcome.lock:
+                finished = {s[0] for s in outcome.completed}
+                finished |= {s[0] for s in outcome.failed}
+                finished |= {s[0] for s in outcome.cancelled}
+                finished |= {s[0] for s in outcome.unstarted}
+                outcome.unstarted.extend(
+                    (s.id, s.claim_token) for s in steps if s.id not in finished
+                )
+        return outcome
+
+    def _run_lane(self, lane: list[ClaimedStep], outcome: _BatchOutcome) -> None:
+        for index, step in enumerate(lane):
+            if self.stopping.is_set() or self.fenced.is_set():
+                with outcome.lock:
+                    outcome.unstarted.extend((s.id, s.claim_token) for s in lane[index:])
+                return
+            key = (step.id, step.claim_token)
+            if key in self._cancel_requested:
+                with outcome.lock:
+                    outcome.cancelled.append(key)
+                continue
+            started = time.perf_counter()
+            try:
+                workload = self.workloads.for_payload(step.payload)
+                result = workload.run(
+                    step.payload, step_id=step.id, attempt=step.attempts, seed=self.config.seed
+                )
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, ConfigError):
+                    log.info("step %d failed: %s", step.id, error)
+                    log.debug("%s", traceback.format_exc())
+                self._notify("on_step_done", step, False, time.perf_counter() - started, error)
+                with outcome.lock:
+                    outcome.failed.append((step.id, step.claim_token, error))
+                continue
+            self._notify("on_step_done", step, True, time.perf_counter() - started, None)
+            with outcome.lock:
+                if key in self._cancel_requested:
+                    outcome.cancelled.append(key)
+                else:
+                    outcome.completed.append((step.id, step.claim_token, result))
+
+    def _write_back(self, outcome: _BatchOutcome) -> None:
+        """Write a batch's outcomes, fenced by token; keep what could not be written."""
+        if self.fenced.is_set():
+            # We may have been declared dead: our tokens are probably stale.
+            # Completing is still safe (fenced), but a self-fenced pod must not
+            # act; remember the tokens and release them when the store is back.
+            with self._lock:
+                self._abandoned += [(i, t) for i, t, _ in outcome.completed]
+                self._abandoned += [(i, t) for i, t, _ in outcome.failed]
+                self._abandoned += outcome.cancelled + outcome.unstarted
+            return
+        self._write("complete", self.store.complete_many, outcome.completed)
+        self._write("fail", self.store.fail_many, outcome.failed)
+        self._write("release", self.store.release_many, outcome.unstarted)
+        for step_id, token in outcome.cancelled:
+            try:
+                self._retry(functools.partial(self.store.acknowledge_cancel, step_id, token))
+            except StoreError as exc:
+                log.warning("could not acknowledge the cancel of step %d: %s", step_id, exc)
+            self._cancel_requested.discard((step_id, token))
+
+    def _write(self, kind: str, write: Callable[[Any], Any], items: list[Any]) -> None:
+        if not items:
+            return
+        try:
+            accepted = self._retry(lambda: write(items))
+        except StoreError as exc:
+            log.warning("could not %s %d steps (%s); recovery will requeue them", kind,
+                        len(items), exc)
+            with self._lock:
+                self._abandoned += [(item[0], item[1]) for item in items]
+            return
+        rejected = len(items) - len(accepted)
+        if rejected:
+            log.info("%d %s writes refused: lease lost (steps were requeued)", rejected, kind)
+        self._notify("on_write", kind, len(accepted), rejected)
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        """Retry a store call on transient errors, for at most one lease period."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            wait=tenacity.wait_exponential_jitter(initial=0.05, max=0.5),
+            stop=tenacity.stop_after_delay(self.config.timings.lease_s),
+            reraise=True,
+        )
+        return retrying(call)
+
+    def _release_abandoned(self) -> None:
+        with self._lock:
+            items, self._abandoned = self._abandoned, []
+        if items:
+            released = self.store.release_many(items)
+            log.info("released %d of %d steps dropped while fenced", len(released), len(items))
+
+    # -- heartbeat --------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        cfg = self.config
+        last_ok = time.monotonic()
+        while not self.stopping.wait(cfg.timings.heartbeat_s):
+            try:
+                beat = self.store.heartbeat(cfg.pod_id, cfg.incarnation)
+            except StoreError as exc:
+                if time.monotonic() - last_ok > cfg.timings.lease_s and not self.fenced.is_set():
+                    log.warning("no heartbeat for %.1fs (%s): fencing myself",
+                                time.monotonic() - last_ok, exc)
+                    self._set_fenced(True)
+                continue
+            last_ok = time.monotonic()
+            if not beat.alive:
+                if beat.incarnation is not None and beat.incarnation > cfg.incarnation:
+                    log.warning("superseded by incarnation %d: exiting", beat.incarnation)
+                    self.superseded.set()
+                    self.stopping.set()
+                    return
+                log.warning("declared dead by the leader: dropping my steps and rejoining")
+                self._set_fenced(True)
+                try:
+                    self.register()
+                except StoreError as exc:
+                    log.warning("rejoin failed: %s", exc)
+                    continue
+            if self.fenced.is_set():
+                try:
+                    self._release_abandoned()
+                except StoreError:
+                    continue
+                self._set_fenced(False)
+            with self._lock:
+                self._cancel_requested.update(beat.cancel_requested)
+
+    def _set_fenced(self, fenced: bool) -> None:
+        if fenced:
+            self.fenced.set()
+        else:
+            self.fenced.clear()
+            log.info("store reachable again: resuming")
+        self._notify("on_fenced", fenced)
+
+    # -- leadership -------------------------------------------------------
+
+    def _election_loop(self) -> None:
+        cfg = self.config
+        t = cfg.timings
+        next_renew = 0.0
+        next_recovery = 0.0
+        while not self.stopping.wait(min(t.renew_s, t.recovery_s) / 2):
+            now = time.monotonic()
+            try:
+                if self.term is None:
+                    if now >= next_renew and not self.fenced.is_set():
+                        next_renew = now + t.renew_s
+                        lease = self.store.acquire_leadership(cfg.pod_id, t.lease_s)
+                        if lease is not None:
+                            self._set_term(lease.term)
+                            next_recovery = now
+                    continue
+                if now >= next_renew:
+                    next_renew = now + t.renew_s
+                    if self.store.renew_leadership(cfg.pod_id, self.term, t.lease_s) is None:
+                        log.warning("lost the leader lease of term %d", self.term)
+                        self._set_term(None)
+                        continue
+                if now >= next_recovery:
+                    next_recovery = now + t.recovery_s
+                    result = self.store.recover(cfg.pod_id, self.term, t.dead_after_s)
+                    if result.marked_dead or result.requeued or result.dead_lettered:
+                        log.info(
+                            "recovery (term %d): dead pods %s, requeued %d, dead-lettered %d",
+                            self.term, list(result.marked_dead), len(result.requeued),
+                            len(result.dead_lettered),
+                        )
+            except NotLeader:
+                log.warning("leader action refused: term %s is over", self.term)
+                self._set_term(None)
+            except StoreError as exc:
+                log.warning("election/recovery error: %s", exc)
+
+    def _set_term(self, term: int | None) -> None:
+        if term is not None:
+            log.info("became leader, term %d", term)
+        self.term = term
+        self._notify("on_leadership", term)
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for hook in self.hooks:
+            try:
+                getattr(hook, method)(*args)
+            except Exception:
+                log.exception("hook %s.%s failed", type(hook).__name__, method)

@@ -1,0 +1,123 @@
+"""Step workloads: what a pod does with a step's payload.
+
+A workload spec is one of ``noop``, ``sleep:<ms>``, ``cpu:<ms>``,
+``fail:<probability>`` or a user handler ``module:function`` that takes the
+step's payload (a dict) and returns a JSON-serialisable result. A step may
+name its own workload in ``payload["workload"]``; otherwise the pod's default
+runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fleetsim.errors import ConfigError
+
+Handler = Callable[[dict[str, Any]], Any]
+
+_BUILTIN = re.compile(r"^(noop|sleep|cpu|fail)(?::(.*))?$")
+_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class StepFailed(Exception):
+    """A workload's deliberate failure (the ``fail:`` workload)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A parsed workload spec, ready to run a step."""
+
+    spec: str
+    kind: str
+    amount: float = 0.0
+    handler: Handler | None = None
+
+    def run(self, payload: dict[str, Any], *, step_id: int, attempt: int, seed: int) -> Any:
+        """Run one step; return its result or raise to fail it."""
+        if self.kind == "noop":
+            return None
+        if self.kind == "sleep":
+            time.sleep(self.amount / 1000.0)
+            return None
+        if self.kind == "cpu":
+            deadline = time.perf_counter() + self.amount / 1000.0
+            n = 0
+            while time.perf_counter() < deadline:
+                n += 1
+            return None
+        if self.kind == "fail":
+            # Seeded per step and attempt, so whichever pod runs it the outcome
+            # is the same and a run can be replayed.
+            if random.Random(f"{seed}:{step_id}:{attempt}").random() < self.amount:
+                raise StepFailed(f"fail:{self.amount:g} workload failed step {step_id}")
+            return None
+        assert self.handler is not None
+        return self.handler(payload)
+
+
+def parse_workload(spec: str) -> Workload:
+    """Parse and validate a workload spec; raise ConfigError with a one-line reason."""
+    spec = spec.strip()
+    match = _BUILTIN.match(spec)
+    if match:
+        kind, arg = match.group(1), match.group(2)
+        if kind == "noop":
+            if arg:
+                raise ConfigError(f"invalid workload {spec!r}: noop takes no argument")
+            return Workload(spec, kind)
+        if not arg:
+            raise ConfigError(f"invalid workload {spec!r}: {kind} needs a value, e.g. {kind}:"
+                              + ("0.1" if kind == "fail" else "10"))
+        try:
+            amount = float(arg)
+        except ValueError:
+            raise ConfigError(f"invalid workload {spec!r}: {arg!r} is not a number") from None
+        if kind == "fail" and not 0.0 <= amount <= 1.0:
+            raise ConfigError(f"invalid workload {spec!r}: probability must be in [0, 1]")
+        if kind != "fail" and not 0.0 <= amount <= 3_600_000:
+            raise ConfigError(f"invalid workload {spec!r}: milliseconds must be in [0, 3600000]")
+        return Workload(spec, kind, amount)
+    if _HANDLER.match(spec):
+        return Workload(spec, "handler", handler=_import_handler(spec))
+    raise ConfigError(
+        f"unknown workload {spec!r}: use noop, sleep:<ms>, cpu:<ms>, fail:<p> or module:function"
+    )
+
+
+def _import_handler(spec: str) -> Handler:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot import workload {spec!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    handler = getattr(module, attr, None)
+    if not callable(handler):
+        raise ConfigError(f"cannot import workload {spec!r}: {module_name} has no function {attr}")
+    return handler  # type: ignore[no-any-return]
+
+
+class WorkloadCache:
+    """Parses each distinct spec once (steps may name their own workload)."""
+
+    def __init__(self, default: Workload) -> None:
+        self.default = default
+        self._cache: dict[str, Workload] = {default.spec: default}
+
+    def for_payload(self, payload: dict[str, Any]) -> Workload:
+        """The workload a step asks for, or the pod's default."""
+        spec = payload.get("workload") if isinstance(payload, dict) else None
+        if not isinstance(spec, str):
+            return self.default
+        workload = self._cache.get(spec)
+        if workload is None:
+            workload = parse_workload(spec)  # raises ConfigError: fails the step
+            self._cache[spec] = workload
+        return workload
