@@ -140,6 +140,6 @@ class RetryPolicy:
     ``min(cap_s, base_s * 2**n) * (1 - jitter * random())``.
     """
 
-    base_s: float = 0.5
+    base_s: float = 0.2
     cap_s: float = 30.0
     jitter: float = 0.5

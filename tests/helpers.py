@@ -1,0 +1,71 @@
+"""Helpers shared by the integration and chaos tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from fleetsim.coordinator import Coordinator, FleetSpec
+from fleetsim.store import Store, StoreConfig
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextmanager
+def running_fleet(
+    store_config: StoreConfig, run_dir: Path, **spec: Any
+) -> Iterator[Coordinator]:
+    """A fleet on the test's private schema; stopped (and checked stopped) afterwards."""
+    fleet = Coordinator(
+        FleetSpec(run_dir=run_dir, store_url=store_config.url, schema=store_config.schema
+                  or "fleetsim", **spec)
+    )
+    fleet.start()
+    pids = [p.pid for p in fleet.pods.values()]
+    try:
+        yield fleet
+    finally:
+        fleet.stop(grace_s=5.0)
+        assert_no_processes(pids + [p.pid for p in fleet.pods.values()])
+
+
+def assert_no_processes(pids: list[int]) -> None:
+    """No process of ``pids`` is still running (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"processes left behind: {alive}"
+
+
+def rows(store: Store, sql: str, **params: Any) -> list[Any]:
+    """Run a read-only query on the store (tests read the history directly)."""
+    return store._rows(sql, **params)  # noqa: SLF001 - tests inspect the history tables
+
+
+def leader_pod(store: Store) -> tuple[str, int]:
+    """(pod id, term) of the current leader, waiting for one."""
+    lease = wait_until(store.current_leader, timeout=10, what="a leader")
+    return lease.holder, lease.term

@@ -1,0 +1,176 @@
+"""The fleet: real pod processes, real PostgreSQL, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetsim.config import FleetTimings
+from fleetsim.store import StepSpec, Store, StoreConfig
+from tests.helpers import leader_pod, rows, running_fleet, wait_until
+
+DEFAULT = FleetTimings()
+
+
+def submit(store: Store, count: int, workload: str | None = None) -> list[int]:
+    payload = {"workload": workload} if workload else {}
+    return store.submit_many([StepSpec("default", payload)] * count)
+
+
+def completed_once(store: Store) -> tuple[int, int]:
+    """(steps completed exactly once, steps with a duplicate completion), from step_attempts."""
+    once, twice = rows(
+        store,
+        "SELECT count(*) FILTER (WHERE n = 1), count(*) FILTER (WHERE n > 1) FROM"
+        " (SELECT step_id, count(*) n FROM step_attempts WHERE outcome = 'completed'"
+        "  GROUP BY step_id) t",
+    )[0]
+    return int(once), int(twice)
+
+
+@pytest.mark.timeout(120)
+def test_five_pods_drain_2000_steps_each_once(store: Store, store_config: StoreConfig,
+                                              tmp_path: Path) -> None:
+    ids = submit(store, 2000)
+    with running_fleet(store_config, tmp_path, pods=5, batch=10):
+        wait_until(lambda: store.status_counts()["completed"] == 2000, 60, what="drain")
+    once, twice = completed_once(store)
+    assert (once, twice) == (2000, 0)
+    assert store.status_counts()["completed"] == len(ids)
+    workers = rows(store, "SELECT DISTINCT pod_id FROM step_attempts WHERE outcome='completed'")
+    assert {w[0] for w in workers} == {f"pod-{i}" for i in range(1, 6)}
+
+
+def _pod_holding_steps(store: Store, exclude: str) -> tuple[str, list[int]]:
+    def find() -> tuple[str, list[int]] | None:
+        for pod_id, ids in rows(
+            store, "SELECT claimed_by, array_agg(id) FROM steps WHERE status='claimed'"
+            " AND claimed_by <> :leader GROUP BY claimed_by", leader=exclude,
+        ):
+            return pod_id, list(ids)
+        return None
+
+    return wait_until(find, 20, what="a non-leader pod holding steps")
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_non_leader_its_steps_are_reclaimed_in_time(
+    store: Store, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    submit(store, 300, "sleep:100")
+    with running_fleet(store_config, tmp_path, pods=4, batch=2) as fleet:
+        leader, _ = leader_pod(store)
+        victim, held = _pod_holding_steps(store, exclude=leader)
+        killed_at = time.monotonic()
+        os.kill(fleet.pods[victim].pid, signal.SIGKILL)
+
+        def reclaimed() -> bool:
+            n = rows(store, "SELECT count(DISTINCT step_id) FROM step_attempts"
+                     " WHERE step_id = ANY(:ids) AND pod_id <> :victim",
+                     ids=held, victim=victim)[0][0]
+            return n == len(held)
+
+        wait_until(reclaimed, 30, what="the victim's steps re-claimed")
+        elapsed = time.monotonic() - killed_at
+        limit = DEFAULT.dead_after_s + DEFAULT.recovery_s + 1.0
+        assert elapsed <= limit, f"re-claimed after {elapsed:.2f}s (limit {limit}s)"
+        wait_until(lambda: store.status_counts()["completed"] == 300, 60, what="drain")
+    assert completed_once(store) == (300, 0)
+    lost = rows(store, "SELECT count(*) FROM step_attempts WHERE pod_id = :v"
+                " AND outcome = 'lease_lost'", v=victim)[0][0]
+    assert lost == len(held)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_leader_new_term_in_time_and_recovery_continues(
+    store: Store, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    submit(store, 300, "sleep:100")
+    with running_fleet(store_config, tmp_path, pods=3, batch=2) as fleet:
+        leader, term = leader_pod(store)
+        wait_until(lambda: rows(store, "SELECT 1 FROM steps WHERE claimed_by=:p AND"
+                                " status='claimed'", p=leader), 20, what="leader holds steps")
+        killed_at = time.monotonic()
+        os.kill(fleet.pods[leader].pid, signal.SIGKILL)
+
+        def new_leader() -> bool:
+            lease = store.current_leader()
+            return lease is not None and lease.term > term and lease.holder != leader
+
+        wait_until(new_leader, 15, interval=0.02, what="a new leader")
+        elapsed = time.monotonic() - killed_at
+        limit = DEFAULT.lease_s + DEFAULT.renew_s + 1.0
+        assert elapsed <= limit, f"new leader after {elapsed:.2f}s (limit {limit}s)"
+        new_term = store.current_leader().term  # type: ignore[union-attr]
+        # Recovery continues under the new term: the dead leader's steps come back.
+        wait_until(lambda: rows(store, "SELECT 1 FROM leader_actions WHERE term >= :t AND"
+                                " target_pod = :p AND action IN ('requeue','dead_letter')",
+                                t=new_term, p=leader), 15, what="recovery under the new term")
+        wait_until(lambda: store.status_counts()["completed"] == 300, 60, what="drain")
+    assert completed_once(store) == (300, 0)
+
+
+@pytest.mark.timeout(120)
+def test_sigstop_leader_beyond_lease_loses_it_without_split_brain(
+    store: Store, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    submit(store, 200, "sleep:50")
+    with running_fleet(store_config, tmp_path, pods=3, batch=2) as fleet:
+        leader, term = leader_pod(store)
+        pid = fleet.pods[leader].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: (l := store.current_leader()) and l.term > term, 15,
+                       what="a new leader while the old one is frozen")
+            # Stay frozen for 3x the lease in all.
+            time.sleep(max(0.0, 3 * DEFAULT.lease_s - DEFAULT.lease_s))  # fault duration
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        log = fleet.pods[leader].log_path
+        wait_until(lambda: "lost the leader lease" in log.read_text()
+                   or "leader action refused" in log.read_text(), 15,
+                   what="the old leader to notice it lost the lease")
+        wait_until(lambda: store.status_counts()["completed"] == 200, 60, what="drain")
+    assert completed_once(store) == (200, 0)
+    overlaps = rows(store, """
+        SELECT a.term, b.term FROM leader_terms a JOIN leader_terms b ON b.term > a.term
+         WHERE b.started_at < coalesce(a.ended_at, a.expires_at)""")
+    assert overlaps == []
+    stale_actions = rows(store, """
+        SELECT x.id FROM leader_actions x JOIN leader_terms t ON t.term = x.term
+         WHERE x.at > coalesce(t.ended_at, t.expires_at) OR x.at < t.started_at
+            OR x.pod_id <> t.pod_id""")
+    assert stale_actions == []
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_mid_step_finishes_or_releases_and_exits_0(
+    store: Store, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    submit(store, 40, "sleep:700")
+    grace = 5.0
+    with running_fleet(store_config, tmp_path, pods=2, batch=4, concurrency=2,
+                       timings=FleetTimings(grace_s=grace)) as fleet:
+        victim = "pod-1"
+        wait_until(lambda: rows(store, "SELECT 1 FROM steps WHERE claimed_by=:p AND"
+                                " status='claimed'", p=victim), 20, what="pod-1 mid-step")
+        process = fleet.pods[victim].process
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=grace + 5)
+        assert code == 0
+        assert time.monotonic() - sent <= grace + 1.0
+        open_attempts = rows(store, "SELECT count(*) FROM step_attempts WHERE pod_id=:p"
+                             " AND finished_at IS NULL", p=victim)[0][0]
+        assert open_attempts == 0
+        outcomes = {r[0] for r in rows(store, "SELECT DISTINCT outcome FROM step_attempts"
+                                            " WHERE pod_id=:p", p=victim)}
+        assert outcomes <= {"completed", "released"}
+        state = rows(store, "SELECT status FROM pods WHERE id=:p", p=victim)[0][0]
+        assert state == "stopped"
+        wait_until(lambda: store.status_counts()["completed"] == 40, 60, what="drain")
+    assert completed_once(store) == (40, 0)
