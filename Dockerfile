@@ -1,0 +1,12 @@
+# Installs fleetsim the way .ci/run does: a virtualenv with the checkout and
+# its test extras. The embedded PostgreSQL refuses to run as root, so the
+# image runs as an ordinary user.
+FROM python:3.11-slim
+RUN useradd --create-home fleetsim
+WORKDIR /home/fleetsim/app
+COPY --chown=fleetsim . .
+USER fleetsim
+RUN python -m venv /home/fleetsim/venv \
+    && /home/fleetsim/venv/bin/pip install --no-cache-dir -e '.[test]'
+ENV PATH=/home/fleetsim/venv/bin:$PATH
+CMD ["fleetsim", "--help"]
