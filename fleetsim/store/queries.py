@@ -468,3 +468,20 @@ SELECT (SELECT count(*) FROM steps) AS submitted,
        (SELECT count(DISTINCT pod_id) FROM step_attempts
          WHERE outcome = 'completed') AS pods_with_work
 """
+
+MARK_POD_DEAD = """
+WITH lease AS (
+    SELECT term FROM leader_lease
+     WHERE id = 1 AND holder = :pod AND term = :term
+       AND expires_at > statement_timestamp()
+), dead AS (
+    UPDATE pods SET status = 'dead', died_at = statement_timestamp()
+     WHERE id = :target AND status = 'alive' AND EXISTS (SELECT 1 FROM lease)
+    RETURNING id
+), logged AS (
+    INSERT INTO leader_actions (term, pod_id, action, target_pod, at)
+    SELECT :term, :pod, 'mark_dead', id, statement_timestamp() FROM dead
+    RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM lease) AS valid, EXISTS (SELECT 1 FROM logged) AS marked
+"""

@@ -613,18 +613,20 @@ class LeaderTransaction:
         self.term = term
 
     def mark_pod_dead(self, target: str) -> bool:
-        """Declare a pod dead now (its steps are requeued by the next recovery)."""
-        rows = self._conn.execute(
-            sa.text(
-                "WITH d AS (UPDATE pods SET status = 'dead', died_at = statement_timestamp()"
-                " WHERE id = :target AND status = 'alive' RETURNING id)"
-                " INSERT INTO leader_actions (term, pod_id, action, target_pod, at)"
-                " SELECT :term, :pod, 'mark_dead', id, statement_timestamp() FROM d"
-                " RETURNING id"
-            ),
-            {"target": target, "term": self.term, "pod": self.pod_id},
-        ).all()
-        return bool(rows)
+        """Declare a pod dead now (its steps are requeued by the next recovery).
+
+        Fenced again in this very statement: time passes inside a transaction,
+        and an action after the lease's expiry would land in the next term.
+        Raises NotLeader if the lease expired meanwhile.
+        """
+        row = self._conn.execute(
+            sa.text(q.MARK_POD_DEAD), {"target": target, "term": self.term, "pod": self.pod_id}
+        ).one()
+        if not row.valid:
+            raise NotLeader(
+                f"{self.pod_id}'s lease for term {self.term} expired during the transaction"
+            )
+        return bool(row.marked)
 
 
 def _claimed(row: Any) -> ClaimedStep:

@@ -1,0 +1,750 @@
+"""The checker's SQL: invariants and figures computed from the recorded history.
+
+Everything is aggregated in the database: each query scans the history once
+or twice, and only violations come back, at most ``limit`` witnesses per
+invariant plus the total count. So checking a million steps takes seconds
+and the client's memory does not grow with the history. All the queries run
+in one REPEATABLE READ, read-only transaction: a fleet that keeps running
+while it is checked is seen at one instant.
+
+:mod:`fleetsim.checker` turns the findings into a report; this module only
+knows tables. :func:`iter_history` streams the same history as Jepsen-style
+operation records through a server-side cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from fleetsim.store.store import Store
+
+INVARIANTS = (
+    "lost_step",
+    "duplicate_completion",
+    "stale_write",
+    "split_brain",
+    "fifo_order",
+    "concurrency_limit",
+    "dlq",
+)
+
+# -- invariants -------------------------------------------------------------
+
+# lost_step, duplicate_completion and dlq: one pass over steps joined to a
+# per-step aggregate of its attempts.
+PER_STEP = """
+WITH per_step AS (
+    SELECT step_id,
+           count(*) FILTER (WHERE outcome = 'completed') AS completions,
+           count(*) FILTER (WHERE outcome IN ('failed', 'lease_lost')) AS spent
+      FROM step_attempts
+     GROUP BY step_id
+), found AS (
+    SELECT f.invariant, f.kind, s.id AS step_id, s.queue, s.status, s.attempts,
+           s.max_attempts, s.claim_token,
+           coalesce(a.completions, 0) AS completions, coalesce(a.spent, 0) AS spent
+      FROM steps s
+      LEFT JOIN per_step a ON a.step_id = s.id
+     CROSS JOIN LATERAL (VALUES
+        -- An accepted completion that the step's row no longer shows.
+        ('lost_step', 'completion_lost',
+         s.status <> 'completed' AND coalesce(a.completions, 0) > 0),
+        ('lost_step', 'not_finished',
+         CAST(:final AS boolean) AND s.status IN ('queued', 'claimed', 'failed')
+         AND coalesce(a.completions, 0) = 0),
+        ('duplicate_completion', 'several', coalesce(a.completions, 0) > 1),
+        ('duplicate_completion', 'none',
+         s.status = 'completed' AND coalesce(a.completions, 0) = 0),
+        -- Dead iff the spent attempts reached max_attempts, and the counter
+        -- agrees with the attempts that spent one.
+        ('dlq', 'dlq',
+         (s.status = 'dead') <> (coalesce(a.spent, 0) >= s.max_attempts)
+         OR s.attempts <> coalesce(a.spent, 0))
+     ) AS f(invariant, kind, hit)
+     WHERE f.hit
+), ranked AS (
+    SELECT found.*,
+           row_number() OVER (PARTITION BY invariant ORDER BY step_id, kind) AS n,
+           count(*) OVER (PARTITION BY invariant) AS total
+      FROM found
+)
+SELECT invariant, kind, total, step_id, queue, status, attempts, max_attempts,
+       claim_token AS step_claim_token, completions, spent
+  FROM ranked
+ WHERE n <= :limit
+ ORDER BY invariant, n
+"""
+
+# The attempts of the witness steps, to show who wrote what and when.
+ATTEMPTS_OF_STEPS = """
+SELECT step_id, claim_token, pod_id, incarnation, claimed_at, finished_at, outcome,
+       rejected_at
+  FROM step_attempts
+ WHERE step_id = ANY(CAST(:ids AS bigint[]))
+ ORDER BY step_id, claim_token
+"""
+
+# stale_write: an accepted write whose token was no longer current when it
+# was made. Tokens only grow, and a step is claimable again only after its
+# previous attempt ended (available_at >= that finish), so in a valid history
+# every later claim of a step starts at or after each earlier attempt's end.
+# A write is stale if (a) a later claim of the same step had already started
+# when it was made, (b) recovery had revoked its token (the leader requeued
+# or dead-lettered that claim), or (c) it is a step's only completion but not
+# its latest claim. Steps with several completions are duplicate_completion.
+STALE_WRITES = """
+WITH w AS (
+    SELECT a.step_id, a.claim_token, a.pod_id, a.incarnation, a.outcome, a.claimed_at,
+           a.finished_at,
+           min(a.claimed_at) OVER later AS next_claimed_at,
+           count(*) FILTER (WHERE a.outcome = 'completed') OVER whole AS completions,
+           max(a.claim_token) OVER whole AS max_token
+      FROM step_attempts a
+    WINDOW later AS (PARTITION BY a.step_id ORDER BY a.claim_token DESC
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+           whole AS (PARTITION BY a.step_id ORDER BY a.claim_token DESC
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+), revoked AS (
+    SELECT claim_token, min(at) AS at, min(term) AS term
+      FROM leader_actions
+     WHERE action IN ('requeue', 'dead_letter') AND claim_token IS NOT NULL
+     GROUP BY claim_token
+), found AS (
+    SELECT w.step_id, w.claim_token, w.pod_id, w.incarnation, w.outcome, w.claimed_at,
+           w.finished_at, w.next_claimed_at, s.claim_token AS step_claim_token,
+           r.at AS revoked_at, r.term AS revoked_term,
+           w.finished_at > w.next_claimed_at AS superseded,
+           (w.outcome = 'completed' AND w.completions = 1
+            AND (w.claim_token <> s.claim_token OR w.claim_token <> w.max_token))
+               AS not_latest
+      FROM w
+      JOIN steps s ON s.id = w.step_id
+      LEFT JOIN revoked r ON r.claim_token = w.claim_token
+     WHERE w.outcome IN ('completed', 'failed', 'released', 'cancelled')
+       AND (w.finished_at > w.next_claimed_at
+            OR r.claim_token IS NOT NULL
+            OR (w.outcome = 'completed' AND w.completions = 1
+                AND (w.claim_token <> s.claim_token OR w.claim_token <> w.max_token)))
+), limited AS (
+    SELECT found.*, count(*) OVER () AS total
+      FROM found
+     ORDER BY step_id, claim_token
+     LIMIT :limit
+)
+SELECT l.total, l.step_id, l.claim_token, l.pod_id, l.incarnation, l.outcome,
+       l.claimed_at, l.finished_at, l.step_claim_token, l.revoked_at, l.revoked_term,
+       l.superseded, l.not_latest,
+       nxt.claim_token AS newer_claim_token, nxt.pod_id AS newer_pod,
+       nxt.claimed_at AS newer_claimed_at
+  FROM limited l
+  LEFT JOIN LATERAL (
+      SELECT b.claim_token, b.pod_id, b.claimed_at
+        FROM step_attempts b
+       WHERE b.step_id = l.step_id AND b.claim_token > l.claim_token
+       ORDER BY b.claimed_at, b.claim_token
+       LIMIT 1
+  ) nxt ON true
+ ORDER BY l.step_id, l.claim_token
+"""
+
+# split_brain (terms): ordered by term, each term starts after every earlier
+# term ended (ended_at, else its last expiry) and after the previous start.
+OVERLAPPING_TERMS = """
+WITH t AS (
+    SELECT term, pod_id, started_at, coalesce(ended_at, expires_at) AS end_at,
+           lag(started_at) OVER (ORDER BY term) AS prev_started_at,
+           max(coalesce(ended_at, expires_at)) OVER (
+               ORDER BY term ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end_at
+      FROM leader_terms
+), limited AS (
+    SELECT t.*, count(*) OVER () AS total
+      FROM t
+     WHERE t.started_at < t.prev_end_at OR t.started_at <= t.prev_started_at
+     ORDER BY t.term
+     LIMIT :limit
+)
+SELECT l.total, l.term, l.pod_id, l.started_at, l.end_at,
+       o.term AS other_term, o.pod_id AS other_pod, o.started_at AS other_started_at,
+       o.end_at AS other_end_at
+  FROM limited l
+  LEFT JOIN LATERAL (
+      SELECT p.term, p.pod_id, p.started_at, coalesce(p.ended_at, p.expires_at) AS end_at
+        FROM leader_terms p
+       WHERE p.term < l.term
+         AND (coalesce(p.ended_at, p.expires_at) > l.started_at
+              OR p.started_at >= l.started_at)
+       ORDER BY p.term DESC
+       LIMIT 1
+  ) o ON true
+ ORDER BY l.term
+"""
+
+# split_brain (actions): every leader action lies inside the term it names
+# and was taken by that term's holder.
+ACTIONS_OUTSIDE_TERMS = """
+SELECT count(*) OVER () AS total, la.id AS action_id, la.term, la.pod_id, la.action,
+       la.target_pod, la.step_id, la.claim_token, la.at,
+       t.pod_id AS term_pod, t.started_at AS term_started_at,
+       coalesce(t.ended_at, t.expires_at) AS term_end_at
+  FROM leader_actions la
+  LEFT JOIN leader_terms t ON t.term = la.term
+ WHERE t.term IS NULL
+    OR la.pod_id <> t.pod_id
+    OR la.at < t.started_at
+    OR la.at > coalesce(t.ended_at, t.expires_at)
+ ORDER BY la.id
+ LIMIT :limit
+"""
+
+# fifo_order: in a strict-FIFO queue, no step is first claimed while an
+# earlier-submitted step of the queue is still waiting. A step "leaves" the
+# queue at its first claim, at its cancellation if it was never claimed, or
+# never. Claims of one statement share a timestamp and count as simultaneous.
+FIFO_ORDER = """
+WITH fifo AS (
+    SELECT s.id, s.queue, s.status, f.first_claimed_at, f.first_token,
+           coalesce(f.first_claimed_at,
+                    CASE WHEN s.status = 'cancelled' THEN s.finished_at END,
+                    CAST('infinity' AS timestamptz)) AS left_at
+      FROM steps s
+      JOIN queues q ON q.name = s.queue AND q.strict_fifo
+      LEFT JOIN LATERAL (
+          SELECT min(a.claimed_at) AS first_claimed_at, min(a.claim_token) AS first_token
+            FROM step_attempts a
+           WHERE a.step_id = s.id
+      ) f ON true
+), w AS (
+    SELECT fifo.*,
+           max(left_at) OVER (PARTITION BY queue ORDER BY id
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS earlier_left_at
+      FROM fifo
+), limited AS (
+    SELECT w.*, count(*) OVER () AS total
+      FROM w
+     WHERE w.first_claimed_at < w.earlier_left_at
+     ORDER BY w.queue, w.id
+     LIMIT :limit
+)
+SELECT l.total, l.queue, l.id AS step_id, l.first_token, l.first_claimed_at,
+       e.id AS earlier_step_id, e.status AS earlier_status,
+       e.first_token AS earlier_first_token, e.first_claimed_at AS earlier_first_claimed_at
+  FROM limited l
+  LEFT JOIN LATERAL (
+      SELECT f.id, f.status, f.first_token, f.first_claimed_at
+        FROM fifo f
+       WHERE f.queue = l.queue AND f.id < l.id AND f.left_at > l.first_claimed_at
+       ORDER BY f.id
+       LIMIT 1
+  ) e ON true
+ ORDER BY l.queue, l.id
+"""
+
+# concurrency_limit: a sweep over the claim (+1) and end (-1) events of each
+# limited queue's attempts; at equal times ends come first, since a claim
+# that counted the queue after a finish committed started after that finish.
+CONCURRENCY = """
+WITH la AS (
+    SELECT s.queue, q.concurrency_limit AS lim, a.step_id, a.claim_token, a.pod_id,
+           a.claimed_at, a.finished_at
+      FROM step_attempts a
+      JOIN steps s ON s.id = a.step_id
+      JOIN queues q ON q.name = s.queue
+     WHERE q.concurrency_limit IS NOT NULL
+), sweep AS (
+    SELECT la.queue, la.lim, la.step_id, la.claim_token, la.pod_id, e.at, e.delta,
+           sum(e.delta) OVER (PARTITION BY la.queue ORDER BY e.at, e.delta, la.claim_token
+                              ROWS UNBOUNDED PRECEDING) AS running
+      FROM la
+     CROSS JOIN LATERAL (VALUES (la.claimed_at, 1), (la.finished_at, -1)) AS e(at, delta)
+     WHERE e.at IS NOT NULL
+), limited AS (
+    SELECT sweep.*, count(*) OVER () AS total
+      FROM sweep
+     WHERE delta = 1 AND running > lim
+     ORDER BY queue, at, claim_token
+     LIMIT :limit
+)
+SELECT l.total, l.queue, l.lim, l.at, l.running, l.step_id, l.claim_token, l.pod_id,
+       o.step_ids, o.tokens, o.pods
+  FROM limited l
+ CROSS JOIN LATERAL (
+      SELECT array_agg(x.step_id ORDER BY x.claim_token) AS step_ids,
+             array_agg(x.claim_token ORDER BY x.claim_token) AS tokens,
+             array_agg(x.pod_id ORDER BY x.claim_token) AS pods
+        FROM la x
+       WHERE x.queue = l.queue AND x.claimed_at <= l.at
+         AND coalesce(x.finished_at, CAST('infinity' AS timestamptz)) > l.at
+  ) o
+ ORDER BY l.queue, l.at, l.claim_token
+"""
+
+# -- counts and figures -----------------------------------------------------
+
+COUNTS = """
+SELECT (SELECT count(*) FROM steps) AS steps,
+       (SELECT count(*) FROM step_attempts) AS attempts,
+       (SELECT count(*) FROM step_attempts WHERE rejected_at IS NOT NULL) AS rejected_writes,
+       (SELECT count(*) FROM pods) AS pods,
+       (SELECT count(*) FROM queues) AS queues,
+       (SELECT count(*) FROM leader_terms) AS terms,
+       (SELECT count(*) FROM leader_actions) AS leader_actions
+"""
+
+STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
+
+# End of a term (released, superseded, or its last expiry) to the next start;
+# and a leader's death to the next start. Death is the pod's last heartbeat
+# if its pods row still records a death during that term or the next one,
+# else the first mark_dead action naming it then. Deaths recorded only after
+# the next term began, with no heartbeat kept, give no figure.
+FAILOVER = """
+WITH t AS (
+    SELECT term, pod_id, started_at, coalesce(ended_at, expires_at) AS end_at,
+           lead(started_at) OVER (ORDER BY term) AS next_started_at,
+           lead(coalesce(ended_at, expires_at)) OVER (ORDER BY term) AS next_end_at
+      FROM leader_terms
+), gaps AS (
+    SELECT CAST(extract(epoch FROM next_started_at - end_at) AS float8) AS s
+      FROM t
+     WHERE next_started_at IS NOT NULL
+), deaths AS (
+    SELECT t.next_started_at,
+           coalesce(
+               (SELECT p.heartbeat_at FROM pods p
+                 WHERE p.id = t.pod_id
+                   AND p.died_at BETWEEN t.started_at
+                                     AND coalesce(t.next_end_at, 'infinity')),
+               (SELECT min(la.at) FROM leader_actions la
+                 WHERE la.action = 'mark_dead' AND la.target_pod = t.pod_id
+                   AND la.at BETWEEN t.started_at AND coalesce(t.next_end_at, 'infinity'))
+           ) AS died_at
+      FROM t
+     WHERE t.next_started_at IS NOT NULL
+), death_gaps AS (
+    SELECT CAST(extract(epoch FROM next_started_at - died_at) AS float8) AS s
+      FROM deaths
+     WHERE died_at <= next_started_at
+)
+SELECT (SELECT count(s) FROM gaps),
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM gaps),
+       (SELECT max(s) FROM gaps),
+       (SELECT count(s) FROM death_gaps),
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM death_gaps),
+       (SELECT max(s) FROM death_gaps)
+"""
+
+# A dead pod's lost claims (outcome lease_lost) to their next claim. The death
+# is the latest mark_dead action naming the pod during that attempt, else its
+# pods.died_at if during the attempt, else the requeue itself (a restarting
+# pod gives its claims back as it registers).
+ORPHAN_RECOVERY = """
+WITH ev AS (
+    SELECT target_pod AS pod, at AS t, 0 AS k, at AS death,
+           CAST(NULL AS bigint) AS token, CAST(NULL AS bigint) AS step_id,
+           CAST(NULL AS timestamptz) AS claimed_at
+      FROM leader_actions WHERE action = 'mark_dead' AND target_pod IS NOT NULL
+    UNION ALL
+    SELECT pod_id, finished_at, 1, NULL, claim_token, step_id, claimed_at
+      FROM step_attempts WHERE outcome = 'lease_lost' AND finished_at IS NOT NULL
+), carried AS (
+    SELECT ev.*, max(death) OVER (PARTITION BY pod ORDER BY t, k ROWS UNBOUNDED PRECEDING)
+               AS last_death
+      FROM ev
+), lost AS (
+    SELECT c.token, c.step_id,
+           coalesce(CASE WHEN c.last_death >= c.claimed_at THEN c.last_death END,
+                    CASE WHEN p.died_at BETWEEN c.claimed_at AND c.t THEN p.died_at END,
+                    c.t) AS died_at
+      FROM carried c
+      LEFT JOIN pods p ON p.id = c.pod
+     WHERE c.k = 1
+), recovered AS (
+    SELECT CAST(extract(epoch FROM
+               (SELECT min(b.claimed_at) FROM step_attempts b
+                 WHERE b.step_id = lost.step_id AND b.claim_token > lost.token)
+               - lost.died_at) AS float8) AS s
+      FROM lost
+)
+SELECT count(s), count(*) - count(s),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY s), max(s)
+  FROM recovered
+"""
+
+LATENCY = """
+SELECT count(*),
+       percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY s),
+       max(s)
+  FROM (SELECT CAST(extract(epoch FROM finished_at - claimed_at) AS float8) AS s
+          FROM step_attempts WHERE outcome = 'completed') c
+"""
+
+# -- history export ---------------------------------------------------------
+
+# One row per operation record, in DB-time order. An attempt yields its
+# claim (invoke + ok), its end, and a refused late write if any. Leader
+# records carry the pod's incarnation when its pods row is that incarnation.
+HISTORY = """
+SELECT e.at, e.phase, e.ord, e.type, e.f, a.pod_id AS pod,
+       CAST(a.incarnation AS text) AS incarnation, a.step_id, s.queue,
+       a.claim_token AS token, CAST(NULL AS bigint) AS term, e.outcome,
+       CAST(NULL AS text) AS action, CAST(NULL AS text) AS target_pod,
+       CAST(NULL AS timestamptz) AS expires_at, CAST(NULL AS timestamptz) AS ended_at
+  FROM step_attempts a
+  JOIN steps s ON s.id = a.step_id
+ CROSS JOIN LATERAL (VALUES
+     (a.claimed_at, 1, 0, 'invoke', 'claim', CAST(NULL AS text)),
+     (a.claimed_at, 1, 1, 'ok', 'claim', NULL),
+     (a.finished_at, 0, 2,
+      CASE a.outcome WHEN 'lease_lost' THEN 'info' ELSE 'ok' END,
+      CASE a.outcome WHEN 'failed' THEN 'fail' WHEN 'released' THEN 'release'
+                     WHEN 'cancelled' THEN 'cancel' ELSE 'complete' END,
+      a.outcome),
+     (a.rejected_at, 0, 3, 'fail', 'complete', 'superseded')
+ ) AS e(at, phase, ord, type, f, outcome)
+ WHERE e.at IS NOT NULL
+UNION ALL
+SELECT t.started_at, 0, 4, 'ok', 'elect', t.pod_id,
+       CASE WHEN p.started_at <= t.started_at THEN CAST(p.incarnation AS text) END,
+       NULL, NULL, NULL, t.term, NULL, NULL, NULL, t.expires_at, t.ended_at
+  FROM leader_terms t
+  LEFT JOIN pods p ON p.id = t.pod_id
+UNION ALL
+SELECT la.at, 0, 5, 'ok', 'recover', la.pod_id,
+       CASE WHEN p.started_at <= la.at THEN CAST(p.incarnation AS text) END,
+       la.step_id, NULL, la.claim_token, la.term, NULL, la.action, la.target_pod,
+       NULL, NULL
+  FROM leader_actions la
+  LEFT JOIN pods p ON p.id = la.pod_id
+ -- At one instant, ends (phase 0) come before claims: a claim that saw a step
+ -- free started after the end that freed it. A claim's invoke precedes its ok.
+ ORDER BY at, phase, token, ord, term
+"""
+
+
+# -- running them -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One violation row: which invariant, which rule of it, and its witness."""
+
+    invariant: str
+    kind: str
+    witness: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HistoryFacts:
+    """What the checker queries found, ready to be judged and reported."""
+
+    findings: tuple[Finding, ...]
+    totals: dict[str, int]  # violations per invariant, all of them (witnesses are capped)
+    counts: dict[str, Any]
+    figures: dict[str, dict[str, Any]]
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready form of a database value (times as ISO strings in UTC)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+@contextmanager
+def _snapshot(store: Store) -> Iterator[Connection]:
+    """One read-only transaction that sees the whole history at one instant."""
+    with store._errors(), store._auto.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        with conn.begin():
+            # A million-step history needs more than an operation's timeout,
+            # and sorts run faster in memory; both bounded, neither grows with it.
+            conn.execute(sa.text("SET LOCAL statement_timeout = '10min'"))
+            conn.execute(sa.text("SET LOCAL work_mem = '64MB'"))
+            yield conn
+
+
+def check_history(store: Store, *, final: bool, limit: int) -> HistoryFacts:
+    """Run every invariant and figure query on one snapshot of ``store``'s history.
+
+    ``limit`` caps the witnesses per invariant (totals are exact). With
+    ``final``, steps not yet finished are lost_step findings.
+    Raises SchemaMismatch (via the store) if the database holds no fleetsim store.
+    """
+    store.check_schema()
+    findings: list[Finding] = []
+    totals = dict.fromkeys(INVARIANTS, 0)
+    with _snapshot(store) as conn:
+
+        def rows(sql: str, **params: Any) -> list[dict[str, Any]]:
+            return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
+
+        per_step = rows(PER_STEP, final=final, limit=limit)
+        ids = sorted({r["step_id"] for r in per_step})
+        attempts: dict[int, list[dict[str, Any]]] = {}
+        if ids:
+            for a in rows(ATTEMPTS_OF_STEPS, ids=ids):
+                attempts.setdefault(a["step_id"], []).append(a)
+        for r in per_step:
+            totals[r["invariant"]] = int(r["total"])
+            findings.append(_per_step_finding(r, attempts.get(r["step_id"], [])))
+
+        for r in rows(STALE_WRITES, limit=limit):
+            totals["stale_write"] = int(r["total"])
+            findings.append(_stale_finding(r))
+
+        split = rows(OVERLAPPING_TERMS, limit=limit)
+        outside = rows(ACTIONS_OUTSIDE_TERMS, limit=limit)
+        totals["split_brain"] = sum(int(r["total"]) for r in (split[:1] + outside[:1]))
+        for r in split:
+            findings.append(_overlap_finding(r))
+        for r in outside[: max(0, limit - len(split))]:
+            findings.append(_action_finding(r))
+
+        for r in rows(FIFO_ORDER, limit=limit):
+            totals["fifo_order"] = int(r["total"])
+            findings.append(_fifo_finding(r))
+
+        for r in rows(CONCURRENCY, limit=limit):
+            totals["concurrency_limit"] = int(r["total"])
+            findings.append(_concurrency_finding(r))
+
+        counts: dict[str, Any] = rows(COUNTS)[0]
+        by_status = {name: int(n) for name, n in conn.execute(sa.text(STATUS_COUNTS))}
+        figures = _figures(conn)
+
+    counts = {k: int(v) for k, v in counts.items()}
+    counts["by_status"] = by_status
+    counts["in_flight"] = sum(by_status.get(s, 0) for s in ("queued", "claimed", "failed"))
+    counts["violations"] = totals
+    order = {name: i for i, name in enumerate(INVARIANTS)}
+    findings.sort(key=lambda f: order[f.invariant])
+    return HistoryFacts(tuple(findings), totals, counts, figures)
+
+
+def _figure(count: Any, median: Any, maximum: Any) -> dict[str, Any]:
+    return {
+        "count": int(count or 0),
+        "median_s": _round(median),
+        "max_s": _round(maximum),
+    }
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def _figures(conn: Connection) -> dict[str, dict[str, Any]]:
+    failover = conn.execute(sa.text(FAILOVER)).one()
+    orphan = conn.execute(sa.text(ORPHAN_RECOVERY)).one()
+    latency = conn.execute(sa.text(LATENCY)).one()
+    p50, p90, p99 = latency[1] if latency[1] is not None else (None, None, None)
+    return {
+        "failover": _figure(failover[0], failover[1], failover[2]),
+        "leader_death_to_new_leader": _figure(failover[3], failover[4], failover[5]),
+        "orphan_recovery": {
+            **_figure(orphan[0], orphan[2], orphan[3]),
+            "not_reclaimed": int(orphan[1] or 0),
+        },
+        "claim_to_completion": {
+            **_figure(latency[0], p50, latency[2]),
+            "p50_s": _round(p50),
+            "p90_s": _round(p90),
+            "p99_s": _round(p99),
+        },
+    }
+
+
+# -- witnesses --------------------------------------------------------------
+
+
+def _attempt(a: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "claim_token": a["claim_token"],
+        "pod": a["pod_id"],
+        "incarnation": a["incarnation"],
+        "claimed_at": plain(a["claimed_at"]),
+        "finished_at": plain(a["finished_at"]),
+        "outcome": a["outcome"],
+    }
+    if a["rejected_at"] is not None:
+        out["rejected_at"] = plain(a["rejected_at"])
+    return out
+
+
+def _per_step_finding(r: dict[str, Any], attempts: list[dict[str, Any]]) -> Finding:
+    witness: dict[str, Any] = {
+        "step_id": r["step_id"],
+        "queue": r["queue"],
+        "status": r["status"],
+    }
+    completions = [_attempt(a) for a in attempts if a["outcome"] == "completed"]
+    kind = r["kind"]
+    if kind == "completion_lost" or kind == "several":
+        witness["completions"] = completions
+    elif kind == "none":
+        witness["claim_token"] = r["step_claim_token"]
+        witness["attempts"] = [_attempt(a) for a in attempts]
+    elif kind == "not_finished":
+        witness["claim_token"] = r["step_claim_token"]
+        witness["attempts"] = r["attempts"]
+    else:  # dlq
+        witness.update(
+            attempts=r["attempts"],
+            max_attempts=r["max_attempts"],
+            spent_attempts=r["spent"],
+            tokens=[a["claim_token"] for a in attempts],
+        )
+    return Finding(r["invariant"], kind, witness)
+
+
+def _stale_finding(r: dict[str, Any]) -> Finding:
+    witness: dict[str, Any] = {
+        "step_id": r["step_id"],
+        "claim_token": r["claim_token"],
+        "pod": r["pod_id"],
+        "incarnation": r["incarnation"],
+        "outcome": r["outcome"],
+        "written_at": plain(r["finished_at"]),
+        "step_claim_token": r["step_claim_token"],
+    }
+    if r["newer_claim_token"] is not None:
+        witness.update(
+            newer_claim_token=r["newer_claim_token"],
+            newer_pod=r["newer_pod"],
+            newer_claimed_at=plain(r["newer_claimed_at"]),
+        )
+    if r["revoked_at"] is not None:
+        witness.update(revoked_at=plain(r["revoked_at"]), revoked_in_term=r["revoked_term"])
+    if r["superseded"]:
+        kind = "superseded"
+    elif r["revoked_at"] is not None:
+        kind = "revoked"
+    else:
+        kind = "not_latest"
+    return Finding("stale_write", kind, witness)
+
+
+def _overlap_finding(r: dict[str, Any]) -> Finding:
+    witness = {
+        "term": r["term"],
+        "pod": r["pod_id"],
+        "started_at": plain(r["started_at"]),
+        "ended_at": plain(r["end_at"]),
+        "other_term": r["other_term"],
+        "other_pod": r["other_pod"],
+        "other_started_at": plain(r["other_started_at"]),
+        "other_ended_at": plain(r["other_end_at"]),
+    }
+    return Finding("split_brain", "overlap", witness)
+
+
+def _action_finding(r: dict[str, Any]) -> Finding:
+    witness = {
+        "action_id": r["action_id"],
+        "action": r["action"],
+        "term": r["term"],
+        "pod": r["pod_id"],
+        "at": plain(r["at"]),
+        "target_pod": r["target_pod"],
+        "step_id": r["step_id"],
+        "claim_token": r["claim_token"],
+        "term_pod": r["term_pod"],
+        "term_started_at": plain(r["term_started_at"]),
+        "term_ended_at": plain(r["term_end_at"]),
+    }
+    kind = "unknown_term" if r["term_pod"] is None else "outside_term"
+    return Finding("split_brain", kind, {k: v for k, v in witness.items() if v is not None})
+
+
+def _fifo_finding(r: dict[str, Any]) -> Finding:
+    witness = {
+        "queue": r["queue"],
+        "step_id": r["step_id"],
+        "claim_token": r["first_token"],
+        "claimed_at": plain(r["first_claimed_at"]),
+        "earlier_step_id": r["earlier_step_id"],
+        "earlier_status": r["earlier_status"],
+        "earlier_claim_token": r["earlier_first_token"],
+        "earlier_claimed_at": plain(r["earlier_first_claimed_at"]),
+    }
+    return Finding("fifo_order", "overtaken", witness)
+
+
+def _concurrency_finding(r: dict[str, Any]) -> Finding:
+    witness = {
+        "queue": r["queue"],
+        "limit": r["lim"],
+        "running": int(r["running"]),
+        "at": plain(r["at"]),
+        "step_id": r["step_id"],
+        "claim_token": r["claim_token"],
+        "pod": r["pod_id"],
+        "open_step_ids": list(r["step_ids"] or []),
+        "open_tokens": list(r["tokens"] or []),
+        "open_pods": list(r["pods"] or []),
+    }
+    return Finding("concurrency_limit", "exceeded", witness)
+
+
+# -- history export ---------------------------------------------------------
+
+
+def iter_history(store: Store, *, batch_size: int = 2000) -> Iterator[dict[str, Any]]:
+    """Yield the history's operation records in DB-time order, streamed.
+
+    Each record is ``{"type", "f", "process", "value", "time"}`` (no index);
+    rows come through a server-side cursor ``batch_size`` at a time, on one
+    snapshot, so memory stays flat however long the history is.
+    """
+    store.check_schema()
+    with _snapshot(store) as conn:
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+            sa.text(HISTORY)
+        )
+        for row in result:
+            yield _record(row._mapping)
+
+
+def _record(r: Any) -> dict[str, Any]:
+    process = r["pod"] if r["incarnation"] is None else f"{r['pod']}#{r['incarnation']}"
+    f = r["f"]
+    if f == "elect":
+        value: dict[str, Any] = {
+            "term": r["term"],
+            "expires_at": plain(r["expires_at"]),
+            "ended_at": plain(r["ended_at"]),
+        }
+    elif f == "recover":
+        value = {
+            "term": r["term"],
+            "action": r["action"],
+            "target_pod": r["target_pod"],
+            "step": r["step_id"],
+            "token": r["token"],
+        }
+    else:
+        value = {"step": r["step_id"], "queue": r["queue"], "token": r["token"]}
+        if r["outcome"] is not None:
+            value["outcome"] = r["outcome"]
+    return {
+        "type": r["type"],
+        "f": f,
+        "process": process,
+        "value": {k: v for k, v in value.items() if v is not None},
+        "time": plain(r["at"]),
+    }
