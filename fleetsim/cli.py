@@ -42,6 +42,7 @@ from fleetsim.errors import (
     StoreUnavailable,
 )
 from fleetsim.rundir import RunDir
+from fleetsim.status import status_data
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STORE, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
@@ -420,26 +421,6 @@ def down(ctx: click.Context, as_json: bool, timeout: float) -> None:
 # -- status / submit ------------------------------------------------------------
 
 
-def status_data(store: Store) -> dict[str, Any]:
-    """The `status --json` document (field names are an interface)."""
-    pods = store.pods()
-    lease = store.current_leader()
-    leader = None
-    if lease is not None:
-        pid = next((p["pid"] for p in pods if p["id"] == lease.holder), None)
-        leader = {"pod": lease.holder, "term": lease.term, "pid": pid}
-    return {
-        "leader": leader,
-        "pods": [
-            {k: p[k] for k in ("id", "pid", "incarnation", "state", "heartbeat_age_s",
-                               "claimed", "completed")}
-            for p in pods
-        ],
-        "steps": store.status_counts(),
-        "queues": {name: s.as_dict() for name, s in store.queue_stats().items()},
-    }
-
-
 @cli.command()
 @store_option
 @schema_option
@@ -508,8 +489,10 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
 @option("--id", "pod_id", default=None, help="Pod id (default: pod-<pid>).")
 @option("--incarnation", type=int, default=0, help="Incarnation number (restarts count up).")
 @option("--join", metavar="ENDPOINT", default=None,
-        help="The coordinator's control endpoint (tcp://host:port), to take chaos "
-        "commands and send metrics.")
+        help="The coordinator's control endpoint (tcp://host:port, `bus.control` in "
+        "run.json), to take chaos commands.")
+@option("--metrics-endpoint", metavar="ENDPOINT", default=None,
+        help="The coordinator's metrics endpoint (`bus.metrics` in run.json).")
 @store_option
 @option("--schema", default="fleetsim", help="PostgreSQL schema of the fleet's tables.")
 @option("--workload", default="noop",
@@ -551,8 +534,22 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
         check_workload(config.workload)
     except ConfigError as exc:
         fail(str(exc), PodExit.BAD_CONFIG)
+    from chaos.storage_faults import StorageFaultInjector
+
     store = Store(config.store)
     worker = Pod(config, store)
+    # Storage faults plug in as a statement hook: idle until the coordinator asks.
+    worker.storage_faults = StorageFaultInjector(seed=config.seed)
+    store.add_statement_hook(worker.storage_faults)
+    if config.join:
+        from fleetsim.bus import BusEndpoints, PodBusClient
+
+        metrics = params["metrics_endpoint"] or config.join
+        endpoints = BusEndpoints(control=config.join, cli=config.join, metrics=metrics,
+                                 events=config.join)
+        worker.bus = PodBusClient(endpoints, pod_id, config.incarnation,
+                                  handler=worker.handle_command,
+                                  heartbeat_interval_s=config.timings.heartbeat_s * 2)
     worker.install_signal_handlers()
     code = worker.run()
     store.close()
@@ -674,3 +671,152 @@ def _print_run_table(result: dict[str, Any]) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="fleetsim")
+
+
+# -- chaos ----------------------------------------------------------------------
+
+
+@cli.group()
+def chaos() -> None:
+    """Inject faults into the running fleet (through its coordinator).
+
+    \b
+    fleetsim chaos kill-leader
+    fleetsim chaos pause leader --for 9s
+    fleetsim chaos partition pod-2 --from store --mode blackhole --for 10s
+    fleetsim chaos storage-fault --all --error-rate 0.2 --latency 50ms --for 8s
+    fleetsim chaos heal
+    """
+
+
+def chaos_request(ctx: click.Context, action: str, target: str | None,
+                  params: dict[str, Any], as_json: bool, timeout: float) -> dict[str, Any]:
+    """Send one chaos action to the coordinator and print its reply."""
+    from fleetsim.bus import ChaosRequest, ControlClient, Error
+
+    data = ctx.obj["run_dir"].read_running()
+    endpoint = (data.get("bus") or {}).get("cli")
+    if not endpoint:
+        raise FleetNotRunning("the running fleet has no control bus")
+    with ControlClient(endpoint, timeout_s=timeout) as client:
+        reply = client.request(ChaosRequest(action, target, params), timeout_s=timeout)
+    if isinstance(reply, Error):
+        fail(reply.message, EXIT_USAGE if reply.code == "bad-request" else EXIT_FAILURE)
+    result: dict[str, Any] = dict(reply.data)
+    emit(result, as_json, lambda: click.echo(describe_chaos(result)))
+    return result
+
+
+def describe_chaos(result: dict[str, Any]) -> str:
+    """One line saying what a chaos action did."""
+    action = result.get("action", "?")
+    details = ", ".join(f"{k} {v}" for k, v in result.items()
+                        if k != "action" and v not in (None, [], {}))
+    return f"{action}: {details}" if details else f"{action}: done"
+
+
+def chaos_options(f: F) -> F:
+    """--json and --timeout for chaos commands."""
+    f = option("--timeout", type=DURATION, default=10.0,
+               help="How long to wait for the coordinator's reply.")(f)
+    return json_option(f)
+
+
+@chaos.command("kill-leader")
+@chaos_options
+@click.pass_context
+def chaos_kill_leader(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """SIGKILL the current leader; prints its pod, pid and term."""
+    chaos_request(ctx, "kill-leader", None, {}, as_json, timeout)
+
+
+@chaos.command("kill")
+@click.argument("pod", required=False)
+@click.option("--random", "pick_random", is_flag=True, help="Kill a random pod (seeded).")
+@chaos_options
+@click.pass_context
+def chaos_kill(ctx: click.Context, pod: str | None, pick_random: bool, as_json: bool,
+               timeout: float) -> None:
+    """SIGKILL a pod: POD (an id, or `leader`) or --random."""
+    if bool(pod) == pick_random:
+        fail("name a POD or give --random", EXIT_USAGE)
+    chaos_request(ctx, "kill", "random" if pick_random else pod, {}, as_json, timeout)
+
+
+@chaos.command("pause")
+@click.argument("pod")
+@click.option("--for", "duration", type=DURATION, default=None,
+              help="Resume (SIGCONT) after this long; default: until `chaos resume`.")
+@chaos_options
+@click.pass_context
+def chaos_pause(ctx: click.Context, pod: str, duration: float | None, as_json: bool,
+                timeout: float) -> None:
+    """SIGSTOP a pod (an id, `leader` or `random`), e.g. to freeze a leader past its lease."""
+    chaos_request(ctx, "pause", pod, {"for": duration}, as_json, timeout)
+
+
+@chaos.command("resume")
+@click.argument("pod")
+@chaos_options
+@click.pass_context
+def chaos_resume(ctx: click.Context, pod: str, as_json: bool, timeout: float) -> None:
+    """SIGCONT a paused pod."""
+    chaos_request(ctx, "resume", pod, {}, as_json, timeout)
+
+
+@chaos.command("partition")
+@click.argument("pod")
+@click.option("--from", "where", type=click.Choice(["store", "bus", "all"]), default="store",
+              show_default=True, help="Cut the pod off from the store, the bus, or both.")
+@click.option("--mode", type=click.Choice(["blackhole", "reset"]), default="blackhole",
+              show_default=True, help="blackhole: packets vanish; reset: connections refused.")
+@click.option("--for", "duration", type=DURATION, default=None,
+              help="Heal after this long; default: until `chaos heal`.")
+@chaos_options
+@click.pass_context
+def chaos_partition(ctx: click.Context, pod: str, where: str, mode: str,
+                    duration: float | None, as_json: bool, timeout: float) -> None:
+    """Partition a pod (an id, `leader` or `random`) from the store and/or the bus."""
+    chaos_request(ctx, "partition", pod, {"from": where, "mode": mode, "for": duration},
+                  as_json, timeout)
+
+
+@chaos.command("heal")
+@click.argument("pod", required=False)
+@chaos_options
+@click.pass_context
+def chaos_heal(ctx: click.Context, pod: str | None, as_json: bool, timeout: float) -> None:
+    """End partitions, pauses and storage faults (of POD, or all)."""
+    chaos_request(ctx, "heal", pod, {}, as_json, timeout)
+
+
+@chaos.command("storage-fault")
+@click.argument("pod", required=False)
+@click.option("--all", "all_pods", is_flag=True, help="Every pod.")
+@click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of statements that fail.")
+@click.option("--latency", type=DURATION, default=0.0, help="Added to every statement.")
+@click.option("--disconnect-rate", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of statements whose connection is dropped.")
+@click.option("--for", "duration", type=DURATION, default=None,
+              help="End after this long; default: until `chaos heal`.")
+@chaos_options
+@click.pass_context
+def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, error_rate: float,
+                        latency: float, disconnect_rate: float, duration: float | None,
+                        as_json: bool, timeout: float) -> None:
+    """Errors, latency and disconnects on a pod's store statements (POD or --all)."""
+    if bool(pod) == all_pods:
+        fail("name a POD or give --all", EXIT_USAGE)
+    chaos_request(ctx, "storage-fault", "all" if all_pods else pod, {
+        "error_rate": error_rate, "latency_ms": latency * 1000.0,
+        "disconnect_rate": disconnect_rate, "for": duration,
+    }, as_json, timeout)
+
+
+@chaos.command("store-restart")
+@chaos_options
+@click.pass_context
+def chaos_store_restart(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """Restart the embedded PostgreSQL server mid-run."""
+    chaos_request(ctx, "store-restart", None, {}, as_json, max(timeout, 60.0))

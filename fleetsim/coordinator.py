@@ -9,6 +9,7 @@ which then stops them gracefully.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from fleetsim.config import FleetTimings
 from fleetsim.errors import ConfigError, FleetsimError, StoreUnavailable
 from fleetsim.rundir import RunDir, pid_alive
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
+from fleetsim.store.url import host_port, with_host_port
 
 log = logging.getLogger("fleetsim.coordinator")
 
@@ -50,6 +52,9 @@ class FleetSpec:
     timings: FleetTimings = field(default_factory=FleetTimings)
     steps: int = 0  # steps to submit at start
     rate: float = 0.0  # steps per second for those (0: all at once)
+    fault_proxy: bool = True  # each pod reaches the store through its own fault proxy
+    bus_host: str = "127.0.0.1"  # another address needs CURVE keys
+    bus_keys: Path | None = None  # directory from `fleetsim keys generate`
 
     def __post_init__(self) -> None:
         if not 1 <= self.pods <= 200:
@@ -92,6 +97,11 @@ class Coordinator:
         self.events: list[dict[str, Any]] = []
         self._lock = threading.RLock()
         self._submitter: threading.Thread | None = None
+        self.bus: Any = None  # fleetsim.bus_service.BusService
+        self.proxies: Any = None  # chaos.proxy_process.ProxyControl
+        self.proxy_process: subprocess.Popen[bytes] | None = None
+        self.pod_urls: dict[str, str] = {}
+        self.injector: Any = None  # chaos.injector.FaultInjector
 
     # -- start ------------------------------------------------------------
 
@@ -111,6 +121,13 @@ class Coordinator:
             )
         try:
             self._start_store()
+            self._start_bus()
+            if spec.fault_proxy:
+                self._start_proxies()
+            from chaos.injector import FaultInjector
+
+            self.injector = FaultInjector(self, seed=spec.seed,
+                                          log_path=self.run_dir.path / "faults.jsonl")
             self._write_run_file("starting")
             for index in range(1, spec.pods + 1):
                 self._spawn(f"pod-{index}", incarnation=0)
@@ -141,6 +158,112 @@ class Coordinator:
         self.store.init_schema()
         self.echo(f"store: {redact(url)} (schema {spec.schema})")
 
+    def _start_bus(self) -> None:
+        from fleetsim.bus_service import BusService
+
+        keys = None
+        if self.spec.bus_keys is not None:
+            from fleetsim.bus.security import load_server_keys
+
+            keys = load_server_keys(self.spec.bus_keys)
+        self.bus = BusService(
+            on_chaos=lambda request: self.injector.apply(
+                request.action, request.target, request.params),
+            on_status=self.status,
+            on_down=self.stopping.set,
+            host=self.spec.bus_host, keys=keys,
+        )
+        endpoints = self.bus.start_and_wait()
+        self.echo(f"bus: control {endpoints.control}, cli {endpoints.cli}")
+
+    def _start_proxies(self) -> None:
+        from chaos.proxy_process import ProxyControl
+
+        assert self.store_url is not None
+        target = host_port(self.store_url)
+        if target is None:
+            raise ConfigError("the fault proxy needs a TCP store URL (host:port), not a socket;"
+                              " use --no-fault-proxy")
+        ready = self.run_dir.path / "proxy.json"
+        ready.unlink(missing_ok=True)
+        with open(self.run_dir.logs / "proxy.log", "ab") as out:
+            self.proxy_process = subprocess.Popen(
+                [sys.executable, "-m", "chaos.proxy_process", "--ready-file", str(ready)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            if self.proxy_process.poll() is not None or time.monotonic() > deadline:
+                raise FleetsimError(f"the fault proxy did not start: "
+                                    f"{last_line(self.run_dir.logs / 'proxy.log')}")
+            time.sleep(0.02)
+        import json
+
+        self.proxies = ProxyControl(json.loads(ready.read_text())["endpoint"])
+        self._proxy_target = target
+
+    def _pod_store_url(self, pod_id: str) -> str:
+        assert self.store_url is not None
+        if self.proxies is None:
+            return self.store_url
+        if pod_id not in self.pod_urls:
+            host, port = self._proxy_target
+            proxy_port = self.proxies.request(op="add", name=pod_id, host=host, port=port)["port"]
+            self.pod_urls[pod_id] = with_host_port(self.store_url, "127.0.0.1", proxy_port)
+        return self.pod_urls[pod_id]
+
+    # -- what chaos needs (chaos.injector.Fleet) ----------------------------
+
+    def pod_pids(self) -> dict[str, int]:
+        """Pods this coordinator runs, with their pids."""
+        with self._lock:
+            return {pod_id: pod.pid for pod_id, pod in self.pods.items()}
+
+    def leader(self) -> tuple[str, int] | None:
+        """(pod id, term) of the current leader."""
+        assert self.store is not None
+        lease = self.store.current_leader()
+        return (lease.holder, lease.term) if lease else None
+
+    def send_command(self, pod_id: str, command: Any) -> Any:
+        """A bus command to one pod; returns its reply."""
+        return self.bus.send_command(pod_id, command)
+
+    def set_proxy_fault(self, pod_id: str, mode: str | None) -> None:
+        """Partition (mode) or heal (None) a pod's path to the store."""
+        if self.proxies is None:
+            raise ConfigError("this fleet runs without fault proxies (--no-fault-proxy): "
+                              "store partitions are unavailable")
+        if mode is None:
+            self.proxies.request(op="heal", name=pod_id)
+        else:
+            self.proxies.request(op="set_fault", name=pod_id, mode=mode)
+
+    def restart_store(self) -> dict[str, Any]:
+        """Restart the embedded PostgreSQL (an external one is not ours to restart)."""
+        if self.embedded is None:
+            raise ConfigError("store-restart restarts the embedded PostgreSQL only; this fleet "
+                              "uses an external store (restart it with your own tools)")
+        old_pid = self.embedded.pid
+        started = time.monotonic()
+        self.embedded.restart()
+        return {"old_pid": old_pid, "new_pid": self.embedded.pid,
+                "downtime_s": round(time.monotonic() - started, 3)}
+
+    def status(self) -> dict[str, Any]:
+        """The status document, plus what only the coordinator knows."""
+        from fleetsim.status import status_data
+
+        assert self.store is not None
+        data = status_data(self.store)
+        data["coordinator"] = {
+            "pid": os.getpid(),
+            "bus_pods": sorted(self.bus.pods) if self.bus else [],
+            "malformed_messages": self.bus.malformed if self.bus else 0,
+        }
+        return data
+
     def pod_command(self, pod_id: str, incarnation: int) -> list[str]:
         """The command line of one pod (the store URL goes in the environment)."""
         spec, t = self.spec, self.spec.timings
@@ -156,6 +279,9 @@ class Coordinator:
         ]
         for queue in spec.queues:
             cmd += ["--queue", queue]
+        if self.bus is not None and self.bus.endpoints is not None:
+            cmd += ["--join", self.bus.endpoints.control,
+                    "--metrics-endpoint", self.bus.endpoints.metrics]
         return cmd
 
     def _spawn(self, pod_id: str, incarnation: int) -> PodProcess:
@@ -163,7 +289,7 @@ class Coordinator:
         log_path = self.run_dir.logs / f"{pod_id}.log"
         env = dict(os.environ)
         # Never on the command line, where `ps` would show a password.
-        env["FLEETSIM_STORE"] = self.store_url
+        env["FLEETSIM_STORE"] = self._pod_store_url(pod_id)
         env["PYTHONUNBUFFERED"] = "1"
         out: IO[bytes]
         with open(log_path, "ab") as out:
@@ -272,6 +398,8 @@ class Coordinator:
         """Stop every pod gracefully (SIGKILL after the grace period), then the store."""
         self.stopping.set()
         grace = self.spec.timings.grace_s if grace_s is None else grace_s
+        if self.injector is not None:
+            self.injector.heal_all()  # a paused pod cannot handle SIGTERM
         with self._lock:
             pods = list(self.pods.values())
         for pod in pods:
@@ -287,6 +415,18 @@ class Coordinator:
                 pod.process.wait()
         with self._lock:
             self.pods.clear()
+        if self.bus is not None:
+            self.bus.stop()
+        if self.proxies is not None:
+            with contextlib.suppress(FleetsimError):
+                self.proxies.request(op="shutdown")
+            self.proxies.close()
+        if self.proxy_process is not None:
+            try:
+                self.proxy_process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proxy_process.kill()
+                self.proxy_process.wait()
         if self.store is not None:
             self.store.close()
         if self.embedded is not None:
@@ -319,6 +459,8 @@ class Coordinator:
             "queues": list(self.spec.queues),
             "restart": self.spec.restart,
             "pods": pods,
+            "bus": self.bus.endpoints.to_dict() if self.bus and self.bus.endpoints else None,
+            "proxy_pid": self.proxy_process.pid if self.proxy_process else None,
         })
 
 
@@ -360,9 +502,13 @@ def stop_detached_fleet(run_dir: RunDir, timeout_s: float = 60.0) -> dict[str, A
     # embedded server: clean up after it from run.json.
     for pod in data.get("pods", []):
         ppid = pod.get("pid")
-        if isinstance(ppid, int) and pid_alive(ppid) and _is_pod(ppid):
+        if isinstance(ppid, int) and pid_alive(ppid) and _is_ours(ppid, "pod"):
             os.kill(ppid, signal.SIGKILL)
             stopped["killed"].append(pod.get("id"))
+    proxy_pid = data.get("proxy_pid")
+    if isinstance(proxy_pid, int) and pid_alive(proxy_pid) and _is_ours(proxy_pid, "proxy"):
+        os.kill(proxy_pid, signal.SIGKILL)
+        stopped["killed"].append("fault-proxy")
     if data.get("embedded") and data.get("pgdata"):
         from fleetsim.store.embedded import EmbeddedPostgres
 
@@ -373,14 +519,17 @@ def stop_detached_fleet(run_dir: RunDir, timeout_s: float = 60.0) -> dict[str, A
     return stopped
 
 
-def _is_pod(pid: int) -> bool:
+def _is_ours(pid: int, kind: str) -> bool:
+    """Whether ``pid`` is still a fleetsim pod / fault proxy (pids get reused)."""
     import psutil
 
     try:
-        cmdline = psutil.Process(pid).cmdline()
+        cmdline = " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return False
-    return "fleetsim" in cmdline and "pod" in cmdline
+    if kind == "pod":
+        return "fleetsim pod" in cmdline
+    return "chaos.proxy_process" in cmdline
 
 
 __all__ = [

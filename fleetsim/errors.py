@@ -8,6 +8,7 @@ chain only with ``-v``)::
     ├── ConfigError            bad option, workload, scenario file, duration
     ├── StoreError             anything the store could not do
     │   ├── StoreUnavailable   cannot reach / authenticate to PostgreSQL
+    │   │   └── InjectedFault  a chaos storage fault (error or disconnect)
     │   ├── SchemaMismatch     not a fleetsim store, or another schema version
     │   ├── QueueFull          submit beyond a queue's max length
     │   └── NotLeader          a fenced leader action by a non-holder
@@ -41,6 +42,14 @@ class StoreUnavailable(StoreError):
 
 class SchemaMismatch(StoreError):
     """The database does not hold a fleetsim store of a supported version."""
+
+
+class InjectedFault(StoreUnavailable):
+    """A storage fault injected by chaos (the statement never reached the server)."""
+
+    def __init__(self, message: str | None = None, *, disconnect: bool = False) -> None:
+        self.disconnect = disconnect
+        super().__init__(message)
 
 
 class QueueFull(StoreError):
@@ -81,6 +90,7 @@ __all__ = [
     "ConfigError",
     "FleetNotRunning",
     "FleetsimError",
+    "InjectedFault",
     "NotLeader",
     "ProtocolError",
     "QueueFull",

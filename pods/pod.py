@@ -8,7 +8,14 @@ Threads:
 - the heartbeat thread keeps the pod alive in the store and fences the pod
   when it cannot (store lost for longer than the lease, or declared dead);
 - the election thread competes for the leader lease and, while leader, runs
-  recovery, every action fenced by its term.
+  recovery, every action fenced by its term;
+- the watchdog thread fences the pod when the last good heartbeat is older
+  than the lease, even if a store call hangs (a blackholed connection never
+  errors by itself).
+
+Chaos reaches the pod only through seams: a statement hook on the store
+(storage faults) and the bus command handler; the loops have no chaos
+branches.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ class Pod:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="step")
         self.term: int | None = None
+        self._last_heartbeat_ok = time.monotonic()
+        self.bus: Any = None  # a fleetsim.bus.PodBusClient when joined to a coordinator
+        self.storage_faults: Any = None  # a chaos.storage_faults.StorageFaultInjector
 
     # -- lifecycle --------------------------------------------------------
 
@@ -115,7 +125,10 @@ class Pod:
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
             threading.Thread(target=self._election_loop, name="election", daemon=True),
+            threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True),
         ]
+        if self.bus is not None:
+            self.bus.start()
         for thread in threads:
             thread.start()
         try:
@@ -139,6 +152,8 @@ class Pod:
                 self.store.stop_pod(self.config.pod_id, self.config.incarnation)
         except StoreError as exc:
             log.warning("shutdown without the store (recovery will requeue): %s", exc)
+        if self.bus is not None:
+            self.bus.close()
         log.info("stopped: %s", self.counters.snapshot())
 
     # -- the claim loop ---------------------------------------------------
@@ -289,17 +304,14 @@ class Pod:
 
     def _heartbeat_loop(self) -> None:
         cfg = self.config
-        last_ok = time.monotonic()
         while not self.stopping.wait(cfg.timings.heartbeat_s):
+            self._report_to_bus()
             try:
                 beat = self.store.heartbeat(cfg.pod_id, cfg.incarnation)
             except StoreError as exc:
-                if time.monotonic() - last_ok > cfg.timings.lease_s and not self.fenced.is_set():
-                    log.warning("no heartbeat for %.1fs (%s): fencing myself",
-                                time.monotonic() - last_ok, exc)
-                    self._set_fenced(True)
+                log.debug("heartbeat failed: %s", exc)
                 continue
-            last_ok = time.monotonic()
+            self._last_heartbeat_ok = time.monotonic()
             if not beat.alive:
                 if beat.incarnation is not None and beat.incarnation > cfg.incarnation:
                     log.warning("superseded by incarnation %d: exiting", beat.incarnation)
@@ -321,6 +333,56 @@ class Pod:
                 self._set_fenced(False)
             with self._lock:
                 self._cancel_requested.update(beat.cancel_requested)
+
+    def _watchdog_loop(self) -> None:
+        lease = self.config.timings.lease_s
+        while not self.stopping.wait(self.config.timings.heartbeat_s / 2):
+            silent = time.monotonic() - self._last_heartbeat_ok
+            if silent > lease and not self.fenced.is_set():
+                log.warning("no heartbeat for %.1fs (lease %.1fs): fencing myself", silent, lease)
+                self._set_fenced(True)
+
+    def _report_to_bus(self) -> None:
+        if self.bus is None:
+            return
+        from fleetsim.bus import PodStatus
+
+        counts = self.counters.snapshot()
+        state = "fenced" if self.fenced.is_set() else (
+            "stopping" if self.stopping.is_set() else "alive")
+        self.bus.update_status(PodStatus(
+            state=state, is_leader=self.term is not None, term=self.term,
+            claimed=counts.get("claimed", 0), completed=counts.get("completed", 0),
+            failed=counts.get("failed", 0),
+        ))
+        self.bus.send_metrics({k: float(v) for k, v in counts.items()}, {})
+
+    def handle_command(self, command: Any) -> Any:
+        """Answer a coordinator command (runs in the bus thread: quick, no store calls)."""
+        from fleetsim.bus import ClearStorageFault, Ok, SelfKill, SetStorageFault, Shutdown
+
+        if isinstance(command, Shutdown):
+            self.stopping.set()
+            return Ok({"stopping": True})
+        if isinstance(command, SelfKill):
+            # Reply first, then die the way a SIGKILL from chaos would.
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            return Ok({"pid": os.getpid()})
+        if isinstance(command, SetStorageFault | ClearStorageFault):
+            from chaos.storage_faults import StorageFault
+
+            if self.storage_faults is None:
+                raise ConfigError("storage faults are not enabled in this pod")
+            if isinstance(command, ClearStorageFault):
+                self.storage_faults.clear()
+            else:
+                self.storage_faults.set(
+                    StorageFault(command.error_rate, command.latency_ms,
+                                 command.disconnect_rate),
+                    command.duration_s,
+                )
+            return Ok({"pod": self.config.pod_id})
+        raise ConfigError(f"unsupported command {type(command).__name__}")
 
     def _set_fenced(self, fenced: bool) -> None:
         if fenced:

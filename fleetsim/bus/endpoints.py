@@ -39,7 +39,9 @@ class BusEndpoints:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, str) or not value.startswith("tcp://"):
-                raise ConfigError(f"bus endpoint {f.name!r} must be a tcp:// address, got {value!r}")
+                raise ConfigError(
+                    f"bus endpoint {f.name!r} must be a tcp:// address, got {value!r}"
+                )
 
     def to_dict(self) -> dict[str, str]:
         """A JSON-ready mapping (the ``bus`` section of ``run.json``)."""

@@ -353,9 +353,9 @@ def encode(msg: Message, *, max_size: int = MAX_FRAME_SIZE) -> bytes:
     envelope = {"v": PROTOCOL_VERSION, "kind": msg.kind, "id": msg.request_id, "body": body}
     try:
         text = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        frame = text.encode("utf-8")  # fails on lone surrogates
     except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"cannot encode {msg.kind!r}: {exc}") from exc
-    frame = text.encode("utf-8")
     if len(frame) > max_size:
         raise ProtocolError(f"{msg.kind!r} message is {len(frame)} bytes, over {max_size}")
     return frame
@@ -378,7 +378,8 @@ def decode(frame: bytes, *, max_size: int = MAX_FRAME_SIZE) -> Message:
     _require(cls is not None, f"unknown message kind {kind!r}")
     assert cls is not None
     request_id = envelope.get("id")
-    _require(type(request_id) is int, "missing or non-integer 'id'")
+    if type(request_id) is not int:
+        raise ProtocolError("missing or non-integer 'id'")
     body = envelope.get("body")
     _require(isinstance(body, dict), "missing or non-object 'body'")
     assert isinstance(body, dict)
@@ -416,9 +417,7 @@ def _parse_object(frame: bytes, max_size: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ProtocolError("frame is not valid UTF-8") from exc
     try:
-        value = json.loads(
-            text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant
-        )
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as exc:
@@ -488,9 +487,7 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             }
         elif origin is list and isinstance(value, list):
             return [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    raise ProtocolError(
-        f"field {path!r}: expected {_type_name(hint)}, got {type(value).__name__}"
-    )
+    raise ProtocolError(f"field {path!r}: expected {_type_name(hint)}, got {type(value).__name__}")
 
 
 def _check_float(value: Any) -> tuple[bool, Any]:
@@ -507,7 +504,8 @@ _SCALARS: dict[Any, Callable[[Any], tuple[bool, Any]]] = {
     # `type(v) is int` rather than isinstance: a bool is not an int here.
     int: lambda v: (type(v) is int, v),
     bool: lambda v: (type(v) is bool, v),
-    str: lambda v: (type(v) is str, v),
+    # A str subclass (an ErrorCode member) becomes the plain str it stands for.
+    str: lambda v: (isinstance(v, str), str(v) if isinstance(v, str) else v),
     float: _check_float,
     type(None): lambda v: (v is None, v),
 }
@@ -539,7 +537,7 @@ __all__ = [
     "SetStorageFault",
     "Shutdown",
     "StatusRequest",
-    "encode",
     "decode",
+    "encode",
     "peek_request_id",
 ]

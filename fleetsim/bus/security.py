@@ -177,10 +177,8 @@ class ClientAuthenticator:
 
     def start(self) -> None:
         """Run the ZAP handler thread and load the admitted keys."""
+        self._authenticator.configure_curve(domain="*", location=str(self._keys.authorized_clients))
         self._authenticator.start()
-        self._authenticator.configure_curve(
-            domain="*", location=str(self._keys.authorized_clients)
-        )
 
     def stop(self) -> None:
         """Stop the handler thread and close its sockets."""

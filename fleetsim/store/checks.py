@@ -47,27 +47,32 @@ WITH per_step AS (
            count(*) FILTER (WHERE outcome IN ('failed', 'lease_lost')) AS spent
       FROM step_attempts
      GROUP BY step_id
-), found AS (
-    SELECT f.invariant, f.kind, s.id AS step_id, s.queue, s.status, s.attempts,
-           s.max_attempts, s.claim_token,
+), suspect AS MATERIALIZED (
+    -- One cheap filter over every step first; only suspects are classified.
+    SELECT s.id AS step_id, s.queue, s.status, s.attempts, s.max_attempts, s.claim_token,
            coalesce(a.completions, 0) AS completions, coalesce(a.spent, 0) AS spent
       FROM steps s
       LEFT JOIN per_step a ON a.step_id = s.id
+     WHERE CASE WHEN s.status = 'completed' THEN coalesce(a.completions, 0) <> 1
+                ELSE coalesce(a.completions, 0) > 0
+                     OR (CAST(:final AS boolean)
+                         AND s.status IN ('queued', 'claimed', 'failed')) END
+        OR (s.status = 'dead') <> (coalesce(a.spent, 0) >= s.max_attempts)
+        OR s.attempts <> coalesce(a.spent, 0)
+), found AS (
+    SELECT f.invariant, f.kind, suspect.*
+      FROM suspect
      CROSS JOIN LATERAL (VALUES
         -- An accepted completion that the step's row no longer shows.
-        ('lost_step', 'completion_lost',
-         s.status <> 'completed' AND coalesce(a.completions, 0) > 0),
+        ('lost_step', 'completion_lost', status <> 'completed' AND completions > 0),
         ('lost_step', 'not_finished',
-         CAST(:final AS boolean) AND s.status IN ('queued', 'claimed', 'failed')
-         AND coalesce(a.completions, 0) = 0),
-        ('duplicate_completion', 'several', coalesce(a.completions, 0) > 1),
-        ('duplicate_completion', 'none',
-         s.status = 'completed' AND coalesce(a.completions, 0) = 0),
+         CAST(:final AS boolean) AND status IN ('queued', 'claimed', 'failed')
+         AND completions = 0),
+        ('duplicate_completion', 'several', completions > 1),
+        ('duplicate_completion', 'none', status = 'completed' AND completions = 0),
         -- Dead iff the spent attempts reached max_attempts, and the counter
         -- agrees with the attempts that spent one.
-        ('dlq', 'dlq',
-         (s.status = 'dead') <> (coalesce(a.spent, 0) >= s.max_attempts)
-         OR s.attempts <> coalesce(a.spent, 0))
+        ('dlq', 'dlq', (status = 'dead') <> (spent >= max_attempts) OR attempts <> spent)
      ) AS f(invariant, kind, hit)
      WHERE f.hit
 ), ranked AS (
@@ -117,7 +122,7 @@ WITH w AS (
       FROM leader_actions
      WHERE action IN ('requeue', 'dead_letter') AND claim_token IS NOT NULL
      GROUP BY claim_token
-), found AS (
+), found AS MATERIALIZED (
     SELECT w.step_id, w.claim_token, w.pod_id, w.incarnation, w.outcome, w.claimed_at,
            w.finished_at, w.next_claimed_at, s.claim_token AS step_claim_token,
            r.at AS revoked_at, r.term AS revoked_term,
@@ -227,11 +232,12 @@ WITH fifo AS (
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
                AS earlier_left_at
       FROM fifo
+), found AS MATERIALIZED (
+    SELECT w.* FROM w WHERE w.first_claimed_at < w.earlier_left_at
 ), limited AS (
-    SELECT w.*, count(*) OVER () AS total
-      FROM w
-     WHERE w.first_claimed_at < w.earlier_left_at
-     ORDER BY w.queue, w.id
+    SELECT found.*, count(*) OVER () AS total
+      FROM found
+     ORDER BY queue, id
      LIMIT :limit
 )
 SELECT l.total, l.queue, l.id AS step_id, l.first_token, l.first_claimed_at,
@@ -266,10 +272,11 @@ WITH la AS (
       FROM la
      CROSS JOIN LATERAL (VALUES (la.claimed_at, 1), (la.finished_at, -1)) AS e(at, delta)
      WHERE e.at IS NOT NULL
+), found AS MATERIALIZED (
+    SELECT sweep.* FROM sweep WHERE delta = 1 AND running > lim
 ), limited AS (
-    SELECT sweep.*, count(*) OVER () AS total
-      FROM sweep
-     WHERE delta = 1 AND running > lim
+    SELECT found.*, count(*) OVER () AS total
+      FROM found
      ORDER BY queue, at, claim_token
      LIMIT :limit
 )
@@ -316,6 +323,19 @@ WITH t AS (
     SELECT CAST(extract(epoch FROM next_started_at - end_at) AS float8) AS s
       FROM t
      WHERE next_started_at IS NOT NULL
+), marked AS (
+    -- For each term, the first mark_dead naming its pod at or after its start:
+    -- terms and marks of one pod merged newest first, with a running minimum
+    -- (one sort; no index on leader_actions.target_pod is needed).
+    SELECT e.term, min(e.mark_at) OVER (PARTITION BY e.pod ORDER BY e.at DESC, e.k DESC
+                                        ROWS UNBOUNDED PRECEDING) AS first_mark_at
+      FROM (SELECT pod_id AS pod, started_at AS at, 0 AS k, term,
+                   CAST(NULL AS timestamptz) AS mark_at
+              FROM leader_terms
+            UNION ALL
+            SELECT target_pod, at, 1, NULL, at
+              FROM leader_actions
+             WHERE action = 'mark_dead' AND target_pod IS NOT NULL) e
 ), deaths AS (
     SELECT t.next_started_at,
            coalesce(
@@ -323,11 +343,11 @@ WITH t AS (
                  WHERE p.id = t.pod_id
                    AND p.died_at BETWEEN t.started_at
                                      AND coalesce(t.next_end_at, 'infinity')),
-               (SELECT min(la.at) FROM leader_actions la
-                 WHERE la.action = 'mark_dead' AND la.target_pod = t.pod_id
-                   AND la.at BETWEEN t.started_at AND coalesce(t.next_end_at, 'infinity'))
+               CASE WHEN m.first_mark_at <= coalesce(t.next_end_at, 'infinity')
+                    THEN m.first_mark_at END
            ) AS died_at
       FROM t
+      JOIN marked m ON m.term = t.term
      WHERE t.next_started_at IS NOT NULL
 ), death_gaps AS (
     SELECT CAST(extract(epoch FROM next_started_at - died_at) AS float8) AS s
@@ -667,7 +687,12 @@ def _action_finding(r: dict[str, Any]) -> Finding:
         "term_started_at": plain(r["term_started_at"]),
         "term_ended_at": plain(r["term_end_at"]),
     }
-    kind = "unknown_term" if r["term_pod"] is None else "outside_term"
+    if r["term_pod"] is None:
+        kind = "unknown_term"
+    elif r["term_pod"] != r["pod_id"]:
+        kind = "not_holder"
+    else:
+        kind = "outside_term"
     return Finding("split_brain", kind, {k: v for k, v in witness.items() if v is not None})
 
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from fleetsim.errors import (
     ConfigError,
+    InjectedFault,
     NotLeader,
     QueueFull,
     SchemaMismatch,
@@ -163,6 +165,25 @@ class Store:
     def _transaction(self) -> Iterator[Connection]:
         with self._errors(), self._tx.begin() as conn:
             yield conn
+
+    def add_statement_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before every statement this store sends.
+
+        This is the seam for storage faults: a hook may sleep (latency) or
+        raise InjectedFault (an error; with ``disconnect=True`` the connection
+        is also dropped, as if the server had gone away).
+        """
+
+        def before_execute(conn: Any, *_: Any) -> None:
+            try:
+                hook()
+            except InjectedFault as fault:
+                if fault.disconnect:
+                    conn.invalidate()
+                raise
+
+        for engine in (self._auto, self._tx):
+            event.listen(engine, "before_cursor_execute", before_execute)
 
     def close(self) -> None:
         """Close every pooled connection."""

@@ -54,3 +54,18 @@ def validate_schema_name(name: str) -> str:
             f"invalid schema name {name!r}: use lower-case letters, digits and _ (max 63)"
         )
     return name
+
+
+def host_port(url: str) -> tuple[str, int] | None:
+    """The TCP (host, port) a URL connects to, or None for a unix socket."""
+    parts = urlsplit(url)
+    if not parts.hostname or parts.hostname.startswith("/"):
+        return None
+    return parts.hostname, parts.port or 5432
+
+
+def with_host_port(url: str, host: str, port: int) -> str:
+    """The same URL pointed at ``host:port`` (for a pod's fault proxy)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{host}:{port}"))

@@ -1,0 +1,281 @@
+"""Applies faults to a running fleet: the coordinator's chaos actions.
+
+Every action returns a JSON-ready dict saying what it did, and is appended to
+``faults.jsonl`` in the run directory with a timestamp, so a failure can be
+replayed. Faults with a duration are healed by a timer; ``heal`` ends them
+early. Kills and pauses are real signals; partitions are the pod's fault
+proxy (store) or a bus partition; storage faults are a bus command the pod
+applies at its SQL layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fleetsim.bus import BusPartition, ClearStorageFault, Error, SelfKill, SetStorageFault
+from fleetsim.durations import parse_duration
+from fleetsim.errors import BusError, ConfigError, FleetsimError
+
+log = logging.getLogger("fleetsim.chaos")
+
+PARTITION_FROM = ("store", "bus", "all")
+PARTITION_MODES = ("blackhole", "reset")
+
+
+class Fleet(Protocol):
+    """What the injector needs from the coordinator."""
+
+    def pod_pids(self) -> dict[str, int]:
+        """Pods this coordinator spawned and their pids."""
+
+    def leader(self) -> tuple[str, int] | None:
+        """(pod id, term) of the current leader, from the store."""
+
+    def send_command(self, pod_id: str, command: Any) -> Any:
+        """Send a bus command to a pod and return its reply."""
+
+    def set_proxy_fault(self, pod_id: str, mode: str | None) -> None:
+        """Put the pod's store proxy in ``mode`` (None: heal)."""
+
+    def restart_store(self) -> dict[str, Any]:
+        """Restart the PostgreSQL server; return what happened."""
+
+
+@dataclass
+class _ActiveFault:
+    action: str
+    pod: str
+    timer: threading.Timer | None
+    undo: Callable[[], None]
+
+
+class FaultInjector:
+    """Chaos actions against one fleet."""
+
+    def __init__(self, fleet: Fleet, *, seed: int = 0, log_path: Path | None = None) -> None:
+        self.fleet = fleet
+        self.rng = random.Random(seed)
+        self.log_path = log_path
+        self._lock = threading.RLock()
+        self._active: list[_ActiveFault] = []
+
+    # -- entry point ----------------------------------------------------------
+
+    def apply(self, action: str, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Apply one action; ConfigError/BusError for a bad target or parameter."""
+        handlers: dict[str, Callable[[str | None, dict[str, Any]], dict[str, Any]]] = {
+            "kill": self.kill,
+            "kill-leader": lambda _t, p: self.kill("leader", p),
+            "pause": self.pause,
+            "resume": self.resume,
+            "partition": self.partition,
+            "heal": self.heal,
+            "storage-fault": self.storage_fault,
+            "store-restart": lambda _t, _p: self.fleet.restart_store(),
+        }
+        handler = handlers.get(action)
+        if handler is None:
+            raise ConfigError(f"unknown chaos action {action!r}")
+        started = time.time()
+        try:
+            result = handler(target, dict(params))
+        except FleetsimError as exc:
+            self._record(action, target, params, started, error=str(exc))
+            raise
+        self._record(action, target, params, started, result=result)
+        return {"action": action, **result}
+
+    # -- targets --------------------------------------------------------------
+
+    def resolve(self, target: str | None, *, allow_all: bool = False) -> list[str]:
+        """Pod ids named by a target: a pod id, ``leader``, ``random`` or ``all``."""
+        pods = sorted(self.fleet.pod_pids())
+        if target in (None, ""):
+            raise ConfigError("name a target pod (a pod id, leader, random"
+                              + (" or all)" if allow_all else ")"))
+        if target == "leader":
+            lead = self.fleet.leader()
+            if lead is None:
+                raise ConfigError("there is no leader right now")
+            return [lead[0]]
+        if target == "random":
+            if not pods:
+                raise ConfigError("there are no pods")
+            return [self.rng.choice(pods)]
+        if target == "all":
+            if not allow_all:
+                raise ConfigError("this action takes one pod, not all")
+            return pods
+        assert target is not None
+        if target not in pods:
+            shown = ", ".join(pods) or "none"
+            raise ConfigError(f"no pod named {target!r} (pods: {shown})")
+        return [target]
+
+    def _pid(self, pod: str) -> int:
+        pid = self.fleet.pod_pids().get(pod)
+        if pid is None:
+            raise ConfigError(f"no pod named {pod!r}")
+        return pid
+
+    # -- actions --------------------------------------------------------------
+
+    def kill(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """SIGKILL a pod (``leader``, ``random`` or an id)."""
+        lead = self.fleet.leader()
+        (pod,) = self.resolve(target)
+        pid = self._pid(pod)
+        self._resume_if_paused(pod)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            raise ConfigError(f"{pod} (pid {pid}) is not running") from None
+        term = lead[1] if lead is not None and lead[0] == pod else None
+        return {"pod": pod, "pid": pid, "term": term}
+
+    def self_kill(self, target: str | None) -> dict[str, Any]:
+        """Ask a (remote) pod to SIGKILL itself over the bus."""
+        (pod,) = self.resolve(target)
+        self._check(self.fleet.send_command(pod, SelfKill()))
+        return {"pod": pod}
+
+    def pause(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """SIGSTOP a pod; SIGCONT after ``for`` if given."""
+        (pod,) = self.resolve(target)
+        pid = self._pid(pod)
+        duration = _duration(params.get("for"))
+        os.kill(pid, signal.SIGSTOP)
+        self._track("pause", pod, duration, lambda: _signal(pid, signal.SIGCONT))
+        return {"pod": pod, "pid": pid, "for_s": duration}
+
+    def resume(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """SIGCONT a paused pod."""
+        (pod,) = self.resolve(target)
+        pid = self._pid(pod)
+        self._end(lambda f: f.action == "pause" and f.pod == pod)
+        _signal(pid, signal.SIGCONT)
+        return {"pod": pod, "pid": pid}
+
+    def partition(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Cut a pod off from the store (its proxy), the bus, or both."""
+        (pod,) = self.resolve(target)
+        where = params.get("from", "store")
+        mode = params.get("mode", "blackhole")
+        if where not in PARTITION_FROM:
+            raise ConfigError(f"--from must be one of {', '.join(PARTITION_FROM)}, got {where!r}")
+        if mode not in PARTITION_MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(PARTITION_MODES)}, got {mode!r}")
+        duration = _duration(params.get("for"))
+        if where in ("store", "all"):
+            self.fleet.set_proxy_fault(pod, mode)
+            self._track("partition-store", pod, duration,
+                        lambda: self.fleet.set_proxy_fault(pod, None))
+        if where in ("bus", "all"):
+            # The pod itself goes deaf and mute on the bus; it ends by itself.
+            self._check(self.fleet.send_command(pod, BusPartition(duration or 10.0)))
+        return {"pod": pod, "from": where, "mode": mode, "for_s": duration}
+
+    def heal(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """End partitions and pauses (of one pod, or all)."""
+        pods = None if target in (None, "", "all") else set(self.resolve(target))
+        ended = self._end(lambda f: pods is None or f.pod in pods)
+        return {"healed": ended}
+
+    def storage_fault(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Errors, latency and disconnects on the pods' store statements."""
+        pods = self.resolve(target, allow_all=True)
+        duration = _duration(params.get("for"))
+        command = SetStorageFault(
+            error_rate=float(params.get("error_rate", 0.0)),
+            latency_ms=float(params.get("latency_ms", 0.0)),
+            disconnect_rate=float(params.get("disconnect_rate", 0.0)),
+            duration_s=duration,
+        )
+        applied = []
+        for pod in pods:
+            self._check(self.fleet.send_command(pod, command))
+            applied.append(pod)
+            # The pod ends the fault itself after the duration; heal clears it early.
+            self._track("storage-fault", pod, None,
+                        functools.partial(self.fleet.send_command, pod, ClearStorageFault()))
+        return {"pods": applied, "error_rate": command.error_rate,
+                "latency_ms": command.latency_ms, "disconnect_rate": command.disconnect_rate,
+                "for_s": duration}
+
+    def heal_all(self) -> None:
+        """End every fault (the coordinator calls this before stopping)."""
+        self._end(lambda f: True)
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _track(self, action: str, pod: str, duration: float | None,
+               undo: Callable[[], None]) -> None:
+        fault = _ActiveFault(action, pod, None, undo)
+        if duration is not None:
+            fault.timer = threading.Timer(duration, self._expire, (fault,))
+            fault.timer.daemon = True
+            fault.timer.start()
+        with self._lock:
+            self._active.append(fault)
+
+    def _expire(self, fault: _ActiveFault) -> None:
+        with self._lock:
+            if fault not in self._active:
+                return
+            self._active.remove(fault)
+        self._quiet(fault.undo)
+        self._record(f"end-{fault.action}", fault.pod, {}, time.time(), result={"expired": True})
+
+    def _end(self, which: Callable[[_ActiveFault], bool]) -> list[str]:
+        with self._lock:
+            ending = [f for f in self._active if which(f)]
+            self._active = [f for f in self._active if f not in ending]
+        for fault in ending:
+            if fault.timer is not None:
+                fault.timer.cancel()
+            self._quiet(fault.undo)
+        return [f"{f.action}:{f.pod}" for f in ending]
+
+    def _resume_if_paused(self, pod: str) -> None:
+        self._end(lambda f: f.action == "pause" and f.pod == pod)
+
+    @staticmethod
+    def _check(reply: Any) -> None:
+        if isinstance(reply, Error):
+            raise BusError(f"the pod refused: {reply.message}")
+
+    @staticmethod
+    def _quiet(call: Callable[..., Any], *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as exc:
+            log.warning("undoing a fault failed: %s", exc)
+
+    def _record(self, action: str, target: str | None, params: dict[str, Any], started: float,
+                **outcome: Any) -> None:
+        if self.log_path is None:
+            return
+        line = {"ts": started, "action": action, "target": target, "params": params, **outcome}
+        with self._lock, open(self.log_path, "a") as out:
+            out.write(json.dumps(line, default=str) + "\n")
+
+
+def _duration(value: Any) -> float | None:
+    return None if value in (None, "", 0) else parse_duration(value)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

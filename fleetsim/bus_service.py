@@ -1,0 +1,194 @@
+"""The coordinator's bus thread: owns the bound sockets, answers pods and CLIs.
+
+ZeroMQ sockets are not thread-safe, so one thread owns them all. Other
+threads talk to it through thread-safe methods: :meth:`BusService.send_command`
+(waits for the pod's reply) and :meth:`BusService.publish`. Requests from the
+CLI that take time (chaos actions) run on a small worker pool, so a slow
+action never stalls heartbeats or other commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from fleetsim.bus import (
+    ChaosRequest,
+    CoordinatorBus,
+    DownRequest,
+    Error,
+    ErrorCode,
+    Event,
+    Hello,
+    Inbound,
+    Metrics,
+    Ok,
+    Ping,
+    PodHeartbeat,
+    StatusRequest,
+)
+from fleetsim.bus.endpoints import BusEndpoints
+from fleetsim.errors import BusError, BusTimeout, FleetsimError
+
+log = logging.getLogger("fleetsim.bus_service")
+
+ChaosHandler = Callable[[ChaosRequest], dict[str, Any]]
+StatusHandler = Callable[[], dict[str, Any]]
+
+
+class BusService(threading.Thread):
+    """Runs the coordinator's side of the bus until :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        on_chaos: ChaosHandler,
+        on_status: StatusHandler,
+        on_down: Callable[[], None],
+        host: str = "127.0.0.1",
+        keys: Any = None,
+    ) -> None:
+        super().__init__(name="bus", daemon=True)
+        self._on_chaos = on_chaos
+        self._on_status = on_status
+        self._on_down = on_down
+        self._host = host
+        self._keys = keys
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._outbox: queue.SimpleQueue[Callable[[CoordinatorBus], None]] = queue.SimpleQueue()
+        self._pending: dict[int, Future[Ok | Error]] = {}
+        self._lock = threading.Lock()
+        self._workers = ThreadPoolExecutor(2, thread_name_prefix="chaos")
+        self.endpoints: BusEndpoints | None = None
+        self.pods: dict[str, bytes] = {}  # pod id -> routing identity of its latest Hello
+        self.metrics: dict[str, dict[str, Any]] = {}  # pod id -> latest snapshot
+        self.malformed = 0
+
+    def start_and_wait(self, timeout_s: float = 10.0) -> BusEndpoints:
+        """Start the thread; return the bound endpoints once listening."""
+        self.start()
+        if not self._ready.wait(timeout_s) or self.endpoints is None:
+            raise BusError(f"the control bus did not start: {self._error}")
+        return self.endpoints
+
+    def stop(self) -> None:
+        """Stop the thread and close the sockets (LINGER 0: returns promptly)."""
+        self._stop.set()
+        self.join(timeout=5.0)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    # -- thread-safe API ----------------------------------------------------
+
+    def send_command(self, pod_id: str, command: Any, timeout_s: float = 5.0) -> Ok | Error:
+        """Send a command to a pod and wait for its reply."""
+        with self._lock:
+            identity = self.pods.get(pod_id)
+        if identity is None:
+            raise BusError(f"{pod_id} is not connected to the control bus")
+        future: Future[Ok | Error] = Future()
+
+        def send(bus: CoordinatorBus) -> None:
+            try:
+                request_id = bus.send_command(identity, command)
+            except BusError as exc:
+                future.set_exception(exc)
+                return
+            with self._lock:
+                self._pending[request_id] = future
+
+        self._outbox.put(send)
+        try:
+            return future.result(timeout=timeout_s)
+        except TimeoutError:
+            raise BusTimeout(f"{pod_id} did not answer {command.kind!r} within "
+                             f"{timeout_s:g}s") from None
+
+    def publish(self, topic: str, **data: Any) -> None:
+        """Publish an event to every subscriber."""
+        event = Event(topic, time.time(), data)
+        self._outbox.put(lambda bus: bus.publish(event))
+
+    # -- the thread ---------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            bus = CoordinatorBus(self._host, keys=self._keys)
+        except BaseException as exc:  # reported by start_and_wait
+            self._error = exc
+            self._ready.set()
+            return
+        self.endpoints = bus.endpoints
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                for inbound in bus.poll(50):
+                    self._handle(bus, inbound)
+                while True:
+                    try:
+                        action = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    action(bus)
+                self.malformed = bus.malformed
+        finally:
+            bus.close()
+
+    def _handle(self, bus: CoordinatorBus, inbound: Inbound) -> None:
+        message = inbound.message
+        if inbound.channel == "metrics":
+            if isinstance(message, Metrics):
+                self.metrics[message.pod_id] = {
+                    "incarnation": message.incarnation, "counters": message.counters,
+                    "gauges": message.gauges, "ts": message.ts,
+                }
+            return
+        if inbound.channel == "control":
+            if isinstance(message, Hello):
+                with self._lock:
+                    self.pods[message.pod_id] = inbound.identity
+                bus.reply(inbound, Ok({}))
+            elif isinstance(message, PodHeartbeat):
+                with self._lock:
+                    known = self.pods.get(message.pod_id) == inbound.identity
+                bus.reply(inbound, Ok({}) if known else Error(
+                    ErrorCode.UNKNOWN_POD, "say hello first"))
+            elif isinstance(message, Ok | Error):
+                with self._lock:
+                    future = self._pending.pop(message.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            return
+        # The CLI channel.
+        if isinstance(message, Ping):
+            bus.reply(inbound, Ok({"coordinator": True}))
+        elif isinstance(message, StatusRequest):
+            self._answer_later(inbound, lambda: self._on_status())
+        elif isinstance(message, ChaosRequest):
+            self._answer_later(inbound, lambda: self._on_chaos(message))
+        elif isinstance(message, DownRequest):
+            bus.reply(inbound, Ok({"stopping": True}))
+            self._on_down()
+
+    def _answer_later(self, inbound: Inbound, work: Callable[[], dict[str, Any]]) -> None:
+        def run() -> None:
+            reply: Ok | Error
+            try:
+                reply = Ok(work())
+            except FleetsimError as exc:
+                reply = Error(ErrorCode.BAD_REQUEST, str(exc))
+            except Exception as exc:
+                log.exception("request failed")
+                reply = Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            def send(bus: CoordinatorBus) -> None:
+                bus.reply(inbound, reply)
+
+            self._outbox.put(send)
+
+        self._workers.submit(run)

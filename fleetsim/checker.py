@@ -1,0 +1,210 @@
+"""The checker: does a recorded history keep fleetsim's invariants?
+
+:func:`check` reads the history a store recorded (steps, their attempts,
+pods, leader terms and leader actions) and verifies, in SQL on one snapshot:
+
+====================== ==================================================
+``lost_step``          every step ended completed, dead or cancelled
+``duplicate_completion`` each completed step has exactly one accepted completion
+``stale_write``        no write was accepted with a superseded claim token
+``split_brain``        leader terms never overlap; every leader action lies
+                       inside its term and was taken by its holder
+``fifo_order``         strict-FIFO queues start steps in submission order
+``concurrency_limit``  a queue's concurrency limit was never exceeded
+``dlq``                exactly the steps that spent ``max_attempts`` are dead
+====================== ==================================================
+
+The verdict is ``True`` (valid), ``False`` (at least one violation) or
+``None`` (no violation, but steps are still in flight, so "no lost step" is
+not proven yet; ``final=True`` counts them as lost instead).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetsim.store import Store
+from fleetsim.store.checks import INVARIANTS, Finding, check_history
+
+__all__ = [
+    "EXIT_INVALID",
+    "EXIT_UNKNOWN",
+    "EXIT_VALID",
+    "INVARIANTS",
+    "CheckReport",
+    "Violation",
+    "check",
+]
+
+#: Exit codes of ``fleetsim check``.
+EXIT_VALID = 0
+EXIT_INVALID = 1
+EXIT_UNKNOWN = 2  # steps in flight, or not a fleetsim store
+
+#: Witnesses kept per invariant; the total count of each is always exact.
+DEFAULT_MAX_WITNESSES = 20
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken invariant, with the minimal rows that prove it."""
+
+    invariant: str  # one of INVARIANTS
+    message: str
+    witness: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"invariant": self.invariant, "message": self.message, "witness": self.witness}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The checker's verdict on one history."""
+
+    valid: bool | None
+    violations: list[Violation] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 valid, 1 invalid, 2 unknown (steps still in flight)."""
+        if self.valid is None:
+            return EXIT_UNKNOWN
+        return EXIT_VALID if self.valid else EXIT_INVALID
+
+    @property
+    def verdict(self) -> str:
+        """``valid``, ``invalid`` or ``unknown``."""
+        return {True: "valid", False: "invalid", None: "unknown"}[self.valid]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict."""
+        return {
+            "valid": self.valid,
+            "verdict": self.verdict,
+            "violations": [v.as_dict() for v in self.violations],
+            "counts": self.counts,
+            "figures": self.figures,
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        """The report as JSON text (``{"valid": true|false|null, "violations": ...}``)."""
+        return json.dumps(self.as_dict(), indent=indent, sort_keys=False)
+
+    def summary(self) -> str:
+        """A few human-readable lines: verdict, per-invariant totals, first witnesses."""
+        totals: dict[str, int] = self.counts.get("violations", {})
+        lines = [
+            f"{self.verdict}: {self.counts.get('steps', 0)} steps, "
+            f"{self.counts.get('attempts', 0)} attempts, {self.counts.get('terms', 0)} terms"
+        ]
+        if self.valid is None:
+            lines.append(f"  {self.counts.get('in_flight', 0)} steps still in flight")
+        for name in INVARIANTS:
+            n = totals.get(name, 0)
+            lines.append(f"  {name:<21} {'ok' if n == 0 else f'{n} violation(s)'}")
+        lines.extend(f"  - {v.message}" for v in self.violations)
+        return "\n".join(lines)
+
+
+def check(
+    store: Store, *, final: bool = False, max_witnesses: int = DEFAULT_MAX_WITNESSES
+) -> CheckReport:
+    """Check the history recorded in ``store`` against every invariant.
+
+    With ``final=True`` the run is over, so steps not yet finished are
+    violations (lost steps) rather than an unknown verdict. At most
+    ``max_witnesses`` violations are listed per invariant; ``counts``
+    ["violations"] has the exact totals. Raises SchemaMismatch if the
+    database holds no fleetsim store.
+    """
+    facts = check_history(store, final=final, limit=max(1, max_witnesses))
+    violations = [Violation(f.invariant, _message(f), f.witness) for f in facts.findings]
+    valid: bool | None
+    if violations:
+        valid = False
+    elif facts.counts["in_flight"] and not final:
+        valid = None
+    else:
+        valid = True
+    return CheckReport(valid, violations, facts.counts, facts.figures)
+
+
+def _message(f: Finding) -> str:
+    w = f.witness
+    step = f"step {w.get('step_id')}"
+    match f.invariant, f.kind:
+        case "lost_step", "completion_lost":
+            c = w["completions"][0] if w["completions"] else {}
+            return (
+                f"{step} is {w['status']} although its completion with token "
+                f"{c.get('claim_token')} by {c.get('pod')} was accepted at {c.get('finished_at')}"
+            )
+        case "lost_step", _:
+            return f"{step} of queue {w['queue']!r} never finished: it is still {w['status']}"
+        case "duplicate_completion", "several":
+            tokens = ", ".join(f"{c['claim_token']} by {c['pod']}" for c in w["completions"])
+            return f"{step} has {len(w['completions'])} accepted completions: tokens {tokens}"
+        case "duplicate_completion", _:
+            return f"{step} is completed but no attempt of it recorded an accepted completion"
+        case "stale_write", kind:
+            head = (
+                f"{step}: {w['outcome']} write with token {w['claim_token']} by {w['pod']}"
+                f" accepted at {w['written_at']}"
+            )
+            if kind == "superseded":
+                return (
+                    f"{head} after token {w['newer_claim_token']} ({w['newer_pod']})"
+                    f" had claimed the step at {w['newer_claimed_at']}"
+                )
+            if kind == "revoked":
+                return (
+                    f"{head} although the leader of term {w['revoked_in_term']} had"
+                    f" revoked that claim at {w['revoked_at']}"
+                )
+            return f"{head}, but the step's latest claim is token {w['step_claim_token']}"
+        case "split_brain", "overlap":
+            return (
+                f"leader term {w['term']} ({w['pod']}) started at {w['started_at']} while"
+                f" term {w['other_term']} ({w['other_pod']}) lasted until {w['other_ended_at']}"
+            )
+        case "split_brain", "unknown_term":
+            return (
+                f"leader action {w['action_id']} ({w['action']}) by {w['pod']} names"
+                f" term {w['term']}, which was never granted"
+            )
+        case "split_brain", "not_holder":
+            return (
+                f"leader action {w['action_id']} ({w['action']}) at {w['at']} was taken by"
+                f" {w['pod']} under term {w['term']}, which {w['term_pod']} held"
+            )
+        case "split_brain", _:
+            return (
+                f"leader action {w['action_id']} ({w['action']}) by {w['pod']} at {w['at']}"
+                f" lies outside term {w['term']} held by {w['term_pod']} from"
+                f" {w['term_started_at']} to {w['term_ended_at']}"
+            )
+        case "fifo_order", _:
+            return (
+                f"{step} of strict-FIFO queue {w['queue']!r} was first claimed at"
+                f" {w['claimed_at']} (token {w['claim_token']}) while earlier step"
+                f" {w['earlier_step_id']} was still waiting"
+            )
+        case "concurrency_limit", _:
+            return (
+                f"queue {w['queue']!r} had {w['running']} steps claimed at {w['at']}, over"
+                f" its limit of {w['limit']} (steps {w['open_step_ids']})"
+            )
+        case "dlq", _:
+            should = "be dead" if w["spent_attempts"] >= w["max_attempts"] else "not be dead"
+            return (
+                f"{step} is {w['status']} with attempts={w['attempts']},"
+                f" {w['spent_attempts']} spent attempts recorded, max_attempts="
+                f"{w['max_attempts']}: it should {should}"
+                + ("" if w["attempts"] == w["spent_attempts"] else " and counters disagree")
+            )
+    return f"{f.invariant} ({f.kind}): {w}"
