@@ -60,7 +60,7 @@ class BusService(threading.Thread):
         self._host = host
         self._keys = keys
         self._ready = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._outbox: queue.SimpleQueue[Callable[[CoordinatorBus], None]] = queue.SimpleQueue()
         self._pending: dict[int, Future[Ok | Error]] = {}
@@ -80,7 +80,7 @@ class BusService(threading.Thread):
 
     def stop(self) -> None:
         """Stop the thread and close the sockets (LINGER 0: returns promptly)."""
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=5.0)
         self._workers.shutdown(wait=False, cancel_futures=True)
 
@@ -127,7 +127,7 @@ class BusService(threading.Thread):
         self.endpoints = bus.endpoints
         self._ready.set()
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 for inbound in bus.poll(50):
                     self._handle(bus, inbound)
                 while True:
