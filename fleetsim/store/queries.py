@@ -144,12 +144,15 @@ CLAIM_LIMITED = _CLAIM_ONE_QUEUE.format(order="s.priority, s.id", skip="SKIP LOC
 CLAIM_FIFO = _CLAIM_ONE_QUEUE.format(order="s.id", skip="")
 
 # Tokens that a fenced write found superseded are stamped, so the history
-# shows every refused late write.
+# shows every refused late write. A repeat of a write that was accepted (a
+# retry after a lost reply) is not a stale write: its attempt already has an
+# outcome other than lease_lost, and it stays unstamped.
 _REJECT = """
 rejected AS (
     UPDATE step_attempts a SET rejected_at = statement_timestamp()
       FROM input
      WHERE a.claim_token = input.token AND a.rejected_at IS NULL
+       AND (a.outcome IS NULL OR a.outcome = 'lease_lost')
        AND NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = input.id)
 )
 """
@@ -169,9 +172,14 @@ WITH input AS (
 ), recorded AS (
     UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'completed'
       FROM done WHERE a.claim_token = done.claim_token
+), repeated AS (
+    -- A retry of an accepted completion (its reply was lost) is accepted again,
+    -- changing nothing.
+    SELECT s.id FROM steps s JOIN input ON s.id = input.id
+     WHERE s.claim_token = input.token AND s.status = 'completed'
 ),"""
     + _REJECT.format(done="done")
-    + "SELECT id FROM done"
+    + "SELECT id FROM done UNION ALL SELECT id FROM repeated"
 )
 
 FAIL = (

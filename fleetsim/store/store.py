@@ -337,12 +337,18 @@ class Store:
                 existing = {
                     row[1] for row in conn.execute(sa.text(q.STEPS_BY_KEY), {"keys": keys})
                 }
+            # Count what will really be inserted: a key already stored, or
+            # repeated within this batch, adds one row at most.
+            seen = set(existing)
+            adding_by_queue: dict[str, int] = {}
+            for spec in specs:
+                if spec.idempotency_key is not None:
+                    if spec.idempotency_key in seen:
+                        continue
+                    seen.add(spec.idempotency_key)
+                adding_by_queue[spec.queue] = adding_by_queue.get(spec.queue, 0) + 1
             for name, max_length in limited:
-                adding = sum(
-                    1
-                    for s in specs
-                    if s.queue == name and (s.idempotency_key not in existing)
-                )
+                adding = adding_by_queue.get(name, 0)
                 depth = conn.execute(sa.text(q.QUEUE_DEPTH), {"queue": name}).scalar_one()
                 if depth + adding > max_length:
                     raise QueueFull(name, max_length, depth, adding)

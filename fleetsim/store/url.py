@@ -15,17 +15,24 @@ _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
 def redact(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
+    """Return ``url`` with any password (in the user part or the query) replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[-1]}"
+    query = _QUERY_PASSWORD.sub(r"\1\2***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    # Rebuild by hand: urlunsplit drops '//' when the host part is empty.
+    rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
+    return rebuilt + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def validate_url(url: str) -> str:
@@ -44,7 +51,9 @@ def validate_url(url: str) -> str:
         )
     if not parts.hostname and "host=" not in parts.query:
         raise ConfigError(f"invalid store URL {redact(url)!r}: no host")
-    return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+    # Keep the rest verbatim: urlunsplit would drop '//' before an empty host
+    # (libpq's socket form, postgresql:///db?host=/run/postgresql).
+    return "postgresql+psycopg2" + url[len(parts.scheme):]
 
 
 def validate_schema_name(name: str) -> str:

@@ -1,0 +1,183 @@
+"""Bad input against a real PostgreSQL: clear one-line errors, never a password."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+from tests.integration.claimers import sql
+
+from fleetsim.errors import ConfigError, SchemaMismatch, StoreUnavailable
+from fleetsim.store import SCHEMA_VERSION, QueueConfig, StepSpec, Store, StoreConfig
+
+SECRET = "s3cret"
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text, repr(text)
+    return text
+
+
+def full_text(exc: BaseException) -> str:
+    """Everything `-v` could print: the message and the whole cause chain."""
+    return "".join(traceback.format_exception(exc))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:1/test",
+        f"postgresql://u:{SECRET}@127.0.0.1:1/x",
+        f"postgresql://u:{SECRET}@127.0.0.1:1/x?sslmode=disable",
+    ],
+)
+def test_an_unreachable_store_fails_fast_with_one_clear_line(url: str) -> None:
+    started = time.monotonic()
+    with Store(StoreConfig(url)) as store, pytest.raises(StoreUnavailable) as raised:
+        store.ping()
+
+    assert time.monotonic() - started < 10
+    message = one_line(raised.value)
+    assert "127.0.0.1:1" in message
+    assert SECRET not in full_text(raised.value)
+
+
+@pytest.mark.timeout(30)
+def test_every_operation_on_an_unreachable_store_raises_store_unavailable() -> None:
+    with Store(StoreConfig(f"postgresql://u:{SECRET}@127.0.0.1:1/x")) as store:
+        for call in (store.db_now, store.check_schema, store.queue_stats,
+                     lambda: store.submit("default", {}), lambda: store.claim_steps("pod-a")):
+            with pytest.raises(StoreUnavailable) as raised:
+                call()
+            assert SECRET not in one_line(raised.value)
+
+
+@pytest.mark.timeout(30)
+def test_a_password_given_as_a_query_parameter_is_never_shown() -> None:
+    url = f"postgresql://u@127.0.0.1:1/x?password={SECRET}"  # libpq accepts this form
+    with Store(StoreConfig(url)) as store, pytest.raises(StoreUnavailable) as raised:
+        store.ping()
+
+    assert SECRET not in full_text(raised.value)
+
+
+@pytest.mark.timeout(30)
+def test_a_url_with_the_host_in_the_query_reaches_the_store(pg_url: str) -> None:
+    # libpq's form for Unix sockets (postgresql:///db?host=/run/postgresql): the
+    # validator accepts it, so the store must be able to connect with it.
+    parts = urlsplit(pg_url)
+    query = {"host": parts.hostname, "port": parts.port or 5432, "user": parts.username}
+    url = f"postgresql://{parts.path}?{urlencode({k: v for k, v in query.items() if v})}"
+    assert url.startswith("postgresql:///")
+
+    with Store(StoreConfig(url, connect_timeout_s=3)) as store:
+        store.ping()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://u:{SECRET}@127.0.0.1:3306/x",
+        f"http://u:{SECRET}@example.com/",
+        "sqlite:///tmp/fleetsim.db",
+        "not a url",
+        "",
+        f"postgresql://u:{SECRET}@/x",  # no host
+        f"postgresql://u:{SECRET}@127.0.0.1:99999/x",  # bad port
+        f"postgresql://u@/x?password={SECRET}",  # no host, password in the query
+    ],
+)
+def test_a_url_that_is_not_postgres_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        StoreConfig(url)
+
+    assert SECRET not in one_line(raised.value)
+
+
+@pytest.mark.timeout(30)
+def test_a_database_without_the_schema_is_a_schema_mismatch(pg_url: str) -> None:
+    config = StoreConfig(pg_url, schema=f"t_missing_{uuid.uuid4().hex[:12]}")
+    with Store(config) as store:
+        with pytest.raises(SchemaMismatch) as raised:
+            store.check_schema()
+        assert "fleetsim init" in one_line(raised.value)
+        with pytest.raises(SchemaMismatch):
+            store.submit("default", {"n": 1})
+        with pytest.raises(SchemaMismatch):
+            store.claim_steps("pod-a")
+
+
+@pytest.mark.timeout(30)
+def test_another_schema_version_is_a_schema_mismatch(
+    store: Store, store_config: StoreConfig
+) -> None:
+    assert store.check_schema() == SCHEMA_VERSION
+    sql(store_config, "INSERT INTO fleetsim_schema (version) VALUES (%(v)s)",
+        {"v": SCHEMA_VERSION + 98})
+
+    with pytest.raises(SchemaMismatch) as raised:
+        store.check_schema()
+
+    message = one_line(raised.value)
+    assert str(SCHEMA_VERSION + 98) in message and str(SCHEMA_VERSION) in message
+
+
+@pytest.mark.timeout(60)
+def test_init_schema_is_idempotent_and_safe_to_run_concurrently(pg_url: str) -> None:
+    config = StoreConfig(pg_url, schema=f"t_init_{uuid.uuid4().hex[:12]}")
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def init() -> None:
+        try:
+            with Store(config) as own:
+                own.ping()
+                start.wait(20)
+                own.init_schema()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    with Store(config) as store:
+        try:
+            threads = [threading.Thread(target=init) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert errors == []
+            store.init_schema()  # and once more, over a complete schema
+            assert store.check_schema() == SCHEMA_VERSION
+        finally:
+            store.drop_schema()
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_are_config_errors_and_write_nothing(
+    store: Store, store_config: StoreConfig
+) -> None:
+    store.register_pod("pod-a")
+    bad_calls = [
+        lambda: store.claim_steps("pod-a", batch=0),
+        lambda: store.submit("default", {}, max_attempts=0),
+        lambda: store.submit("", {}),
+        lambda: store.submit("default", {}, priority=2**31),
+        lambda: store.submit_many([StepSpec(), StepSpec(payload=[1, 2])]),  # type: ignore[arg-type]
+        lambda: store.configure_queue(QueueConfig("q", concurrency_limit=0)),
+        lambda: store.configure_queue(QueueConfig("q", max_length=0)),
+        lambda: StoreConfig(store_config.url, schema="Bad-Name"),
+        lambda: StoreConfig(store_config.url, connect_timeout_s=0),
+    ]
+    for call in bad_calls:
+        with pytest.raises(ConfigError) as raised:
+            call()
+        one_line(raised.value)
+
+    assert sql(store_config, "SELECT count(*) FROM steps") == [(0,)]
+    assert sql(store_config, "SELECT count(*) FROM queues") == [(0,)]
