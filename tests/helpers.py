@@ -62,10 +62,16 @@ def assert_no_processes(pids: list[int]) -> None:
 
 def rows(store: Store, sql: str, **params: Any) -> list[Any]:
     """Run a read-only query on the store (tests read the history directly)."""
-    return store._rows(sql, **params)  # noqa: SLF001 - tests inspect the history tables
+    return store._rows(sql, **params)
 
 
 def leader_pod(store: Store) -> tuple[str, int]:
     """(pod id, term) of the current leader, waiting for one."""
     lease = wait_until(store.current_leader, timeout=10, what="a leader")
     return lease.holder, lease.term
+
+
+def newer_leader(store: Store, term: int) -> bool:
+    """Whether a leader with a term above ``term`` holds the lease now."""
+    lease = store.current_leader()
+    return lease is not None and lease.term > term

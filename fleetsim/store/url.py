@@ -32,7 +32,9 @@ def redact(url: str) -> str:
         return url
     # Rebuild by hand: urlunsplit drops '//' when the host part is empty.
     rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
-    return rebuilt + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    if query:
+        rebuilt += f"?{query}"
+    return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def validate_url(url: str) -> str:

@@ -11,7 +11,7 @@ from fleetsim.config import FleetTimings
 from fleetsim.coordinator import Coordinator
 from fleetsim.errors import StoreUnavailable
 from fleetsim.store import StepSpec, Store, StoreConfig
-from tests.helpers import leader_pod, rows, running_fleet, wait_until
+from tests.helpers import leader_pod, newer_leader, rows, running_fleet, wait_until
 
 LEASE = FleetTimings().lease_s
 
@@ -48,7 +48,7 @@ def test_kill_leader_twice(store: Store, store_config: StoreConfig, tmp_path: Pa
             _, term = leader_pod(store)
             reply = fleet.injector.apply("kill-leader", None, {})
             assert reply["term"] == term
-            wait_until(lambda t=term: (l := store.current_leader()) and l.term > t, 10,
+            wait_until(lambda t=term: newer_leader(store, t), 10,
                        what="a new leader")
         drain_and_check(store, fleet, 1500)
     terms = rows(store, "SELECT count(*) FROM leader_terms")[0][0]
@@ -63,7 +63,7 @@ def test_pause_leader_beyond_lease_new_term_no_split_brain(
     with running_fleet(store_config, tmp_path, pods=4, batch=5) as fleet:
         leader, term = leader_pod(store)
         fleet.injector.apply("pause", "leader", {"for": 3 * LEASE})
-        wait_until(lambda: (l := store.current_leader()) and l.term > term, 3 * LEASE,
+        wait_until(lambda: newer_leader(store, term), 3 * LEASE,
                    what="a new term while the leader is frozen")
         log = fleet.pods[leader].log_path
         wait_until(lambda: "lost the leader lease" in log.read_text()
@@ -84,7 +84,7 @@ def test_partition_leader_from_store_replaced_recovered_late_writes_rejected(
                                           " AND status = 'claimed'", p=leader)]
         fleet.injector.apply("partition", leader, {"from": "store", "mode": "blackhole",
                                                    "for": 3 * LEASE})
-        wait_until(lambda: (l := store.current_leader()) and l.term > term, 3 * LEASE,
+        wait_until(lambda: newer_leader(store, term), 3 * LEASE,
                    what="a new leader while the old one is cut off")
         # Its steps are recovered by others while it is still partitioned.
         wait_until(lambda: rows(store, "SELECT count(DISTINCT step_id) FROM step_attempts"

@@ -11,7 +11,7 @@ import pytest
 
 from fleetsim.config import FleetTimings
 from fleetsim.store import StepSpec, Store, StoreConfig
-from tests.helpers import leader_pod, rows, running_fleet, wait_until
+from tests.helpers import leader_pod, newer_leader, rows, running_fleet, wait_until
 
 DEFAULT = FleetTimings()
 
@@ -124,7 +124,7 @@ def test_sigstop_leader_beyond_lease_loses_it_without_split_brain(
         pid = fleet.pods[leader].pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: (l := store.current_leader()) and l.term > term, 15,
+            wait_until(lambda: newer_leader(store, term), 15,
                        what="a new leader while the old one is frozen")
             # Stay frozen for 3x the lease in all.
             time.sleep(max(0.0, 3 * DEFAULT.lease_s - DEFAULT.lease_s))  # fault duration

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from tests.integration.claimers import Plan, run_claimers, sql
 
 from fleetsim.store import QueueConfig, StepSpec, Store, StoreConfig
+from tests.integration.claimers import Plan, run_claimers, sql
 
 
 def attempts(config: StoreConfig) -> list[tuple[int, int, str]]:

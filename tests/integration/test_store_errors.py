@@ -9,10 +9,10 @@ import uuid
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from tests.integration.claimers import sql
 
 from fleetsim.errors import ConfigError, SchemaMismatch, StoreUnavailable
 from fleetsim.store import SCHEMA_VERSION, QueueConfig, StepSpec, Store, StoreConfig
+from tests.integration.claimers import sql
 
 SECRET = "s3cret"
 

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.integration.claimers import sql, wait_for
 
 from fleetsim.store import (
     ClaimedStep,
@@ -17,6 +16,7 @@ from fleetsim.store import (
     StoreConfig,
     WriteOutcome,
 )
+from tests.integration.claimers import sql, wait_for
 
 
 @pytest.fixture

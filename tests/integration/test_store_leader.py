@@ -10,10 +10,10 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from tests.integration.claimers import sql, wait_db_time_past, wait_for
 
 from fleetsim.errors import NotLeader
 from fleetsim.store import Lease, StepSpec, Store, StoreConfig
+from tests.integration.claimers import sql, wait_db_time_past, wait_for
 
 
 def lease_expiry(config: StoreConfig) -> datetime:

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from tests.integration.claimers import sql, wait_db_time_past, wait_for
 
 from fleetsim.errors import StoreError
 from fleetsim.store import (
@@ -21,6 +20,7 @@ from fleetsim.store import (
     StoreConfig,
     WriteOutcome,
 )
+from tests.integration.claimers import sql, wait_db_time_past, wait_for
 
 BASE_S = 0.2
 JITTER = 0.5

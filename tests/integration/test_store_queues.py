@@ -6,10 +6,10 @@ import random
 import threading
 
 import pytest
-from tests.integration.claimers import Plan, run_claimers, sql
 
 from fleetsim.errors import QueueFull, StoreError
 from fleetsim.store import QueueConfig, StepSpec, Store, StoreConfig
+from tests.integration.claimers import Plan, run_claimers, sql
 
 
 def first_claims_in_token_order(config: StoreConfig, queue: str) -> list[int]:
