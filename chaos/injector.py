@@ -267,7 +267,7 @@ class FaultInjector:
                 **outcome: Any) -> None:
         if self.log_path is None:
             return
-        line = {"ts": started, "action": action, "target": target, "params": params, **outcome}
+        line = {"type": "action", "ts": started, "action": action, "target": target, "params": params, **outcome}
         with self._lock, open(self.log_path, "a") as out:
             out.write(json.dumps(line, default=str) + "\n")
 

@@ -47,6 +47,7 @@ from fleetsim.store import StepSpec, Store, StoreConfig, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STORE, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 DURATION = DurationType()
 DEFAULTS = FleetTimings()
 
@@ -252,6 +253,9 @@ def fleet_options(f: F) -> F:
         "(0: all at once).")
 @option("--restart/--no-restart", default=False, help="Respawn pods that die (new incarnation).")
 @option("--detach", is_flag=True, help="Return once the fleet is ready; leave it running.")
+@option("--fault-proxy/--no-fault-proxy", default=True,
+        help="Route each pod's store traffic through its own fault proxy (needed for "
+        "`chaos partition --from store`).")
 @option("--status-line/--no-status-line", default=True, help="Live status line in the "
         "foreground.")
 @click.pass_context
@@ -271,7 +275,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         workload=params["workload"], queues=tuple(params["queues"]),
         store_url=params["store"], schema=params["schema"], seed=params["seed"],
         restart=params["restart"], timings=timings_from(params), steps=params["steps"],
-        rate=params["rate"],
+        rate=params["rate"], fault_proxy=params["fault_proxy"],
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -364,6 +368,7 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
     for queue in params["queues"]:
         argv += ["--queue", queue]
     argv.append("--restart" if params["restart"] else "--no-restart")
+    argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
     env = dict(os.environ)
     if params["store"]:
         env["FLEETSIM_STORE"] = params["store"]  # not on the command line (ps shows it)
@@ -567,12 +572,19 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
 @option("--schema", default=None, help="Schema for this run (default: a new run_<time> one, "
         "kept for `fleetsim check`).")
 @option("--timeout", type=DURATION, default=600.0, help="Give up if not drained by then.")
+@option("--chaos", "scenario", default=None, metavar="SCENARIO",
+        help="Run this chaos scenario (a name from `chaos list`, or a .toml file) meanwhile.")
+@option("--fault-proxy/--no-fault-proxy", default=None,
+        help="Route each pod's store traffic through a fault proxy (default: only with "
+        "--chaos).")
 @json_option
 @click.pass_context
 def run(ctx: click.Context, /, **params: Any) -> None:
     """One finite experiment: up, submit, wait until drained, verify, down.
 
-    Exit 0 only when the run is valid: every step completed exactly once.
+    The verdict is the checker's (`fleetsim check --final`): exit 0 only when
+    the run is valid: every step completed or dead-lettered exactly as the
+    invariants require, no duplicate or stale completion, no split brain.
     """
     from fleetsim.coordinator import Coordinator, FleetSpec
 
@@ -583,12 +595,19 @@ def run(ctx: click.Context, /, **params: Any) -> None:
 
     check_workload(params["workload"])
     schema = params["schema"] or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:4]}"
+    scenario = params["scenario"]
+    if scenario:
+        from chaos.scenario import find_scenario
+
+        find_scenario(scenario)  # a bad file is rejected before anything starts
+    fault_proxy = params["fault_proxy"]
     spec = FleetSpec(
         run_dir=ctx.obj["run_dir"].path, pods=params["pods"],
         concurrency=params["concurrency"], batch=params["batch"],
         workload=params["workload"], queues=tuple(params["queues"]),
         store_url=params["store"], schema=schema, seed=params["seed"],
-        restart=False, timings=timings_from(params),
+        restart=bool(scenario), timings=timings_from(params),
+        fault_proxy=bool(scenario) if fault_proxy is None else fault_proxy,
     )
     coordinator = Coordinator(spec, echo=say)
     coordinator.install_signal_handlers()
@@ -600,13 +619,44 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         say(f"submitting {steps} steps")
         for start in range(0, steps, 10_000):
             store.submit_many([StepSpec(spec.queues[0])] * min(10_000, steps - start))
+        if scenario:
+            started = coordinator.run_scenario(scenario, params["seed"])
+            say(f"chaos: scenario {started['scenario']} (seed {started['seed']}, "
+                f"{started['faults']} faults over {started['duration_s']:g}s)")
         _wait_drained(store, steps, params["timeout"], coordinator, say)
-        summary = store.run_summary()
+        if coordinator.scenario is not None:
+            while not coordinator.scenario.done.wait(0.2):
+                if coordinator.stopping.is_set():
+                    raise KeyboardInterrupt
+                coordinator.poll()
+            _wait_drained(store, steps, params["timeout"], coordinator, say)
+        summary = _with_store_retry(store.run_summary)
+        from fleetsim.checker import check as check_history
+
+        report = _with_store_retry(lambda: check_history(store, final=True))
     finally:
         coordinator.stop()
     result = _run_result(summary, steps, spec, schema)
+    result["valid"] = bool(result["valid"] and report.valid)
+    result["violations"] = [v.as_dict() for v in report.violations]
+    result["figures"] = report.figures
+    if scenario:
+        result["scenario"] = coordinator.scenario.scenario.name
+        result["faults_applied"] = coordinator.scenario.applied
     emit(result, as_json, lambda: _print_run_table(result))
     sys.exit(EXIT_OK if result["valid"] else EXIT_FAILURE)
+
+
+def _with_store_retry(call: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """Retry a read while the store restarts (chaos may have just restarted it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _wait_drained(store: Store, steps: int, timeout_s: float, coordinator: Any,
@@ -616,7 +666,11 @@ def _wait_drained(store: Store, steps: int, timeout_s: float, coordinator: Any,
     while True:
         if coordinator.stopping.is_set():
             raise KeyboardInterrupt
-        counts = store.status_counts()
+        try:
+            counts = store.status_counts()
+        except StoreUnavailable:
+            time.sleep(0.5)
+            continue
         waiting = counts["queued"] + counts["claimed"] + counts["failed"]
         if waiting == 0:
             return
@@ -631,9 +685,10 @@ def _wait_drained(store: Store, steps: int, timeout_s: float, coordinator: Any,
 
 def _run_result(summary: dict[str, Any], steps: int, spec: Any, schema: str) -> dict[str, Any]:
     window = summary["window_s"] or 0.0
+    # Every step accounted for; the checker adds the invariants (see `run`).
     valid = (
         summary["submitted"] == steps
-        and summary["completed"] == steps
+        and summary["completed"] + summary["dead"] + summary["cancelled"] == steps
         and summary["duplicate_completions"] == 0
         and summary["completed_without_attempt"] == 0
     )
@@ -820,3 +875,131 @@ def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, err
 def chaos_store_restart(ctx: click.Context, as_json: bool, timeout: float) -> None:
     """Restart the embedded PostgreSQL server mid-run."""
     chaos_request(ctx, "store-restart", None, {}, as_json, max(timeout, 60.0))
+
+
+@chaos.command("list")
+@json_option
+def chaos_list(as_json: bool) -> None:
+    """The shipped scenarios (chaos/scenarios/*.toml)."""
+    from chaos.scenario import list_scenarios
+
+    scenarios = list_scenarios()
+
+    def text() -> None:
+        for s in scenarios:
+            click.echo(f"{s.name:<30} {s.duration_s:>5g}s  {s.description}")
+
+    emit([s.as_dict() for s in scenarios], as_json, text)
+
+
+@chaos.command("run")
+@click.argument("scenario")
+@option("--seed", type=int, default=None,
+        help="Seed of the schedule (default: the file's, else the fleet's).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Follow the faults until the scenario ends.")
+@chaos_options
+@click.pass_context
+def chaos_run(ctx: click.Context, scenario: str, seed: int | None, wait: bool, as_json: bool,
+              timeout: float) -> None:
+    """Run a scenario (a name from `chaos list`, or a .toml file) against the fleet."""
+    from chaos.scenario import find_scenario
+
+    found = find_scenario(scenario)  # a bad file is rejected before anything runs
+    spec = found.source if Path(found.source).is_file() else found.name
+    log_path = ctx.obj["run_dir"].path / "faults.jsonl"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    params: dict[str, Any] = {} if seed is None else {"seed": seed}
+    started = chaos_request(ctx, "run-scenario", str(Path(spec).resolve())
+                            if Path(spec).is_file() else spec, params, as_json, timeout)
+    if not wait:
+        return
+    deadline = time.monotonic() + float(started.get("duration_s", 0)) + 60
+    while time.monotonic() < deadline:
+        lines, offset = _new_lines(log_path, offset)
+        for line in lines:
+            if not as_json and line.get("type") == "fault":
+                click.echo(f"  t+{line.get('offset_s', 0):6.1f}s {line.get('action')} "
+                           f"{','.join(line.get('targets') or []) or '-'}: {line.get('outcome')}")
+            if line.get("type") == "note" and line.get("event") == "end":
+                if as_json:
+                    click.echo(json.dumps(line))
+                else:
+                    click.echo(f"scenario over: {line.get('applied')} faults applied, "
+                               f"{line.get('failed')} failed; log {log_path}")
+                return
+        time.sleep(0.2)
+    fail(f"the scenario did not finish in time; see {log_path}")
+
+
+def _new_lines(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    try:
+        with open(path) as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    complete = chunk[: chunk.rfind("\n") + 1]
+    lines = []
+    for raw in complete.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue
+    return lines, offset + len(complete.encode())
+
+
+# -- check / history ---------------------------------------------------------------
+
+
+@cli.command()
+@store_option
+@schema_option
+@option("--final", is_flag=True,
+        help="The run is over: steps not finished count as lost (not unknown).")
+@json_option
+@click.pass_context
+def check(ctx: click.Context, store: str | None, schema: str | None, final: bool,
+          as_json: bool) -> None:
+    """Prove or refute the fleet's invariants from the recorded history.
+
+    Exit 0 valid, 1 invalid, 2 unknown (steps still in flight, or not a
+    fleetsim store).
+    """
+    from fleetsim.checker import EXIT_UNKNOWN
+    from fleetsim.checker import check as check_history
+
+    try:
+        with open_store(ctx, store, schema) as s:
+            report = check_history(s, final=final)
+    except SchemaMismatch as exc:
+        fail(str(exc), EXIT_UNKNOWN)
+    emit(report.as_dict(), as_json, lambda: click.echo(report.summary()))
+    sys.exit(report.exit_code)
+
+
+@cli.group()
+def history() -> None:
+    """The recorded history of a store."""
+
+
+@history.command("export")
+@store_option
+@schema_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
+              show_default=True, help="Jepsen-style invoke/ok/fail/info records, one a line.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of standard output.")
+@click.pass_context
+def history_export(ctx: click.Context, store: str | None, schema: str | None, fmt: str,
+                   output: Path | None) -> None:
+    """Export the history (process = pod incarnation; f = claim/complete/fail/elect/...)."""
+    from fleetsim.history import export_history
+
+    with open_store(ctx, store, schema) as s:
+        if output is None:
+            count = export_history(s, sys.stdout, format=fmt)
+        else:
+            with open(output, "w") as out:
+                count = export_history(s, out, format=fmt)
+    click.echo(f"{count} records", err=True)

@@ -102,6 +102,7 @@ class Coordinator:
         self.proxy_process: subprocess.Popen[bytes] | None = None
         self.pod_urls: dict[str, str] = {}
         self.injector: Any = None  # chaos.injector.FaultInjector
+        self.scenario: Any = None  # chaos.runner.ScenarioRunner, the latest
 
     # -- start ------------------------------------------------------------
 
@@ -167,8 +168,7 @@ class Coordinator:
 
             keys = load_server_keys(self.spec.bus_keys)
         self.bus = BusService(
-            on_chaos=lambda request: self.injector.apply(
-                request.action, request.target, request.params),
+            on_chaos=self.chaos,
             on_status=self.status,
             on_down=self.stopping.set,
             host=self.spec.bus_host, keys=keys,
@@ -212,6 +212,41 @@ class Coordinator:
             proxy_port = self.proxies.request(op="add", name=pod_id, host=host, port=port)["port"]
             self.pod_urls[pod_id] = with_host_port(self.store_url, "127.0.0.1", proxy_port)
         return self.pod_urls[pod_id]
+
+    # -- chaos ------------------------------------------------------------
+
+    def chaos(self, request: Any) -> dict[str, Any]:
+        """Handle a ChaosRequest from the bus: one action, or start a scenario."""
+        if request.action == "run-scenario":
+            return self.run_scenario(request.target, request.params.get("seed"))
+        result: dict[str, Any] = self.injector.apply(request.action, request.target,
+                                                     request.params)
+        if self.bus is not None:
+            self.bus.publish("fault.applied", **result)
+        return result
+
+    def run_scenario(self, spec: str | None, seed: int | None = None) -> dict[str, Any]:
+        """Start a scenario (a packaged name or a .toml path) in the background."""
+        from chaos.runner import ScenarioRunner
+        from chaos.scenario import find_scenario
+
+        if not spec:
+            raise ConfigError("name a scenario (see `fleetsim chaos list`)")
+        if self.scenario is not None and not self.scenario.done.is_set():
+            raise ConfigError(f"scenario {self.scenario.scenario.name!r} is still running")
+        scenario = find_scenario(spec)
+        used_seed = scenario.effective_seed(seed if seed is not None else self.spec.seed)
+        runner = ScenarioRunner(
+            scenario, used_seed, self.injector,
+            pods=lambda: sorted(self.pod_pids()),
+            leader=lambda: (lead[0] if (lead := self.leader()) else None),
+            log_path=self.run_dir.path / "faults.jsonl", stopping=self.stopping,
+        )
+        self.scenario = runner
+        runner.start()
+        return {"scenario": scenario.name, "seed": used_seed,
+                "duration_s": scenario.duration_s, "faults": len(runner.schedule),
+                "log": str(self.run_dir.path / "faults.jsonl")}
 
     # -- what chaos needs (chaos.injector.Fleet) ----------------------------
 

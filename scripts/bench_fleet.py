@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -374,6 +375,17 @@ def fleet_run(bench: Bench, pods: int, steps: int, concurrency: int, sample: boo
     return row
 
 
+def reference_run(url: str, index: int, ctx: Any) -> contextlib.AbstractContextManager[Any]:
+    """bench_store's fresh_run (own schema, always dropped) with its default knobs.
+
+    Its signature is still moving (``checkpoint`` was added): pass each
+    ANALYZE/CHECKPOINT switch it has, on, as ``bench_store.py`` does by default.
+    """
+    accepted = inspect.signature(fresh_run).parameters
+    knobs = {name: True for name in ("analyze", "checkpoint") if name in accepted}
+    return fresh_run(url, index, ctx, **knobs)
+
+
 def bench_throughput(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     rows: list[dict[str, Any]] = []
@@ -385,7 +397,7 @@ def bench_throughput(bench: Bench, args: argparse.Namespace) -> list[dict[str, A
         # The reference sits next to the 5-pod run; the order flips every repeat.
         order = plan if index % 2 == 0 else plan[::-1]
         log(f"throughput repeat {index + 1}/{args.repeat}: {args.steps} noop steps per run")
-        with fresh_run(bench.url, index, ctx, True) as ref_run:
+        with reference_run(bench.url, index, ctx) as ref_run:
             for kind, n, concurrency in order:
                 if kind == "ref":
                     result = ref_run.bench_claim("ref", REF_PROCS, REF_BATCH, args.steps)

