@@ -256,6 +256,10 @@ def fleet_options(f: F) -> F:
 @option("--fault-proxy/--no-fault-proxy", default=True,
         help="Route each pod's store traffic through its own fault proxy (needed for "
         "`chaos partition --from store`).")
+@option("--bus-host", default="127.0.0.1",
+        help="Address the control bus binds to; anything but loopback needs --bus-keys.")
+@option("--bus-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="CURVE key directory from `fleetsim keys generate`.")
 @option("--status-line/--no-status-line", default=True, help="Live status line in the "
         "foreground.")
 @click.pass_context
@@ -276,6 +280,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         store_url=params["store"], schema=params["schema"], seed=params["seed"],
         restart=params["restart"], timings=timings_from(params), steps=params["steps"],
         rate=params["rate"], fault_proxy=params["fault_proxy"],
+        bus_host=params["bus_host"], bus_keys=params["bus_keys"],
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -369,6 +374,9 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv += ["--queue", queue]
     argv.append("--restart" if params["restart"] else "--no-restart")
     argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
+    argv += ["--bus-host", params["bus_host"]]
+    if params["bus_keys"]:
+        argv += ["--bus-keys", str(Path(params["bus_keys"]).resolve())]
     env = dict(os.environ)
     if params["store"]:
         env["FLEETSIM_STORE"] = params["store"]  # not on the command line (ps shows it)
@@ -389,7 +397,7 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         if code is not None:
             from fleetsim.coordinator import last_line
 
-            fail(f"the fleet did not start: {last_line(log_path)}",
+            fail(f"the fleet did not start: {last_line(log_path).removeprefix('error: ')}",
                  code if code in (EXIT_USAGE, EXIT_STORE) else EXIT_FAILURE)
         try:
             data = run_dir.read()
@@ -498,6 +506,8 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
         "run.json), to take chaos commands.")
 @option("--metrics-endpoint", metavar="ENDPOINT", default=None,
         help="The coordinator's metrics endpoint (`bus.metrics` in run.json).")
+@option("--bus-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="CURVE key directory, when the coordinator's bus requires keys.")
 @store_option
 @option("--schema", default="fleetsim", help="PostgreSQL schema of the fleet's tables.")
 @option("--workload", default="noop",
@@ -552,8 +562,13 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
         metrics = params["metrics_endpoint"] or config.join
         endpoints = BusEndpoints(control=config.join, cli=config.join, metrics=metrics,
                                  events=config.join)
+        client_keys = None
+        if params["bus_keys"]:
+            from fleetsim.bus.security import load_client_keys
+
+            client_keys = load_client_keys(params["bus_keys"])
         worker.bus = PodBusClient(endpoints, pod_id, config.incarnation,
-                                  handler=worker.handle_command,
+                                  handler=worker.handle_command, keys=client_keys,
                                   heartbeat_interval_s=config.timings.heartbeat_s * 2)
     worker.install_signal_handlers()
     code = worker.run()
@@ -753,7 +768,12 @@ def chaos_request(ctx: click.Context, action: str, target: str | None,
     endpoint = (data.get("bus") or {}).get("cli")
     if not endpoint:
         raise FleetNotRunning("the running fleet has no control bus")
-    with ControlClient(endpoint, timeout_s=timeout) as client:
+    client_keys = None
+    if data.get("bus_keys"):
+        from fleetsim.bus.security import load_client_keys
+
+        client_keys = load_client_keys(data["bus_keys"])
+    with ControlClient(endpoint, keys=client_keys, timeout_s=timeout) as client:
         reply = client.request(ChaosRequest(action, target, params), timeout_s=timeout)
     if isinstance(reply, Error):
         fail(reply.message, EXIT_USAGE if reply.code == "bad-request" else EXIT_FAILURE)
@@ -1003,3 +1023,32 @@ def history_export(ctx: click.Context, store: str | None, schema: str | None, fm
             with open(output, "w") as out:
                 count = export_history(s, out, format=fmt)
     click.echo(f"{count} records", err=True)
+
+
+# -- keys -----------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """CURVE keys for a control bus bound beyond loopback."""
+
+
+@keys.command("generate")
+@option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Where to write the keys (default: <run dir>/keys).")
+@click.option("--force", is_flag=True, help="Replace existing keys.")
+@json_option
+@click.pass_context
+def keys_generate(ctx: click.Context, directory: Path | None, force: bool,
+                  as_json: bool) -> None:
+    """Create the coordinator's and the clients' keypairs (files 0600).
+
+    Then `fleetsim up --bus-host 0.0.0.0 --bus-keys DIR`; pods and CLI commands
+    on other hosts need a copy of DIR (the client keys and the server's public key).
+    """
+    from fleetsim.bus.security import generate_keys
+
+    target = directory or ctx.obj["run_dir"].ensure().path / "keys"
+    files = generate_keys(target, overwrite=force)
+    emit({"directory": str(files.directory)}, as_json,
+         lambda: click.echo(f"keys written to {files.directory}"))

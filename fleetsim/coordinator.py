@@ -317,6 +317,8 @@ class Coordinator:
         if self.bus is not None and self.bus.endpoints is not None:
             cmd += ["--join", self.bus.endpoints.control,
                     "--metrics-endpoint", self.bus.endpoints.metrics]
+            if spec.bus_keys is not None:
+                cmd += ["--bus-keys", str(spec.bus_keys.resolve())]
         return cmd
 
     def _spawn(self, pod_id: str, incarnation: int) -> PodProcess:
@@ -496,6 +498,7 @@ class Coordinator:
             "pods": pods,
             "bus": self.bus.endpoints.to_dict() if self.bus and self.bus.endpoints else None,
             "proxy_pid": self.proxy_process.pid if self.proxy_process else None,
+            "bus_keys": str(self.spec.bus_keys.resolve()) if self.spec.bus_keys else None,
         })
 
 

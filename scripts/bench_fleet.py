@@ -585,7 +585,9 @@ def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any]:
             f" JOIN {fleet.s}.steps s ON s.claimed_by = p.id AND s.status = 'claimed'"
             f" WHERE p.status = 'alive' AND p.id IS DISTINCT FROM (SELECT holder FROM"
             f" {fleet.s}.leader_lease WHERE expires_at > now())"
-            " GROUP BY 1, 2, 3 ORDER BY 4 DESC")
+            # Steps already orphaned once would burn their attempts (a respawned
+            # pod claims its own orphans back): prefer a pod holding fresh ones.
+            " GROUP BY 1, 2, 3 ORDER BY max(s.attempts), random()")
         rows = [r for r in rows if is_pod_of(r[1], r[0], fleet.schema)]
         return rows[0] if rows else None
 
@@ -611,8 +613,7 @@ def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any]:
     rows = wait_for(settled, 90, f"the steps of {victim} to be claimed again", 0.05)
     kill_db = b.db_time(killed_at)
     reclaimed = [r for r in rows if r[1] is not None]
-    if not reclaimed:
-        raise BenchError(f"none of the {len(rows)} steps of {victim} was claimed again")
+    dead = sum(1 for r in rows if r[1] is None and r[5] == "dead")
     (by_leader,) = b.sql(
         f"SELECT count(*) FROM {fleet.s}.leader_actions"
         " WHERE action IN ('requeue', 'dead_letter') AND claim_token = ANY(%s)",
@@ -621,7 +622,8 @@ def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any]:
     by = sorted({p for r in reclaimed for p in (r[2] or "").split(",") if p})
     out: dict[str, Any] = {
         "victim": victim, "held": len(rows), "reclaimed": len(reclaimed),
-        "orphan_recovery_s": max(r[1] for r in reclaimed) - kill_db,
+        "dead_lettered": dead,
+        "orphan_recovery_s": (max(r[1] for r in reclaimed) - kill_db) if reclaimed else None,
         "requeued_s": (max(requeued) - kill_db) if requeued else None,
         "requeued_by": "leader recovery" if by_leader else "re-registration",
         "reclaimed_by": by,
@@ -631,7 +633,8 @@ def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any]:
         out.update(wait_respawn(fleet, victim, incarnation, kill_db))
     log(f"  orphans: {victim} killed holding {len(rows)} steps -> requeued after "
         f"{out['requeued_s'] or float('nan'):.2f} s ({out['requeued_by']}), all claimed again"
-        f" after {out['orphan_recovery_s']:.2f} s")
+        f" after {out['orphan_recovery_s'] or float('nan'):.2f} s"
+        + (f" ({dead} dead-lettered)" if dead else ""))
     return out
 
 
