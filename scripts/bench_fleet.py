@@ -233,6 +233,7 @@ class Bench:
         self.watch = ProcWatch()
         self.watch.start()
         self.popens: list[subprocess.Popen[bytes]] = []
+        self.patient: list[subprocess.Popen[bytes]] = []
         self.run_dirs: set[Path] = set()
         self.schemas: set[str] = set()
         self.conn = connect(url, None, APP)
@@ -273,18 +274,28 @@ class Bench:
 
     # fleetsim commands
 
-    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    def popen(self, args: Sequence[str], patient: bool = False, **kwargs: Any
+              ) -> subprocess.Popen[bytes]:
         # Its own session: a Ctrl-C reaches only us, and we stop it cleanly.
         proc = subprocess.Popen([*self.cli, *args], env=self.env, stdin=subprocess.DEVNULL,
                                 start_new_session=True, **kwargs)
         self.popens.append(proc)
+        if patient:
+            self.patient.append(proc)
         return proc
 
-    def fleetsim(self, args: Sequence[str], timeout: float = 180) -> str:
-        """Run a short fleetsim command; its stdout (raise with its error line)."""
-        proc = self.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def fleetsim(self, args: Sequence[str], timeout: float = 180, patient: bool = False
+                 ) -> str:
+        """Run a short fleetsim command; its stdout (raise with its error line).
+
+        ``patient``: on cleanup, let it finish rather than stop it (`up
+        --detach`: killing it would orphan the coordinator it is starting).
+        """
+        proc = self.popen(args, patient, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=timeout)
         self.popens.remove(proc)
+        if patient:
+            self.patient.remove(proc)
         if proc.returncode != 0:
             last = (err.decode(errors="replace").strip().splitlines() or ["?"])[-1]
             raise BenchError(f"fleetsim {args[2] if len(args) > 2 else args}: exit "
@@ -295,6 +306,9 @@ class Bench:
 
     def cleanup(self) -> None:
         """Stop fleets and processes we started, drop our schemas, remove tmp."""
+        for proc in self.patient:  # `up --detach` returns once its fleet is ready
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=150)
         for run_dir in list(self.run_dirs):
             if (run_dir / "run.json").exists():
                 with contextlib.suppress(Exception):
@@ -436,7 +450,7 @@ class Fleet:
         b.run_dirs.add(self.run_dir)
         b.fleetsim(["--run-dir", str(self.run_dir), "up", "--detach", "--pods", str(self.pods),
                     "--restart" if self.restart else "--no-restart",
-                    "--workload", SLOW_WORKLOAD, "--schema", self.schema])
+                    "--workload", SLOW_WORKLOAD, "--schema", self.schema], patient=True)
         data = json.loads((self.run_dir / "run.json").read_text())
         self.coordinator_pid = data["coordinator_pid"]
         b.watch.add_root(self.coordinator_pid, self.sample)
@@ -574,8 +588,11 @@ SELECT c.id,
 """
 
 
-def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any]:
-    """SIGKILL a non-leader holding claimed steps; time until all are claimed again."""
+def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any] | None:
+    """SIGKILL a non-leader holding claimed steps; time until all are claimed again.
+
+    None if the pod turned out to hold nothing when it died (then kill another).
+    """
     b = fleet.bench
     fleet.wait_stable(pods)
 
@@ -598,8 +615,11 @@ def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any]:
     time.sleep(0.1)
     held = b.sql(f"SELECT id, claim_token FROM {fleet.s}.steps"
                  " WHERE claimed_by = %s AND status = 'claimed'", (victim,))
-    if not held:
-        raise BenchError(f"{victim} held no claimed steps when killed")
+    if not held:  # it wrote its batch back just as it was killed: not a sample
+        log(f"  orphans: {victim} held no claimed steps once killed; killing another")
+        if fleet.restart:
+            wait_respawn(fleet, victim, incarnation, b.db_time(killed_at))
+        return None
     params = {"ids": [r[0] for r in held], "toks": [r[1] for r in held], "pod": victim,
               "inc": incarnation}
     query = ORPHANS.format(s=fleet.s)
@@ -650,7 +670,11 @@ def bench_failover(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.kills):
             fleet.top_up(3000, 5000)
             failovers.append(kill_leader(fleet))
-            orphans.append(kill_orphan_holder(fleet, 5))
+            for _attempt in range(3):
+                result = kill_orphan_holder(fleet, 5)
+                if result is not None:
+                    orphans.append(result)
+                    break
     finally:
         fleet.down()
     return {"failover": failovers, "orphans_restart": orphans, "ready_s": fleet.ready_s,
@@ -668,8 +692,12 @@ def bench_orphans(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         fleet = Fleet(bench, "or", 5, restart=False, sample=False)
         try:
             fleet.up(steps=3000)
-            for k in range(min(per_fleet, args.kills - len(orphans))):
-                orphans.append(kill_orphan_holder(fleet, 5 - k))
+            killed = 0
+            while killed < per_fleet and len(orphans) < args.kills:
+                result = kill_orphan_holder(fleet, 5 - killed)
+                killed += 1
+                if result is not None:
+                    orphans.append(result)
         finally:
             fleet.down()
         ready += fleet.ready_s

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -104,31 +105,51 @@ def connect(url: str, schema: str | None, app: str) -> Any:
 
 def _claimer(
     kind: str, url: str, schema: str, app: str, pod: str, batch: int,
-    barrier: Any, results: Any,
+    barriers: tuple[Any, Any, Any], results: Any,
 ) -> None:
+    """One claimer process: connect, wait for the start, claim+complete until empty.
+
+    ``barriers`` are (ready, go, finish): the parent samples the server's CPU
+    between ready and go, and again once the results are in, before finish
+    lets the claimers close their connections.
+    """
     # The parent owns Ctrl-C: it terminates us and cleans up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out: dict[str, Any] = {"pod": pod, "pid": os.getpid()}
     try:
         if kind == "store":
-            out.update(_store_loop(url, schema, app, pod, batch, barrier))
+            _store_loop(url, schema, app, pod, batch, barriers, results, out)
         else:
-            out.update(_ref_loop(url, schema, app, batch, barrier))
+            _ref_loop(url, schema, app, batch, barriers, results, out)
     except BaseException as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
-        with contextlib.suppress(Exception):
-            barrier.abort()
+        for barrier in barriers:
+            with contextlib.suppress(Exception):
+                barrier.abort()
+        results.put(out)
+
+
+def _report(
+    out: dict[str, Any], barriers: tuple[Any, Any, Any], results: Any,
+    first: float, last: float, cpu0: float, done: int, claims: int,
+) -> None:
+    out.update(first_claim=first, last_done=last, completed=done, claims=claims,
+               client_cpu_s=time.process_time() - cpu0)
     results.put(out)
+    barriers[2].wait(timeout=300)
 
 
 def _store_loop(
-    url: str, schema: str, app: str, pod: str, batch: int, barrier: Any
-) -> dict[str, Any]:
+    url: str, schema: str, app: str, pod: str, batch: int,
+    barriers: tuple[Any, Any, Any], results: Any, out: dict[str, Any],
+) -> None:
     store = Store(StoreConfig(url, schema=schema, application_name=app))
     try:
         store.register_pod(pod, pid=os.getpid())
         store.ping()  # the pooled connection is open before the clock starts
-        barrier.wait(timeout=300)
+        barriers[0].wait(timeout=300)
+        barriers[1].wait(timeout=300)
+        cpu0 = time.process_time()
         first = time.monotonic()
         last = first
         done = claims = 0
@@ -140,16 +161,21 @@ def _store_loop(
             accepted = store.complete_many([(s.id, s.claim_token, None) for s in steps])
             done += len(accepted)
             last = time.monotonic()
-        return {"first_claim": first, "last_done": last, "completed": done, "claims": claims}
+        _report(out, barriers, results, first, last, cpu0, done, claims)
     finally:
         store.close()
 
 
-def _ref_loop(url: str, schema: str, app: str, batch: int, barrier: Any) -> dict[str, Any]:
+def _ref_loop(
+    url: str, schema: str, app: str, batch: int,
+    barriers: tuple[Any, Any, Any], results: Any, out: dict[str, Any],
+) -> None:
     conn = connect(url, schema, app)
     try:
         cur = conn.cursor()
-        barrier.wait(timeout=300)
+        barriers[0].wait(timeout=300)
+        barriers[1].wait(timeout=300)
+        cpu0 = time.process_time()
         first = time.monotonic()
         last = first
         done = claims = 0
@@ -162,9 +188,22 @@ def _ref_loop(url: str, schema: str, app: str, batch: int, barrier: Any) -> dict
             cur.execute(REF_DONE, (ids,))
             done += cur.rowcount
             last = time.monotonic()
-        return {"first_claim": first, "last_done": last, "completed": done, "claims": claims}
+        _report(out, barriers, results, first, last, cpu0, done, claims)
     finally:
         conn.close()
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of a local process; None if we cannot see it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # -- one benchmark run: its own schema ----------------------------------------
@@ -340,15 +379,30 @@ class Run:
                 self.sql("ANALYZE ref_jobs")
         self.settle()
 
+    def backend_cpu(self) -> dict[int, float] | None:
+        """CPU seconds of each server backend of this run's claimers (local server only)."""
+        rows = self.sql(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+            " AND pid <> pg_backend_pid()",
+            (self.app,),
+        )
+        cpu = {}
+        for (pid,) in rows:
+            value = _process_cpu_s(pid)
+            if value is None:
+                return None
+            cpu[pid] = value
+        return cpu
+
     def bench_claim(self, kind: str, procs: int, batch: int, n: int) -> dict[str, Any]:
         self.fill(kind, n)
-        barrier = self.ctx.Barrier(procs + 1)
+        barriers = tuple(self.ctx.Barrier(procs + 1) for _ in range(3))
         results = self.ctx.Queue()
         self.children = [
             self.ctx.Process(
                 target=_claimer,
                 args=(kind, self.url, self.schema, self.app, f"bench-pod-{i}", batch,
-                      barrier, results),
+                      barriers, results),
                 daemon=True,
             )
             for i in range(procs)
@@ -362,7 +416,9 @@ class Run:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         load = os.getloadavg()[0]
-        barrier.wait(timeout=300)  # every claimer is connected (and registered)
+        barriers[0].wait(timeout=300)  # every claimer is connected (and registered)
+        cpu_before = self.backend_cpu()
+        barriers[1].wait(timeout=300)  # go
         outs: list[dict[str, Any]] = []
         deadline = time.monotonic() + 1800
         while len(outs) < procs:
@@ -373,6 +429,9 @@ class Run:
                     raise RuntimeError(f"{kind} claimers did not finish in time") from None
                 if not any(p.is_alive() for p in self.children) and results.empty():
                     raise RuntimeError(f"{kind} claimers died without a result") from None
+        cpu_after = self.backend_cpu() if cpu_before is not None else None
+        if not any("error" in o for o in outs):
+            barriers[2].wait(timeout=300)  # the claimers may close their connections now
         for proc in self.children:
             proc.join(30)
         self.children = []
@@ -388,7 +447,13 @@ class Run:
             "claims": sum(o["claims"] for o in outs),
             "per_process": sorted(o["completed"] for o in outs),
             "loadavg_1m_before": load,
+            "client_cpu_us_per_step": 1e6 * sum(o["client_cpu_s"] for o in outs)
+            / max(completed, 1),
+            "server_cpu_us_per_step": None,
         }
+        if cpu_before is not None and cpu_after is not None:
+            server = sum(v - cpu_before.get(pid, 0.0) for pid, v in cpu_after.items())
+            result["server_cpu_us_per_step"] = 1e6 * server / max(completed, 1)
         if kind == "store":
             (left,) = self.sql("SELECT count(*) FROM steps WHERE status <> 'completed'")[0]
             total_s, total_a, attempts = self.sql(
@@ -434,6 +499,17 @@ def stats(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def cpu_split(rows: list[dict[str, Any]], kind: str) -> dict[str, float | None]:
+    """Median client and server CPU per step of one kind's trials."""
+    mine = [r for r in rows if r["kind"] == kind]
+    server = [r["server_cpu_us_per_step"] for r in mine
+              if r["server_cpu_us_per_step"] is not None]
+    return {
+        "client": statistics.median(r["client_cpu_us_per_step"] for r in mine),
+        "server": statistics.median(server) if server else None,
+    }
+
+
 def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     submit = raw["submit"]
     summary: dict[str, Any] = {"submit": None, "claim": []}
@@ -464,6 +540,8 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 "steps": rows[0]["steps"],
                 "reference_steps_s": stats(ref),
                 "store_steps_s": stats(sto),
+                "reference_cpu_us_per_step": cpu_split(rows, "ref"),
+                "store_cpu_us_per_step": cpu_split(rows, "store"),
                 "ratio_of_medians": statistics.median(sto) / statistics.median(ref),
                 "paired_ratio": stats(paired),
                 "all_ok": all(r["ok"] for r in rows),
@@ -512,6 +590,25 @@ def print_report(summary: dict[str, Any], meta: dict[str, Any]) -> None:
               f"  {fmt_range(row['store_steps_s']):>26}"
               f"  {row['ratio_of_medians']:>5.0%}"
               f"  {pr['min']:.0%}-{pr['max']:.0%}{flag}".rstrip())
+    print()
+    print("CPU per completed step, microseconds (median): client = the claimer processes,")
+    print("server = their PostgreSQL backends (read from /proc; local server only)")
+    header = (f"{'procs':>5} {'batch':>5}  {'ref client':>10} {'ref server':>10}"
+              f"  {'store client':>12} {'store server':>12}  {'store/ref total':>15}")
+    print(header)
+    print("-" * len(header))
+    for row in summary["claim"]:
+        ref, sto = row["reference_cpu_us_per_step"], row["store_cpu_us_per_step"]
+
+        def us(value: float | None) -> str:
+            return "-" if value is None else f"{value:,.0f}"
+
+        factor = "-"
+        if ref["server"] is not None and sto["server"] is not None:
+            factor = f"{(sto['client'] + sto['server']) / (ref['client'] + ref['server']):.1f}x"
+        print(f"{row['procs']:>5} {row['batch']:>5}  {us(ref['client']):>10}"
+              f" {us(ref['server']):>10}  {us(sto['client']):>12} {us(sto['server']):>12}"
+              f"  {factor:>15}")
     print()
     print("goals:")
     if sub:
@@ -566,6 +663,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-checkpoint", action="store_true",
                         help="do not CHECKPOINT after each fill (default: do, so the"
                              " write burst of a fill does not slow the next trial down)")
+    parser.add_argument("--warmup-steps", type=int,
+                        help="steps of the discarded warm-up trial of each run (default 1000)")
     parser.add_argument("--skip-submit", action="store_true", help="skip the submit benchmark")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -575,7 +674,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.chunk = args.chunk or max(1, args.submit_steps // 10)
     args.claim_steps = args.claim_steps or (2_000 if quick else 20_000)
     args.claim_steps_batch1 = args.claim_steps_batch1 or (300 if quick else 3_000)
+    args.warmup_steps = args.warmup_steps or (200 if quick else 1_000)
     return args
+
+
+def store_sources_digest() -> str:
+    """A digest of the store's SQL and code, to tell which version a result is for."""
+    folder = Path(sys.modules[Store.__module__].__file__ or ".").parent
+    digest = hashlib.sha256()
+    for name in ("schema.py", "queries.py", "store.py"):
+        with contextlib.suppress(OSError):
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_settings": {"synchronous_commit": sync_commit, "fsync": fsync,
                             "shared_buffers": shared_buffers, "max_connections": max_conn},
         "fleetsim": str(Path(sys.modules[Store.__module__].__file__ or "?").parent.parent),
+        "store_sources_sha256": store_sources_digest(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
@@ -621,6 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = run.bench_submit(args.submit_steps, args.chunk)
                     result["run"] = index
                     raw["submit"].append(result)
+                # A discarded warm-up pair: the first trial of a run is slower
+                # (fresh backends and caches, the flush of the schema's creation).
+                log(f"run {index}: warm-up (not counted)")
+                for kind in kinds:
+                    run.bench_claim(kind, 1, 50, args.warmup_steps)
                 trial = 0
                 for batch in args.batches:
                     n = args.claim_steps_batch1 if batch == 1 else args.claim_steps
