@@ -207,8 +207,9 @@ class FaultInjector:
         for pod in pods:
             self._check(self.fleet.send_command(pod, command))
             applied.append(pod)
-            # The pod ends the fault itself after the duration; heal clears it early.
-            self._track("storage-fault", pod, None,
+            # The pod ends the fault itself after the duration (the timer here only
+            # forgets it, with a redundant clear); heal clears it early.
+            self._track("storage-fault", pod, duration,
                         functools.partial(self.fleet.send_command, pod, ClearStorageFault()))
         return {"pods": applied, "error_rate": command.error_rate,
                 "latency_ms": command.latency_ms, "disconnect_rate": command.disconnect_rate,
@@ -267,7 +268,8 @@ class FaultInjector:
                 **outcome: Any) -> None:
         if self.log_path is None:
             return
-        line = {"type": "action", "ts": started, "action": action, "target": target, "params": params, **outcome}
+        line = {"type": "action", "ts": started, "action": action, "target": target,
+                "params": params, **outcome}
         with self._lock, open(self.log_path, "a") as out:
             out.write(json.dumps(line, default=str) + "\n")
 

@@ -62,7 +62,12 @@ class ScenarioRunner(threading.Thread):
             for fault in self.schedule:
                 if self._stopping.wait(max(0.0, started + fault.offset_s - time.monotonic())):
                     break
-                self._apply(fault, picker, fault_log)
+                try:
+                    self._apply(fault, picker, fault_log)
+                except Exception as exc:
+                    self.failed += 1
+                    log.exception("fault %s failed unexpectedly", fault.action)
+                    fault_log.record(fault, [], "failed", {"error": repr(exc)})
             self._stopping.wait(max(0.0, started + self.scenario.duration_s - time.monotonic()))
         finally:
             healed = self.injector.heal(None, {}).get("healed", [])
@@ -81,7 +86,14 @@ class ScenarioRunner(threading.Thread):
         elif fault.action == "heal" and fault.target in (None, "all"):
             targets = [None]
         else:
-            picked = picker.pick(fault.target or "random", sorted(self._pods()), self._leader())
+            try:
+                picked = picker.pick(fault.target or "random", sorted(self._pods()),
+                                     self._leader())
+            except FleetsimError as exc:  # e.g. a pod id the fleet does not have
+                self.failed += 1
+                fault_log.record(fault, [], "failed", {"error": str(exc)})
+                log.warning("fault %s: %s", fault.action, exc)
+                return
             if not picked:
                 fault_log.record(fault, [], "skipped", picked.reason)
                 return

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -52,10 +53,11 @@ DURATION = DurationType()
 DEFAULTS = FleetTimings()
 
 
-def option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
-    """A click option whose env var is FLEETSIM_<NAME>, shown in --help."""
-    longest = max((d for d in decls if d.startswith("--")), key=len)
-    env = "FLEETSIM_" + longest.lstrip("-").replace("-", "_").upper()
+def option(*decls: str, env: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """A click option whose env var is FLEETSIM_<NAME> (or ``env``), shown in --help."""
+    if env is None:
+        longest = max((d.split("/")[0] for d in decls if d.startswith("--")), key=len)
+        env = "FLEETSIM_" + longest.lstrip("-").replace("-", "_").upper()
     kwargs.setdefault("show_default", "default" in kwargs and not kwargs.get("is_flag"))
     return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
 
@@ -152,6 +154,14 @@ def open_store(ctx: click.Context, url: str | None, schema: str | None) -> Store
         schema = schema or data.get("schema")
         if not url:
             raise FleetNotRunning(f"{run_dir.run_file} names no store")
+    elif not schema:
+        # The same store as the running fleet's: default to the fleet's schema too.
+        try:
+            data = run_dir.read()
+        except FleetNotRunning:
+            data = {}
+        if data.get("store_url") == url:
+            schema = data.get("schema")
     store = Store(StoreConfig(url, schema=schema or "fleetsim", application_name="fleetsim-cli"))
     store.ping()
     return store
@@ -419,7 +429,8 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
 
 @cli.command()
 @json_option
-@option("--timeout", type=DURATION, default=60.0, help="How long to wait for a clean stop.")
+@option("--timeout", type=DURATION, default=60.0, env="FLEETSIM_DOWN_TIMEOUT",
+        help="How long to wait for a clean stop.")
 @click.pass_context
 def down(ctx: click.Context, as_json: bool, timeout: float) -> None:
     """Stop the fleet that `up` started, embedded store included."""
@@ -530,7 +541,8 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
             url = ctx.obj["run_dir"].read()["store_url"]
         except FleetNotRunning:
             fail("no store: give --store URL (or FLEETSIM_STORE)", EXIT_USAGE)
-    pod_id = params["pod_id"] or f"pod-{os.getpid()}"
+    # Unique across containers too (every container's pod is pid 1).
+    pod_id = params["pod_id"] or f"pod-{socket.gethostname()}-{os.getpid()}"
     logging.getLogger().handlers.clear()
     logging.basicConfig(
         level=logging.DEBUG if ctx.obj["verbose"] else logging.INFO,
@@ -567,6 +579,7 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
             from fleetsim.bus.security import load_client_keys
 
             client_keys = load_client_keys(params["bus_keys"])
+        worker.metrics_enabled = bool(params["metrics_endpoint"])
         worker.bus = PodBusClient(endpoints, pod_id, config.incarnation,
                                   handler=worker.handle_command, keys=client_keys,
                                   heartbeat_interval_s=config.timings.heartbeat_s * 2)
@@ -586,7 +599,8 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
 @option("--steps", type=click.IntRange(1, 10_000_000), default=10_000, help="Steps to run.")
 @option("--schema", default=None, help="Schema for this run (default: a new run_<time> one, "
         "kept for `fleetsim check`).")
-@option("--timeout", type=DURATION, default=600.0, help="Give up if not drained by then.")
+@option("--timeout", type=DURATION, default=600.0, env="FLEETSIM_RUN_TIMEOUT",
+        help="Give up if not drained by then.")
 @option("--chaos", "scenario", default=None, metavar="SCENARIO",
         help="Run this chaos scenario (a name from `chaos list`, or a .toml file) meanwhile.")
 @option("--fault-proxy/--no-fault-proxy", default=None,
@@ -630,6 +644,9 @@ def run(ctx: click.Context, /, **params: Any) -> None:
     try:
         store = coordinator.store
         assert store is not None
+        if sum(store.status_counts().values()):
+            raise ConfigError(f"schema {schema!r} already holds steps: `run` needs a fresh one "
+                              "(leave --schema out to get a new run_<time> schema)")
         steps = params["steps"]
         say(f"submitting {steps} steps")
         for start in range(0, steps, 10_000):
@@ -792,7 +809,7 @@ def describe_chaos(result: dict[str, Any]) -> str:
 
 def chaos_options(f: F) -> F:
     """--json and --timeout for chaos commands."""
-    f = option("--timeout", type=DURATION, default=10.0,
+    f = option("--timeout", type=DURATION, default=10.0, env="FLEETSIM_CHAOS_TIMEOUT",
                help="How long to wait for the coordinator's reply.")(f)
     return json_option(f)
 
@@ -807,7 +824,7 @@ def chaos_kill_leader(ctx: click.Context, as_json: bool, timeout: float) -> None
 
 @chaos.command("kill")
 @click.argument("pod", required=False)
-@click.option("--random", "pick_random", is_flag=True, help="Kill a random pod (seeded).")
+@option("--random", "pick_random", is_flag=True, help="Kill a random pod (seeded).")
 @chaos_options
 @click.pass_context
 def chaos_kill(ctx: click.Context, pod: str | None, pick_random: bool, as_json: bool,
@@ -820,7 +837,7 @@ def chaos_kill(ctx: click.Context, pod: str | None, pick_random: bool, as_json: 
 
 @chaos.command("pause")
 @click.argument("pod")
-@click.option("--for", "duration", type=DURATION, default=None,
+@option("--for", "duration", type=DURATION, default=None,
               help="Resume (SIGCONT) after this long; default: until `chaos resume`.")
 @chaos_options
 @click.pass_context
@@ -841,12 +858,13 @@ def chaos_resume(ctx: click.Context, pod: str, as_json: bool, timeout: float) ->
 
 @chaos.command("partition")
 @click.argument("pod")
-@click.option("--from", "where", type=click.Choice(["store", "bus", "all"]), default="store",
+@option("--from", "where", type=click.Choice(["store", "bus", "all"]), default="store",
               show_default=True, help="Cut the pod off from the store, the bus, or both.")
-@click.option("--mode", type=click.Choice(["blackhole", "reset"]), default="blackhole",
+@option("--mode", type=click.Choice(["blackhole", "reset"]), default="blackhole",
               show_default=True, help="blackhole: packets vanish; reset: connections refused.")
-@click.option("--for", "duration", type=DURATION, default=None,
-              help="Heal after this long; default: until `chaos heal`.")
+@option("--for", "duration", type=DURATION, default=None,
+              help="Heal after this long; default: until `chaos heal` (a bus partition "
+              "lasts 10 s unless given, and ends by itself).")
 @chaos_options
 @click.pass_context
 def chaos_partition(ctx: click.Context, pod: str, where: str, mode: str,
@@ -867,13 +885,13 @@ def chaos_heal(ctx: click.Context, pod: str | None, as_json: bool, timeout: floa
 
 @chaos.command("storage-fault")
 @click.argument("pod", required=False)
-@click.option("--all", "all_pods", is_flag=True, help="Every pod.")
-@click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0,
+@option("--all", "all_pods", is_flag=True, help="Every pod.")
+@option("--error-rate", type=click.FloatRange(0, 1), default=0.0,
               help="Share of statements that fail.")
-@click.option("--latency", type=DURATION, default=0.0, help="Added to every statement.")
-@click.option("--disconnect-rate", type=click.FloatRange(0, 1), default=0.0,
+@option("--latency", type=DURATION, default=0.0, help="Added to every statement.")
+@option("--disconnect-rate", type=click.FloatRange(0, 1), default=0.0,
               help="Share of statements whose connection is dropped.")
-@click.option("--for", "duration", type=DURATION, default=None,
+@option("--for", "duration", type=DURATION, default=None,
               help="End after this long; default: until `chaos heal`.")
 @chaos_options
 @click.pass_context
@@ -914,9 +932,9 @@ def chaos_list(as_json: bool) -> None:
 
 @chaos.command("run")
 @click.argument("scenario")
-@option("--seed", type=int, default=None,
+@option("--seed", type=int, default=None, env="FLEETSIM_CHAOS_SEED",
         help="Seed of the schedule (default: the file's, else the fleet's).")
-@click.option("--wait/--no-wait", default=True, show_default=True,
+@option("--wait/--no-wait", default=True, show_default=True,
               help="Follow the faults until the scenario ends.")
 @chaos_options
 @click.pass_context
@@ -1006,9 +1024,9 @@ def history() -> None:
 @history.command("export")
 @store_option
 @schema_option
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
+@option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
               show_default=True, help="Jepsen-style invoke/ok/fail/info records, one a line.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead of standard output.")
 @click.pass_context
 def history_export(ctx: click.Context, store: str | None, schema: str | None, fmt: str,
@@ -1036,7 +1054,7 @@ def keys() -> None:
 @keys.command("generate")
 @option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="Where to write the keys (default: <run dir>/keys).")
-@click.option("--force", is_flag=True, help="Replace existing keys.")
+@option("--force", is_flag=True, help="Replace existing keys.")
 @json_option
 @click.pass_context
 def keys_generate(ctx: click.Context, directory: Path | None, force: bool,

@@ -235,7 +235,10 @@ class Coordinator:
         if self.scenario is not None and not self.scenario.done.is_set():
             raise ConfigError(f"scenario {self.scenario.scenario.name!r} is still running")
         scenario = find_scenario(spec)
-        used_seed = scenario.effective_seed(seed if seed is not None else self.spec.seed)
+        # An explicit seed wins, then the scenario file's, then the fleet's.
+        if seed is None:
+            seed = scenario.seed if scenario.seed is not None else self.spec.seed
+        used_seed = scenario.effective_seed(seed)
         runner = ScenarioRunner(
             scenario, used_seed, self.injector,
             pods=lambda: sorted(self.pod_pids()),
@@ -244,7 +247,7 @@ class Coordinator:
         )
         self.scenario = runner
         runner.start()
-        return {"scenario": scenario.name, "seed": used_seed,
+        return {"action": "run-scenario", "scenario": scenario.name, "seed": used_seed,
                 "duration_s": scenario.duration_s, "faults": len(runner.schedule),
                 "log": str(self.run_dir.path / "faults.jsonl")}
 

@@ -21,6 +21,7 @@ branches.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -83,6 +84,7 @@ class Pod:
         self.term: int | None = None
         self._last_heartbeat_ok = time.monotonic()
         self.bus: Any = None  # a fleetsim.bus.PodBusClient when joined to a coordinator
+        self.metrics_enabled = False  # only with a metrics endpoint to push to
         self.storage_faults: Any = None  # a chaos.storage_faults.StorageFaultInjector
 
     # -- lifecycle --------------------------------------------------------
@@ -230,6 +232,7 @@ class Pod:
                 result = workload.run(
                     step.payload, step_id=step.id, attempt=step.attempts, seed=self.config.seed
                 )
+                json.dumps(result)  # a result the store cannot hold fails the step, not the pod
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, ConfigError):
@@ -355,7 +358,8 @@ class Pod:
             claimed=counts.get("claimed", 0), completed=counts.get("completed", 0),
             failed=counts.get("failed", 0),
         ))
-        self.bus.send_metrics({k: float(v) for k, v in counts.items()}, {})
+        if self.metrics_enabled:
+            self.bus.send_metrics({k: float(v) for k, v in counts.items()}, {})
 
     def handle_command(self, command: Any) -> Any:
         """Answer a coordinator command (runs in the bus thread: quick, no store calls)."""

@@ -90,6 +90,8 @@ DDL: tuple[str, ...] = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS step_attempts_step ON step_attempts (step_id)",
+    # Per-pod counts for `fleetsim status` without a scan per pod.
+    "CREATE INDEX IF NOT EXISTS step_attempts_pod ON step_attempts (pod_id, outcome)",
     """
     CREATE TABLE IF NOT EXISTS pods (
         id            text PRIMARY KEY,

@@ -9,7 +9,6 @@ multiprocessing queue as plain tuples.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import queue as queue_mod
 import random
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import multiprocess as multiprocessing  # the design card's dill-based fork of the stdlib API
 import psycopg2
 
 from fleetsim.store import Store, StoreConfig
