@@ -40,6 +40,9 @@ class Fleet(Protocol):
     def pod_pids(self) -> dict[str, int]:
         """Pods this coordinator spawned and their pids."""
 
+    def remote_pods(self) -> list[str]:
+        """Pods connected over the bus that this coordinator did not spawn."""
+
     def leader(self) -> tuple[str, int] | None:
         """(pod id, term) of the current leader, from the store."""
 
@@ -101,7 +104,7 @@ class FaultInjector:
 
     def resolve(self, target: str | None, *, allow_all: bool = False) -> list[str]:
         """Pod ids named by a target: a pod id, ``leader``, ``random`` or ``all``."""
-        pods = sorted(self.fleet.pod_pids())
+        pods = sorted(set(self.fleet.pod_pids()) | set(self.fleet.remote_pods()))
         if target in (None, ""):
             raise ConfigError("name a target pod (a pod id, leader, random"
                               + (" or all)" if allow_all else ")"))
@@ -127,6 +130,9 @@ class FaultInjector:
     def _pid(self, pod: str) -> int:
         pid = self.fleet.pod_pids().get(pod)
         if pid is None:
+            if pod in self.fleet.remote_pods():
+                raise ConfigError(f"{pod} runs on another host: it can be killed (over the bus)"
+                                  " or given storage faults, not paused or partitioned here")
             raise ConfigError(f"no pod named {pod!r}")
         return pid
 
@@ -136,6 +142,10 @@ class FaultInjector:
         """SIGKILL a pod (``leader``, ``random`` or an id)."""
         lead = self.fleet.leader()
         (pod,) = self.resolve(target)
+        if pod not in self.fleet.pod_pids():
+            # Not our child: ask it to SIGKILL itself.
+            self._check(self.fleet.send_command(pod, SelfKill()))
+            return {"pod": pod, "pid": None, "term": lead[1] if lead and lead[0] == pod else None}
         pid = self._pid(pod)
         self._resume_if_paused(pod)
         try:
@@ -144,12 +154,6 @@ class FaultInjector:
             raise ConfigError(f"{pod} (pid {pid}) is not running") from None
         term = lead[1] if lead is not None and lead[0] == pod else None
         return {"pod": pod, "pid": pid, "term": term}
-
-    def self_kill(self, target: str | None) -> dict[str, Any]:
-        """Ask a (remote) pod to SIGKILL itself over the bus."""
-        (pod,) = self.resolve(target)
-        self._check(self.fleet.send_command(pod, SelfKill()))
-        return {"pod": pod}
 
     def pause(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
         """SIGSTOP a pod; SIGCONT after ``for`` if given."""
@@ -179,6 +183,7 @@ class FaultInjector:
             raise ConfigError(f"--mode must be one of {', '.join(PARTITION_MODES)}, got {mode!r}")
         duration = _duration(params.get("for"))
         if where in ("store", "all"):
+            self._pid(pod)  # only our own pods reach the store through our proxies
             self.fleet.set_proxy_fault(pod, mode)
             self._track("partition-store", pod, duration,
                         lambda: self.fleet.set_proxy_fault(pod, None))

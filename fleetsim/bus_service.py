@@ -68,6 +68,7 @@ class BusService(threading.Thread):
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="chaos")
         self.endpoints: BusEndpoints | None = None
         self.pods: dict[str, bytes] = {}  # pod id -> routing identity of its latest Hello
+        self.heard: dict[str, float] = {}  # pod id -> when we last heard from it (monotonic)
         self.metrics: dict[str, dict[str, Any]] = {}  # pod id -> latest snapshot
         self.malformed = 0
 
@@ -109,6 +110,12 @@ class BusService(threading.Thread):
         except TimeoutError:
             raise BusTimeout(f"{pod_id} did not answer {command.kind!r} within "
                              f"{timeout_s:g}s") from None
+
+    def connected_pods(self, max_silence_s: float = 5.0) -> list[str]:
+        """Pods heard from on the bus within ``max_silence_s``."""
+        now = time.monotonic()
+        with self._lock:
+            return sorted(p for p, t in self.heard.items() if now - t <= max_silence_s)
 
     def publish(self, topic: str, **data: Any) -> None:
         """Publish an event to every subscriber."""
@@ -153,10 +160,13 @@ class BusService(threading.Thread):
             if isinstance(message, Hello):
                 with self._lock:
                     self.pods[message.pod_id] = inbound.identity
+                    self.heard[message.pod_id] = time.monotonic()
                 bus.reply(inbound, Ok({}))
             elif isinstance(message, PodHeartbeat):
                 with self._lock:
                     known = self.pods.get(message.pod_id) == inbound.identity
+                    if known:
+                        self.heard[message.pod_id] = time.monotonic()
                 bus.reply(inbound, Ok({}) if known else Error(
                     ErrorCode.UNKNOWN_POD, "say hello first"))
             elif isinstance(message, Ok | Error):

@@ -1070,3 +1070,94 @@ def keys_generate(ctx: click.Context, directory: Path | None, force: bool,
     files = generate_keys(target, overwrite=force)
     emit({"directory": str(files.directory)}, as_json,
          lambda: click.echo(f"keys written to {files.directory}"))
+
+
+# -- cancel / queues ------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("step_ids", nargs=-1, type=int, required=True)
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def cancel(ctx: click.Context, step_ids: tuple[int, ...], store: str | None,
+           schema: str | None, as_json: bool) -> None:
+    """Cancel steps: at once if waiting, cooperatively if claimed (the pod sees it)."""
+    with open_store(ctx, store, schema) as s:
+        results = {step_id: s.cancel(step_id) for step_id in step_ids}
+    def text() -> None:
+        for step_id, outcome in results.items():
+            click.echo(f"step {step_id}: {outcome}")
+
+    emit({str(k): v for k, v in results.items()}, as_json, text)
+
+
+@cli.group()
+def queue() -> None:
+    """Queue settings: concurrency limit, max length, strict FIFO, pause."""
+
+
+@queue.command("list")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def queue_list(ctx: click.Context, store: str | None, schema: str | None,
+               as_json: bool) -> None:
+    """Every queue with its settings and counts."""
+    from dataclasses import asdict
+
+    with open_store(ctx, store, schema) as s:
+        configs = s.queues()
+        stats = s.queue_stats()
+    data = {name: {**asdict(cfg), **(stats[name].as_dict() if name in stats else {})}
+            for name, cfg in configs.items()}
+
+    def text() -> None:
+        for name, row in data.items():
+            click.echo(f"{name}: limit {row['concurrency_limit'] or '-'}, max length "
+                       f"{row['max_length'] or '-'}, fifo {row['strict_fifo']}, paused "
+                       f"{row['paused']}; depth {row.get('depth', 0)}, claimed "
+                       f"{row.get('claimed', 0)}")
+
+    emit(data, as_json, text)
+
+
+@queue.command("set")
+@click.argument("name")
+@option("--concurrency-limit", type=click.IntRange(min=0), default=None,
+        help="At most this many claimed at once across the fleet (0: no limit).")
+@option("--max-length", type=click.IntRange(min=0), default=None,
+        help="Reject submits beyond this many waiting steps (0: no limit).")
+@option("--strict-fifo/--no-strict-fifo", default=None, help="Claim in submission order.")
+@option("--pause/--resume", "paused", default=None, help="Stop or restart claims.")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
+              max_length: int | None, strict_fifo: bool | None, paused: bool | None,
+              store: str | None, schema: str | None, as_json: bool) -> None:
+    """Create or change a queue's settings (unchanged unless given)."""
+    from dataclasses import asdict, replace
+
+    from fleetsim.store import QueueConfig
+
+    with open_store(ctx, store, schema) as s:
+        current = s.queues().get(name, QueueConfig(name))
+        changes: dict[str, Any] = {}
+        if concurrency_limit is not None:
+            changes["concurrency_limit"] = concurrency_limit or None
+        if max_length is not None:
+            changes["max_length"] = max_length or None
+        if strict_fifo is not None:
+            changes["strict_fifo"] = strict_fifo
+        if paused is not None:
+            changes["paused"] = paused
+        updated = replace(current, **changes)
+        s.configure_queue(updated)
+    emit(asdict(updated), as_json, lambda: click.echo(
+        f"queue {name}: limit {updated.concurrency_limit or '-'}, max length "
+        f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "
+        f"paused {updated.paused}"))

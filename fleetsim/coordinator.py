@@ -258,6 +258,13 @@ class Coordinator:
         with self._lock:
             return {pod_id: pod.pid for pod_id, pod in self.pods.items()}
 
+    def remote_pods(self) -> list[str]:
+        """Pods on the bus that this coordinator did not spawn (`fleetsim pod --join`)."""
+        if self.bus is None:
+            return []
+        local = self.pod_pids()
+        return [p for p in self.bus.connected_pods() if p not in local]
+
     def leader(self) -> tuple[str, int] | None:
         """(pod id, term) of the current leader."""
         assert self.store is not None
@@ -297,7 +304,7 @@ class Coordinator:
         data = status_data(self.store)
         data["coordinator"] = {
             "pid": os.getpid(),
-            "bus_pods": sorted(self.bus.pods) if self.bus else [],
+            "bus_pods": self.bus.connected_pods() if self.bus else [],
             "malformed_messages": self.bus.malformed if self.bus else 0,
         }
         return data

@@ -190,8 +190,10 @@ WITH input AS (
 ), failed AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
-           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'failed' END,
-           finished_at = CASE WHEN s.attempts + 1 >= s.max_attempts
+           -- A step whose cancel was requested ends cancelled rather than run again.
+           status = CASE WHEN s.cancel_requested THEN 'cancelled'
+                         WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'failed' END,
+           finished_at = CASE WHEN s.cancel_requested OR s.attempts + 1 >= s.max_attempts
                               THEN statement_timestamp() END,
            available_at = statement_timestamp() + """
     + _BACKOFF
@@ -216,7 +218,9 @@ WITH input AS (
     SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb)) AS t(id bigint, token bigint)
 ), released AS (
     UPDATE steps s
-       SET status = 'queued', claimed_by = NULL, cancel_requested = false,
+       SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
+           finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
+           claimed_by = NULL, cancel_requested = false,
            available_at = statement_timestamp()
       FROM input
      WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
@@ -298,8 +302,9 @@ WITH pod AS (
 ), orphans AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
-           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
-           finished_at = CASE WHEN s.attempts + 1 >= s.max_attempts
+           status = CASE WHEN s.cancel_requested THEN 'cancelled'
+                         WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
+           finished_at = CASE WHEN s.cancel_requested OR s.attempts + 1 >= s.max_attempts
                               THEN statement_timestamp() END,
            available_at = statement_timestamp(), claimed_by = NULL,
            error = 'pod ' || :pod || ' restarted while holding this step'
@@ -426,8 +431,9 @@ WITH lease AS (
 ), requeued AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
-           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
-           finished_at = CASE WHEN s.attempts + 1 >= s.max_attempts
+           status = CASE WHEN s.cancel_requested THEN 'cancelled'
+                         WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
+           finished_at = CASE WHEN s.cancel_requested OR s.attempts + 1 >= s.max_attempts
                               THEN statement_timestamp() END,
            available_at = statement_timestamp() + """
     + _BACKOFF

@@ -111,3 +111,37 @@ def test_pods_keep_working_when_the_coordinator_dies(detached, store: Store) -> 
     # `down` cleans up after a dead coordinator: pods and the fault proxy.
     down = fleetsim(run_dir, "down")
     assert down.returncode == 0, down.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_pod_joining_from_elsewhere_takes_work_and_chaos(detached, store: Store,  # type: ignore[no-untyped-def]
+                                                          store_config: StoreConfig) -> None:
+    import subprocess
+    import sys
+
+    run_dir, data = detached
+    env = {**os.environ, "FLEETSIM_STORE": store_config.url}
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "fleetsim", "pod", "--id", "remote-1",
+         "--schema", store_config.schema or "fleetsim", "--join", data["bus"]["control"],
+         "--metrics-endpoint", data["bus"]["metrics"], "--workload", "sleep:5"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: any(p["id"] == "remote-1" and p["state"] == "alive"
+                               for p in store.pods()), 30, what="remote-1 registered")
+        assert fleetsim(run_dir, "submit", "--count", "400").returncode == 0
+        wait_until(lambda: store.status_counts()["completed"] == 400, 60, what="drain")
+        workers = {p["id"] for p in store.pods() if p["completed"] > 0}
+        assert "remote-1" in workers
+
+        def killed() -> bool:
+            result = fleetsim(run_dir, "chaos", "kill", "remote-1", "--json")
+            return result.returncode == 0
+
+        wait_until(killed, 20, interval=0.5, what="the coordinator to know remote-1")
+        assert remote.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if remote.poll() is None:
+            remote.kill()
+            remote.wait()

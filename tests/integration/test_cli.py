@@ -141,3 +141,29 @@ def test_run_json_reports_a_valid_experiment(tmp_path: Path, cli_env: dict[str, 
     assert data["submitted"] == data["completed"] == 500 and data["valid"] is True
     with Store(StoreConfig(cli_env["FLEETSIM_STORE"], schema=data["schema"])) as s:
         s.drop_schema()
+
+
+@pytest.mark.timeout(60)
+def test_queue_settings_and_cancel_from_the_cli(tmp_path: Path, store: Store,
+                                                cli_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "run"
+    env = {**cli_env}
+    result = fleetsim(run_dir, "queue", "set", "orders", "--concurrency-limit", "2",
+                      "--max-length", "3", "--strict-fifo", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["concurrency_limit"] == 2
+    ok = fleetsim(run_dir, "submit", "--queue", "orders", "--count", "3", "--json", env=env)
+    assert ok.returncode == 0, ok.stderr
+    ids = json.loads(ok.stdout)["ids"]
+    full = fleetsim(run_dir, "submit", "--queue", "orders", env=env)
+    assert full.returncode == 1
+    assert "queue 'orders' is full: max length 3" in full.stderr
+    cancelled = fleetsim(run_dir, "cancel", str(ids[0]), "--json", env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout) == {str(ids[0]): "cancelled"}
+    listed = fleetsim(run_dir, "queue", "list", "--json", env=env)
+    row = json.loads(listed.stdout)["orders"]
+    assert row["strict_fifo"] is True and row["depth"] == 2 and row["cancelled"] == 1
+    paused = fleetsim(run_dir, "queue", "set", "orders", "--pause", "--json", env=env)
+    assert json.loads(paused.stdout)["paused"] is True
+    assert json.loads(paused.stdout)["max_length"] == 3  # unchanged settings are kept

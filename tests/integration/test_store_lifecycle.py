@@ -404,3 +404,18 @@ def test_bulk_submit_of_ten_thousand_steps_returns_ids_in_order(
     assert [r[0] for r in rows] == ids
     assert [(r[1], r[2]) for r in rows] == [(n, n % 7) for n in range(10_000)]
     assert store.queue_stats()["bulk"].queued == 10_000
+
+
+@pytest.mark.timeout(30)
+def test_a_cancel_requested_step_that_fails_or_is_released_ends_cancelled(store) -> None:  # type: ignore[no-untyped-def]
+    first, second = store.submit_many([StepSpec(), StepSpec()])
+    store.register_pod("pod-c")
+    claimed = {c.id: c for c in store.claim_steps("pod-c", batch=2)}
+    assert store.cancel(first) == "cancel_requested"
+    assert store.cancel(second) == "cancel_requested"
+    failed = store.fail(first, claimed[first].claim_token, "boom")
+    assert failed.status == "cancelled"
+    assert store.release(second, claimed[second].claim_token).value == "accepted"
+    assert store.get_step(first).status == "cancelled"
+    assert store.get_step(second).status == "cancelled"
+    assert store.claim_steps("pod-c", batch=5) == []
