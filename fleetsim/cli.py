@@ -148,6 +148,16 @@ schema_option = option(
 def open_store(ctx: click.Context, url: str | None, schema: str | None) -> Store:
     """A Store from --store/--schema, else from the running fleet's run.json."""
     run_dir: RunDir = ctx.obj["run_dir"]
+    if not url and not run_dir.run_file.exists() and (run_dir.pgdata / "PG_VERSION").exists():
+        # No fleet running, but an embedded store from an earlier `up`/`run` is here:
+        # open it for this command only (e.g. `fleetsim check --schema run_...`).
+        from fleetsim.store.embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres(run_dir.pgdata)
+        was_running = server.is_running()
+        url = server.start()
+        if not was_running:
+            ctx.call_on_close(server.stop)
     if not url:
         data = run_dir.read()
         url = data.get("store_url")
