@@ -367,9 +367,12 @@ class Coordinator:
                 row["id"]: row for row in self.store.pods()
                 if row["state"] == "alive" and row["id"] in waiting
             }
+            on_bus = set(self.bus.connected_pods()) if self.bus is not None else None
             for pod_id, row in alive.items():
                 pod = waiting[pod_id]
-                if row["incarnation"] == pod.incarnation and row["pid"] == pod.pid:
+                # Ready: registered in the store, and reachable for chaos over the bus.
+                if (row["incarnation"] == pod.incarnation and row["pid"] == pod.pid
+                        and (on_bus is None or pod_id in on_bus)):
                     pod.ready_at = time.monotonic()
                     self.echo(
                         f"{pod_id}: pid {pod.pid}, incarnation {pod.incarnation}, ready in "

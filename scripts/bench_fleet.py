@@ -45,6 +45,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import re
 import secrets
 import shutil
@@ -79,6 +80,10 @@ REF_PROCS, REF_BATCH = 5, 50
 SLOW_WORKLOAD = "sleep:50"
 READY_LINE = re.compile(r"(pod-\d+): pid (\d+), incarnation (\d+), ready in ([0-9.]+)s")
 APP = "fleetsim-bench-fleet"
+# Kills wait a random 0..KILL_JITTER_S first: the pods' claim rounds (a batch of
+# 50 x 50 ms) and the leader's renewals would otherwise phase-lock with ours.
+KILL_JITTER_S = 2.5
+JITTER = random.Random(0)
 
 
 class BenchError(RuntimeError):
@@ -403,9 +408,11 @@ def reference_run(url: str, index: int, ctx: Any) -> contextlib.AbstractContextM
 def bench_throughput(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     rows: list[dict[str, Any]] = []
+    # "store": bench_store's bare Store.claim_steps/complete_many loop in 5
+    # processes: the store's SQL without the pods around it.
     plan: list[tuple[str, int, int]] = [
         ("fleet", 1, 1), ("fleet", 2, 1), ("ref", REF_PROCS, 1), ("fleet", 5, 1),
-        ("fleet", 5, 4), ("fleet", 10, 1),
+        ("store", REF_PROCS, 1), ("fleet", 5, 4), ("fleet", 10, 1),
     ]
     for index in range(args.repeat):
         # The reference sits next to the 5-pod run; the order flips every repeat.
@@ -413,9 +420,9 @@ def bench_throughput(bench: Bench, args: argparse.Namespace) -> list[dict[str, A
         log(f"throughput repeat {index + 1}/{args.repeat}: {args.steps} noop steps per run")
         with reference_run(bench.url, index, ctx) as ref_run:
             for kind, n, concurrency in order:
-                if kind == "ref":
-                    result = ref_run.bench_claim("ref", REF_PROCS, REF_BATCH, args.steps)
-                    row = {"kind": "ref", "pods": REF_PROCS, "concurrency": 1,
+                if kind in ("ref", "store"):
+                    result = ref_run.bench_claim(kind, REF_PROCS, REF_BATCH, args.steps)
+                    row = {"kind": kind, "pods": REF_PROCS, "concurrency": 1,
                            "batch": REF_BATCH, "steps": args.steps,
                            "steps_s": result["steps_s"], "valid": result["ok"],
                            "loadavg_1m_before": result["loadavg_1m_before"]}
@@ -536,6 +543,10 @@ def kill_leader(fleet: Fleet) -> dict[str, Any]:
         raise BenchError(f"leader changed under us ({leader} vs {lease})")
     (incarnation,) = b.sql(f"SELECT incarnation FROM {fleet.s}.pods WHERE id = %s",
                            (holder,))[0]
+    time.sleep(JITTER.uniform(0, KILL_JITTER_S))
+    lease = fleet.lease()
+    if lease is None or lease[:2] != (holder, term) or not is_pod_of(pid, holder, fleet.schema):
+        raise BenchError(f"leader changed under us ({leader} vs {lease})")
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
     def new_term() -> tuple[str, int, float] | None:
@@ -595,6 +606,7 @@ def kill_orphan_holder(fleet: Fleet, pods: int) -> dict[str, Any] | None:
     """
     b = fleet.bench
     fleet.wait_stable(pods)
+    time.sleep(JITTER.uniform(0, KILL_JITTER_S))
 
     def pick() -> tuple[Any, ...] | None:
         rows = b.sql(
@@ -721,7 +733,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     if rows:
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            key = "ref" if r["kind"] == "ref" else f"pods{r['pods']}_c{r['concurrency']}"
+            key = (r["kind"] if r["kind"] in ("ref", "store")
+                   else f"pods{r['pods']}_c{r['concurrency']}")
             groups.setdefault(key, []).append(r)
         s["throughput"] = {
             k: {**(dist([r["steps_s"] for r in v]) or {}), "pods": v[0]["pods"],
@@ -739,6 +752,10 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
                 / statistics.median(r["steps_s"] for r in ref),
                 "paired": dist(paired), "goal": GOAL_RATIO,
             }
+        store = [r for r in rows if r["kind"] == "store"]
+        if ref and store:
+            s["ratio_storeloop_ref"] = (statistics.median(r["steps_s"] for r in store)
+                                        / statistics.median(r["steps_s"] for r in ref))
         mem = [r["memory"] for r in five if r.get("memory")]
         if mem:
             s["memory_run"] = {
@@ -802,15 +819,19 @@ def print_report(s: dict[str, Any], meta: dict[str, Any]) -> None:
     if tp:
         print()
         print(f"1. throughput, noop, batch {REF_BATCH}, {meta['steps']:,} steps, steps/s")
-        print(f"   {'what':<36} {'steps/s':>26}")
-        order = ["ref", "pods1_c1", "pods2_c1", "pods5_c1", "pods5_c4", "pods10_c1"]
+        print(f"   {'what':<42} {'steps/s':>26}")
+        order = ["ref", "store", "pods1_c1", "pods2_c1", "pods5_c1", "pods5_c4", "pods10_c1"]
         for key in sorted(tp, key=lambda k: order.index(k) if k in order else 99):
             row = tp[key]
-            name = (f"reference SKIP LOCKED, {row['pods']} procs" if key == "ref" else
-                    f"fleetsim run --pods {row['pods']}"
-                    + (f" --concurrency {row['concurrency']}" if row["concurrency"] > 1 else ""))
+            if key == "ref":
+                name = f"reference SKIP LOCKED, {row['pods']} procs"
+            elif key == "store":
+                name = f"bare Store loop (bench_store), {row['pods']} procs"
+            else:
+                name = f"fleetsim run --pods {row['pods']}" + (
+                    f" --concurrency {row['concurrency']}" if row["concurrency"] > 1 else "")
             flag = "" if row["all_valid"] else "  !! invalid run"
-            print(f"   {name:<36} {rng(row):>26}{flag}")
+            print(f"   {name:<42} {rng(row):>26}{flag}")
         ratio = s.get("ratio_5pods_ref")
         if ratio:
             ok = ratio["ratio_of_medians"] >= GOAL_RATIO
@@ -818,6 +839,8 @@ def print_report(s: dict[str, Any], meta: dict[str, Any]) -> None:
             print(f"   5 pods / reference: {ratio['ratio_of_medians']:.0%} (paired "
                   f"{p['min']:.0%}-{p['max']:.0%}); goal >= {GOAL_RATIO:.0%}: "
                   f"{'met' if ok else 'MISSED'}")
+        if "ratio_storeloop_ref" in s:
+            print(f"   bare Store loop / reference: {s['ratio_storeloop_ref']:.0%}")
     print()
     print("2-4. timings (s), median / max (n)")
 
@@ -852,8 +875,8 @@ def print_report(s: dict[str, Any], meta: dict[str, Any]) -> None:
         if mem_up:
             print(f"   up --detach coordinator (failover fleet):          "
                   f"{mib(mem_up['coordinator_rss'])} [{mib(mem_up['coordinator_hwm'])}]")
-            print(f"   pod, largest of {mem_up['pods_seen']} (incl. respawns):            "
-                  f"{mib(mem_up['pod_rss_max'])} [{mib(mem_up['pod_hwm_max'])}]")
+            label = f"pod, largest of {mem_up['pods_seen']} (incl. respawns):"
+            print(f"   {label:<51}{mib(mem_up['pod_rss_max'])} [{mib(mem_up['pod_hwm_max'])}]")
 
 
 # -- main ----------------------------------------------------------------------

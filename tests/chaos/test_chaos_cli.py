@@ -124,13 +124,14 @@ def test_a_pod_joining_from_elsewhere_takes_work_and_chaos(detached, store: Stor
     remote = subprocess.Popen(
         [sys.executable, "-m", "fleetsim", "pod", "--id", "remote-1",
          "--schema", store_config.schema or "fleetsim", "--join", data["bus"]["control"],
-         "--metrics-endpoint", data["bus"]["metrics"], "--workload", "sleep:5"],
+         "--metrics-endpoint", data["bus"]["metrics"], "--batch", "5"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         wait_until(lambda: any(p["id"] == "remote-1" and p["state"] == "alive"
                                for p in store.pods()), 30, what="remote-1 registered")
-        assert fleetsim(run_dir, "submit", "--count", "400").returncode == 0
+        submitted = fleetsim(run_dir, "submit", "--count", "400", "--workload", "sleep:20")
+        assert submitted.returncode == 0, submitted.stderr
         wait_until(lambda: store.status_counts()["completed"] == 400, 60, what="drain")
         workers = {p["id"] for p in store.pods() if p["completed"] > 0}
         assert "remote-1" in workers
