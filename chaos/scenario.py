@@ -68,6 +68,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from fleetsim.bus.messages import CHAOS_ACTIONS
 from fleetsim.durations import format_duration, parse_duration
 from fleetsim.errors import ConfigError
 
@@ -88,17 +89,9 @@ __all__ = [
     "read_fault_log",
 ]
 
-#: The fault vocabulary, in the order error messages list it.
-ACTIONS: Final = (
-    "kill",
-    "kill-leader",
-    "pause",
-    "resume",
-    "partition",
-    "heal",
-    "storage-fault",
-    "store-restart",
-)
+#: The fault vocabulary, in the order error messages list it: the bus's chaos
+#: actions (declared once, in fleetsim.bus.messages) less running a scenario.
+ACTIONS: Final = tuple(a for a in CHAOS_ACTIONS if a != "run-scenario")
 
 #: Actions whose effect lasts ``for`` a while (and is undone at its end).
 _LASTING: Final = frozenset({"pause", "partition", "storage-fault"})

@@ -75,3 +75,22 @@ def newer_leader(store: Store, term: int) -> bool:
     """Whether a leader with a term above ``term`` holds the lease now."""
     lease = store.current_leader()
     return lease is not None and lease.term > term
+
+
+def wait_drained(fleet: Coordinator, store: Store, total: int, timeout: float = 120) -> None:
+    """Supervise ``fleet`` until all ``total`` steps completed or dead-lettered.
+
+    A store restart (chaos) may kill our pooled connections: such a poll
+    just counts as "not yet".
+    """
+    from fleetsim.errors import StoreUnavailable
+
+    def drained() -> bool:
+        fleet.poll()
+        try:
+            counts = store.status_counts()
+        except StoreUnavailable:
+            return False
+        return counts["completed"] + counts["dead"] == total
+
+    wait_until(drained, timeout, interval=0.2, what=f"{total} steps to finish")

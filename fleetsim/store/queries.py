@@ -70,7 +70,28 @@ SELECT id, idempotency_key FROM steps WHERE idempotency_key = ANY(CAST(:keys AS 
 
 # The fast path: queues with no concurrency limit, not strict FIFO, not
 # paused. One statement claims, issues tokens and records the attempts.
-CLAIM = """
+# After picking rows, every claim does the same: a fresh token per step and a
+# step_attempts row, in the same statement.
+_CLAIM_PICKED = """
+, claimed AS (
+    UPDATE steps s
+       SET status = 'claimed', claimed_by = :pod,
+           claim_token = nextval('claim_token_seq'),
+           claimed_at = statement_timestamp(), cancel_requested = false
+      FROM picked
+     WHERE s.id = picked.id
+    RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
+              s.claim_token
+), recorded AS (
+    INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at)
+    SELECT claim_token, id, :pod, :incarnation, statement_timestamp() FROM claimed
+)
+SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
+  FROM claimed
+"""
+
+CLAIM = (
+    """
 WITH picked AS (
     SELECT s.id
       FROM steps s
@@ -84,22 +105,10 @@ WITH picked AS (
      ORDER BY s.priority, s.id
      LIMIT :batch
        FOR UPDATE OF s SKIP LOCKED
-), claimed AS (
-    UPDATE steps s
-       SET status = 'claimed', claimed_by = :pod,
-           claim_token = nextval('claim_token_seq'),
-           claimed_at = statement_timestamp(), cancel_requested = false
-      FROM picked
-     WHERE s.id = picked.id
-    RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
-              s.claim_token
-), recorded AS (
-    INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at)
-    SELECT claim_token, id, :pod, :incarnation, statement_timestamp() FROM claimed
+)"""
+    + _CLAIM_PICKED
+    + " ORDER BY priority, id"
 )
-SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
-  FROM claimed ORDER BY priority, id
-"""
 
 # The locked path for one queue with a concurrency limit or strict FIFO:
 # the queue row lock serialises its claimers, and each statement after it
@@ -111,7 +120,8 @@ SELECT concurrency_limit, strict_fifo, paused FROM queues WHERE name = :queue FO
 
 COUNT_CLAIMED = "SELECT count(*) FROM steps WHERE queue = :queue AND status = 'claimed'"
 
-_CLAIM_ONE_QUEUE = """
+_CLAIM_ONE_QUEUE = (
+    """
 WITH picked AS (
     SELECT s.id
       FROM steps s
@@ -122,22 +132,10 @@ WITH picked AS (
      ORDER BY {order}
      LIMIT :batch
        FOR UPDATE OF s {skip}
-), claimed AS (
-    UPDATE steps s
-       SET status = 'claimed', claimed_by = :pod,
-           claim_token = nextval('claim_token_seq'),
-           claimed_at = statement_timestamp(), cancel_requested = false
-      FROM picked
-     WHERE s.id = picked.id
-    RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
-              s.claim_token
-), recorded AS (
-    INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at)
-    SELECT claim_token, id, :pod, :incarnation, statement_timestamp() FROM claimed
+)"""
+    + _CLAIM_PICKED
+    + " ORDER BY claim_token"
 )
-SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
-  FROM claimed ORDER BY claim_token
-"""
 # Strict FIFO ignores priority and waits for a locked row rather than skip it,
 # so no claim can overtake an older step.
 CLAIM_LIMITED = _CLAIM_ONE_QUEUE.format(order="s.priority, s.id", skip="SKIP LOCKED")

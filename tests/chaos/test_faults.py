@@ -9,9 +9,8 @@ import pytest
 from fleetsim.checker import check
 from fleetsim.config import FleetTimings
 from fleetsim.coordinator import Coordinator
-from fleetsim.errors import StoreUnavailable
 from fleetsim.store import StepSpec, Store, StoreConfig
-from tests.helpers import leader_pod, newer_leader, rows, running_fleet, wait_until
+from tests.helpers import leader_pod, newer_leader, rows, running_fleet, wait_drained, wait_until
 
 LEASE = FleetTimings().lease_s
 
@@ -21,15 +20,7 @@ def load(store: Store, count: int, workload: str) -> None:
 
 
 def drain_and_check(store: Store, fleet: Coordinator, total: int, timeout: float = 90) -> None:
-    def drained() -> bool:
-        fleet.poll()
-        try:
-            counts = store.status_counts()
-        except StoreUnavailable:  # our own pooled connection died with a store restart
-            return False
-        return counts["completed"] + counts["dead"] == total
-
-    wait_until(drained, timeout, interval=0.1, what=f"{total} steps to finish")
+    wait_drained(fleet, store, total, timeout)
     report = check(store, final=True)
     assert report.valid is True, report.summary()
     assert report.counts["steps"] == total

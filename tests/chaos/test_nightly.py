@@ -14,9 +14,8 @@ import pytest
 
 from fleetsim.checker import check
 from fleetsim.coordinator import Coordinator, FleetSpec
-from fleetsim.errors import StoreUnavailable
 from fleetsim.store import StepSpec, Store, StoreConfig
-from tests.helpers import running_fleet, wait_until
+from tests.helpers import running_fleet, wait_drained, wait_until
 
 
 @pytest.mark.stress
@@ -55,15 +54,7 @@ def test_soak_scenarios_back_to_back(store_config: StoreConfig, private_tmp: Pat
                            120, interval=0.5, what=f"scenario {name}")
                 rounds += 1
 
-        def drained() -> bool:
-            fleet.poll()
-            try:
-                counts = store.status_counts()
-            except StoreUnavailable:
-                return False
-            return counts["completed"] + counts["dead"] == total
-
-        wait_until(drained, 300, interval=0.5, what="drain after the soak")
+        wait_drained(fleet, store, total, 300)
         report = check(store, final=True)
         assert report.valid is True, report.summary()
     finally:

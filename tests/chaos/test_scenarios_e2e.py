@@ -10,9 +10,8 @@ import pytest
 from chaos.scenario import list_scenarios
 from fleetsim.checker import check
 from fleetsim.coordinator import Coordinator, FleetSpec
-from fleetsim.errors import StoreUnavailable
 from fleetsim.store import StepSpec, StoreConfig
-from tests.helpers import wait_until
+from tests.helpers import wait_drained, wait_until
 
 SEED = 7
 SCENARIOS = {s.name: s for s in list_scenarios()}
@@ -56,15 +55,7 @@ def test_shipped_scenario_end_to_end(name: str, store_config: StoreConfig, pg_ur
 
         wait_until(finished, scenario.duration_s + 60, interval=0.2, what="the scenario")
 
-        def drained() -> bool:
-            fleet.poll()
-            try:
-                counts = store.status_counts()
-            except StoreUnavailable:
-                return False
-            return counts["completed"] + counts["dead"] == total
-
-        wait_until(drained, 120, interval=0.2, what="the fleet to drain after the scenario")
+        wait_drained(fleet, store, total, 120)
         report = check(store, final=True)
         assert report.valid is True, report.summary()
     finally:
