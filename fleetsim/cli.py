@@ -352,7 +352,7 @@ class StatusTicker:
         self._next = now + self.period_s
         try:
             counts = self.store.status_counts()
-            pods = self.store.pods()
+            alive, known = self.store.pod_counts()
             lease = self.store.current_leader()
         except FleetsimError as exc:
             line = f"store unavailable: {exc}"
@@ -362,12 +362,11 @@ class StatusTicker:
             if self._last is not None:
                 rate = (done - self._last[1]) / max(1e-6, now - self._last[0])
             self._last = (now, done)
-            alive = sum(1 for p in pods if p["state"] == "alive")
             leader = f"{lease.holder} (term {lease.term})" if lease else "none"
             line = (
                 f"{rate:8.0f} steps/s | depth {counts['queued'] + counts['failed']} | "
                 f"claimed {counts['claimed']} | done {done} | leader {leader} | "
-                f"pods {alive}/{len(pods)} alive"
+                f"pods {alive}/{known} alive"
             )
         if self.tty:
             click.echo(f"\r\033[K{line}", nl=False)
@@ -520,7 +519,7 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
 
 
 @cli.command()
-@option("--id", "pod_id", default=None, help="Pod id (default: pod-<pid>).")
+@option("--id", "pod_id", default=None, help="Pod id (default: pod-<hostname>-<pid>).")
 @option("--incarnation", type=int, default=0, help="Incarnation number (restarts count up).")
 @option("--join", metavar="ENDPOINT", default=None,
         help="The coordinator's control endpoint (tcp://host:port, `bus.control` in "
@@ -552,7 +551,7 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
         except FleetNotRunning:
             fail("no store: give --store URL (or FLEETSIM_STORE)", EXIT_USAGE)
     # Unique across containers too (every container's pod is pid 1).
-    pod_id = params["pod_id"] or f"pod-{socket.gethostname()}-{os.getpid()}"
+    pod_id = params["pod_id"] or f"pod-{socket.gethostname()[:40]}-{os.getpid()}"
     logging.getLogger().handlers.clear()
     logging.basicConfig(
         level=logging.DEBUG if ctx.obj["verbose"] else logging.INFO,
@@ -661,6 +660,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         say(f"submitting {steps} steps")
         for start in range(0, steps, 10_000):
             store.submit_many([StepSpec(spec.queues[0])] * min(10_000, steps - start))
+        store.analyze()  # a fresh schema has no statistics: plan claims on real numbers
         if scenario:
             started = coordinator.run_scenario(scenario, params["seed"])
             say(f"chaos: scenario {started['scenario']} (seed {started['seed']}, "

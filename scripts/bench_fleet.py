@@ -8,26 +8,33 @@ psycopg2, and the raw ``FOR UPDATE SKIP LOCKED`` reference loop of
 
 1. throughput of ``fleetsim run --workload noop`` (``steps_per_s``) with 1, 2,
    5 and 10 pods at batch 50, plus 5 pods at ``--concurrency 4``, beside the
-   reference (5 processes, batch 50) in the same repeat, interleaved and
-   alternating order; ratio 5 pods / reference (goal >= 50 %);
+   reference (5 processes, batch 50) and bench_store's bare Store loop (5
+   processes: the store's SQL without pods) in the same repeat, interleaved,
+   order flipped every repeat; ratio 5 pods / reference (goal >= 50 %).
+   bench_store ANALYZEs its freshly filled tables; ``fleetsim run`` does not;
 2. leader failover: SIGKILL the leader (from ``fleetsim status --json``) of a
    ``fleetsim up --detach --restart`` fleet kept busy with ``sleep:50`` steps,
    time until a new term is acquired (``leader_lease.acquired_at``);
 3. orphan recovery: SIGKILL a non-leader pod holding claimed steps, time until
-   every step it held is claimed again by another pod (``step_attempts``),
-   (a) in fleets without ``--restart`` (the leader's recovery) and (b) in the
-   ``--restart`` fleet (the respawned pod's re-registration usually wins);
+   every step it held is claimed again (a newer ``step_attempts`` row by
+   another pod or by the victim's respawned incarnation), (a) in fleets
+   without ``--restart`` (the leader's recovery, re-claimed by others) and (b)
+   in the ``--restart`` fleet (the respawn's re-registration requeues them);
 4. pod start-to-ready (spawn -> registered and alive; goal < 2 s): the
    coordinator's ``ready in X s`` lines of every fleet, plus respawned pods
    (process creation -> ``pods.started_at``);
 5. peak RSS of the coordinator and of each pod (psutil every 100 ms during the
    5-pod throughput runs and the failover fleet; the kernel's VmHWM too).
 
+Kills wait a random 0-2.5 s first, so they do not phase-lock with the pods'
+claim rounds or the leader's renewals. Fleets run with fleetsim's defaults
+(timings, and whatever ``up`` enables by default).
+
 Every fleet gets its own schema and run directory (in a temporary folder);
 both are removed afterwards, also on Ctrl-C or SIGTERM (fleets stopped with
 ``fleetsim down``, leftover processes killed, schemas dropped).
 
-    /work/venv/bin/python scripts/bench_fleet.py                  # full run (~10 min)
+    /work/venv/bin/python scripts/bench_fleet.py                  # full run (~5-8 min)
     /work/venv/bin/python scripts/bench_fleet.py --quick --repeat 1
     /work/venv/bin/python scripts/bench_fleet.py --json fleet.json --parts throughput
 

@@ -197,8 +197,15 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _process_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) of a local process; None if we cannot see it."""
+    """CPU seconds (user + system) of a local PostgreSQL backend; None if we cannot see it.
+
+    A remote server's backend pid may name an unrelated local process: only a
+    process called ``postgres`` counts.
+    """
     try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() != "postgres":
+                return None
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK

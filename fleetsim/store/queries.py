@@ -35,7 +35,7 @@ WITH input AS (
                         WHERE q.name IN (SELECT queue FROM input)
                           AND q.max_length IS NOT NULL)
      ORDER BY ord
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, idempotency_key
 )
 SELECT id, idempotency_key FROM inserted ORDER BY id
@@ -49,7 +49,7 @@ SELECT t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key
                           idempotency_key text))
            WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key, ord)
  ORDER BY t.ord
-ON CONFLICT (idempotency_key) DO NOTHING
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, idempotency_key
 """
 
@@ -96,11 +96,13 @@ WITH picked AS (
     SELECT s.id
       FROM steps s
      WHERE s.status IN ('queued', 'failed')
-       AND s.queue = ANY(CAST(:queues AS text[]))
+       -- The claimable queues as a constant array (an InitPlan): a join here
+       -- leads the planner to read and sort every waiting row on each claim.
+       AND s.queue = ANY(ARRAY(SELECT q.name FROM queues q
+                                WHERE q.name = ANY(CAST(:queues AS text[]))
+                                  AND NOT q.paused AND NOT q.strict_fifo
+                                  AND q.concurrency_limit IS NULL))
        AND s.available_at <= statement_timestamp()
-       AND s.queue IN (SELECT q.name FROM queues q
-                        WHERE NOT q.paused AND NOT q.strict_fifo
-                          AND q.concurrency_limit IS NULL)
        AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive')
      ORDER BY s.priority, s.id
      LIMIT :batch
@@ -147,11 +149,13 @@ CLAIM_FIFO = _CLAIM_ONE_QUEUE.format(order="s.id", skip="")
 # outcome other than lease_lost, and it stays unstamped.
 _REJECT = """
 rejected AS (
+    -- By primary key: the tokens of the inputs that were not accepted.
     UPDATE step_attempts a SET rejected_at = statement_timestamp()
-      FROM input
-     WHERE a.claim_token = input.token AND a.rejected_at IS NULL
+     WHERE a.claim_token = ANY(ARRAY(
+               SELECT i.token FROM input i
+                WHERE NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = i.id)))
+       AND a.rejected_at IS NULL
        AND (a.outcome IS NULL OR a.outcome = 'lease_lost')
-       AND NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = input.id)
 )
 """
 
@@ -172,9 +176,10 @@ WITH input AS (
       FROM done WHERE a.claim_token = done.claim_token
 ), repeated AS (
     -- A retry of an accepted completion (its reply was lost) is accepted again,
-    -- changing nothing.
-    SELECT s.id FROM steps s JOIN input ON s.id = input.id
-     WHERE s.claim_token = input.token AND s.status = 'completed'
+    -- changing nothing. Looked up by primary key, one input row at a time.
+    SELECT input.id FROM input
+     WHERE (SELECT s.status = 'completed' AND s.claim_token = input.token
+              FROM steps s WHERE s.id = input.id)
 ),"""
     + _REJECT.format(done="done")
     + "SELECT id FROM done UNION ALL SELECT id FROM repeated"
@@ -188,9 +193,10 @@ WITH input AS (
 ), failed AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
-           -- A step whose cancel was requested ends cancelled rather than run again.
-           status = CASE WHEN s.cancel_requested THEN 'cancelled'
-                         WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'failed' END,
+           -- A step whose cancel was requested ends cancelled rather than run again
+           -- (unless that was its last attempt: dead iff attempts are spent).
+           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead'
+                         WHEN s.cancel_requested THEN 'cancelled' ELSE 'failed' END,
            finished_at = CASE WHEN s.cancel_requested OR s.attempts + 1 >= s.max_attempts
                               THEN statement_timestamp() END,
            available_at = statement_timestamp() + """
@@ -287,7 +293,8 @@ STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
 
 # A (re)registering pod holds no work from before: whatever its id still has
 # claimed is requeued now, spending an attempt, as recovery would.
-REGISTER_POD = """
+REGISTER_POD = (
+    """
 WITH pod AS (
     INSERT INTO pods (id, incarnation, pid, host, status, started_at, heartbeat_at)
     VALUES (:pod, :incarnation, :pid, :host, 'alive', statement_timestamp(),
@@ -300,11 +307,16 @@ WITH pod AS (
 ), orphans AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
-           status = CASE WHEN s.cancel_requested THEN 'cancelled'
-                         WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
+           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead'
+                         WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
            finished_at = CASE WHEN s.cancel_requested OR s.attempts + 1 >= s.max_attempts
                               THEN statement_timestamp() END,
-           available_at = statement_timestamp(), claimed_by = NULL,
+           -- With backoff, like recovery: a crash-looping pod must not take its
+           -- orphans straight back.
+           available_at = statement_timestamp() + """
+    + _BACKOFF
+    + """,
+           claimed_by = NULL,
            error = 'pod ' || :pod || ' restarted while holding this step'
      WHERE s.status = 'claimed' AND s.claimed_by = :pod
     RETURNING s.claim_token
@@ -314,6 +326,7 @@ WITH pod AS (
 )
 SELECT count(*) FROM orphans
 """
+)
 
 HEARTBEAT = """
 WITH beat AS (
@@ -337,13 +350,23 @@ UPDATE pods SET status = 'stopped', died_at = statement_timestamp()
 """
 
 PODS = """
-SELECT id, incarnation, pid, host, status,
-       extract(epoch FROM statement_timestamp() - heartbeat_at) AS heartbeat_age_s,
-       (SELECT count(*) FROM steps s WHERE s.claimed_by = pods.id
-                                       AND s.status = 'claimed') AS claimed,
-       (SELECT count(*) FROM step_attempts a WHERE a.pod_id = pods.id
-                                               AND a.outcome = 'completed') AS completed
-  FROM pods ORDER BY id
+WITH done AS (
+    SELECT pod_id, count(*) AS n FROM step_attempts WHERE outcome = 'completed'
+     GROUP BY pod_id
+), held AS (
+    SELECT claimed_by, count(*) AS n FROM steps WHERE status = 'claimed' GROUP BY claimed_by
+)
+SELECT p.id, p.incarnation, p.pid, p.host, p.status,
+       extract(epoch FROM statement_timestamp() - p.heartbeat_at) AS heartbeat_age_s,
+       coalesce(held.n, 0) AS claimed, coalesce(done.n, 0) AS completed
+  FROM pods p
+  LEFT JOIN held ON held.claimed_by = p.id
+  LEFT JOIN done ON done.pod_id = p.id
+ ORDER BY p.id
+"""
+
+POD_COUNTS = """
+SELECT count(*) FILTER (WHERE status = 'alive'), count(*) FROM pods
 """
 
 ACQUIRE_LEASE = """
@@ -429,8 +452,8 @@ WITH lease AS (
 ), requeued AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
-           status = CASE WHEN s.cancel_requested THEN 'cancelled'
-                         WHEN s.attempts + 1 >= s.max_attempts THEN 'dead' ELSE 'queued' END,
+           status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead'
+                         WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
            finished_at = CASE WHEN s.cancel_requested OR s.attempts + 1 >= s.max_attempts
                               THEN statement_timestamp() END,
            available_at = statement_timestamp() + """

@@ -48,7 +48,7 @@ DDL: tuple[str, ...] = (
         payload           jsonb NOT NULL DEFAULT '{}'::jsonb,
         attempts          integer NOT NULL DEFAULT 0,
         max_attempts      integer NOT NULL DEFAULT 3 CHECK (max_attempts > 0),
-        idempotency_key   text UNIQUE,
+        idempotency_key   text,
         claimed_by        text,
         claim_token       bigint,
         claimed_at        timestamptz,
@@ -71,8 +71,11 @@ DDL: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS steps_claimed_by
         ON steps (claimed_by) WHERE status = 'claimed'
     """,
+    # Partial, so the many steps without a key cost this index nothing when
+    # they change status.
     """
-    CREATE INDEX IF NOT EXISTS steps_queue_status ON steps (queue, status)
+    CREATE UNIQUE INDEX IF NOT EXISTS steps_idempotency_key
+        ON steps (idempotency_key) WHERE idempotency_key IS NOT NULL
     """,
     """
     CREATE TABLE IF NOT EXISTS step_attempts (
@@ -90,8 +93,6 @@ DDL: tuple[str, ...] = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS step_attempts_step ON step_attempts (step_id)",
-    # Per-pod counts for `fleetsim status` without a scan per pod.
-    "CREATE INDEX IF NOT EXISTS step_attempts_pod ON step_attempts (pod_id, outcome)",
     """
     CREATE TABLE IF NOT EXISTS pods (
         id            text PRIMARY KEY,

@@ -239,6 +239,7 @@ class Store:
 
     def configure_queue(self, config: QueueConfig) -> None:
         """Create or update a queue's settings."""
+        _check_queue_name(config.name)
         if config.concurrency_limit is not None and config.concurrency_limit < 1:
             raise ConfigError("a queue's concurrency limit must be at least 1")
         if config.max_length is not None and config.max_length < 1:
@@ -539,8 +540,10 @@ class Store:
         Whatever the id still had claimed from before is requeued, spending an
         attempt: a (re)starting pod holds no work. Returns how many.
         """
+        retry = self.config.retry
         rows = self._rows(
-            q.REGISTER_POD, pod=pod_id, incarnation=incarnation, pid=pid, host=host
+            q.REGISTER_POD, pod=pod_id, incarnation=incarnation, pid=pid, host=host,
+            retry_base=retry.base_s, retry_cap=retry.cap_s, retry_jitter=retry.jitter,
         )
         return int(rows[0][0])
 
@@ -560,6 +563,16 @@ class Store:
     def stop_pod(self, pod_id: str, incarnation: int = 0) -> None:
         """Mark a pod stopped after a graceful shutdown."""
         self._rows(q.STOP_POD + " RETURNING id", pod=pod_id, incarnation=incarnation)
+
+    def pod_counts(self) -> tuple[int, int]:
+        """(alive pods, all pods): cheap, for status lines."""
+        row = self._rows(q.POD_COUNTS)[0]
+        return int(row[0]), int(row[1])
+
+    def analyze(self) -> None:
+        """Refresh the planner's statistics (after a large bulk submit)."""
+        self._rows("ANALYZE steps")
+        self._rows("ANALYZE step_attempts")
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod with its state, heartbeat age (DB time), claimed and completed counts."""
@@ -663,9 +676,13 @@ def _claimed(row: Any) -> ClaimedStep:
     )
 
 
-def _check_spec(spec: StepSpec) -> None:
-    if not spec.queue or len(spec.queue) > 200:
+def _check_queue_name(name: str) -> None:
+    if not name or len(name) > 200:
         raise ConfigError("a queue name must be 1 to 200 characters")
+
+
+def _check_spec(spec: StepSpec) -> None:
+    _check_queue_name(spec.queue)
     if spec.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     if not isinstance(spec.payload, dict):
