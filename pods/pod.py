@@ -403,16 +403,22 @@ class Pod:
         t = cfg.timings
         next_renew = 0.0
         next_recovery = 0.0
-        while not self.stopping.wait(min(t.renew_s, t.recovery_s) / 2):
+        while not self.stopping.wait(min(t.renew_s, t.recovery_s, 0.1)):
             now = time.monotonic()
             try:
                 if self.term is None:
                     if now >= next_renew and not self.fenced.is_set():
-                        next_renew = now + t.renew_s
                         lease = self.store.acquire_leadership(cfg.pod_id, t.lease_s)
                         if lease is not None:
                             self._set_term(lease.term)
+                            next_renew = now + t.renew_s
                             next_recovery = now
+                        else:
+                            # Try again right when the holder's lease runs out
+                            # (DB time, as reported), not up to a renew period later.
+                            holder = self.store.current_leader()
+                            wait = holder.expires_in_s + 0.02 if holder else 0.05
+                            next_renew = now + min(t.renew_s, max(0.02, wait))
                     continue
                 if now >= next_renew:
                     next_renew = now + t.renew_s
