@@ -571,8 +571,9 @@ class Store:
 
     def analyze(self) -> None:
         """Refresh the planner's statistics (after a large bulk submit)."""
-        self._rows("ANALYZE steps")
-        self._rows("ANALYZE step_attempts")
+        with self._errors(), self._auto.connect() as conn:
+            conn.execute(sa.text("ANALYZE steps"))
+            conn.execute(sa.text("ANALYZE step_attempts"))
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod with its state, heartbeat age (DB time), claimed and completed counts."""

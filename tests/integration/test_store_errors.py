@@ -181,3 +181,17 @@ def test_bad_arguments_are_config_errors_and_write_nothing(
 
     assert sql(store_config, "SELECT count(*) FROM steps") == [(0,)]
     assert sql(store_config, "SELECT count(*) FROM queues") == [(0,)]
+
+
+@pytest.mark.timeout(30)
+def test_analyze_refreshes_statistics(store) -> None:  # type: ignore[no-untyped-def]
+    from fleetsim.store import StepSpec
+
+    store.submit_many([StepSpec()] * 50)
+    store.analyze()
+    assert sql_rows_estimate(store) > 0
+
+
+def sql_rows_estimate(store) -> int:  # type: ignore[no-untyped-def]
+    return int(store._rows("SELECT reltuples FROM pg_class WHERE relname = 'steps'"
+                           " AND relnamespace = to_regnamespace(current_schema())")[0][0])
