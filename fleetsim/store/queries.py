@@ -75,11 +75,12 @@ SELECT id, idempotency_key FROM steps WHERE idempotency_key = ANY(CAST(:keys AS 
 _CLAIM_PICKED = """
 , claimed AS (
     UPDATE steps s
-       SET status = 'claimed', claimed_by = :pod,
-           claim_token = nextval('claim_token_seq'),
+       SET status = 'claimed', claimed_by = :pod, claim_token = picked.token,
            claimed_at = statement_timestamp(), cancel_requested = false
       FROM picked
-     WHERE s.id = picked.id
+     -- The array lets a generic (cached) plan find the rows by primary key
+     -- whatever the batch size.
+     WHERE s.id = ANY(ARRAY(SELECT id FROM picked)) AND s.id = picked.id
     RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
               s.claim_token
 ), recorded AS (
@@ -93,7 +94,9 @@ SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
 CLAIM = (
     """
 WITH picked AS (
-    SELECT s.id
+    -- Tokens are drawn here, in claim order (priority, id), whatever order
+    -- the update visits the rows in.
+    SELECT s.id, nextval('claim_token_seq') AS token
       FROM steps s
      WHERE s.status IN ('queued', 'failed')
        -- The claimable queues as a constant array (an InitPlan): a join here
@@ -125,7 +128,7 @@ COUNT_CLAIMED = "SELECT count(*) FROM steps WHERE queue = :queue AND status = 'c
 _CLAIM_ONE_QUEUE = (
     """
 WITH picked AS (
-    SELECT s.id
+    SELECT s.id, nextval('claim_token_seq') AS token
       FROM steps s
      WHERE s.status IN ('queued', 'failed')
        AND s.queue = :queue

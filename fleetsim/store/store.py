@@ -8,7 +8,9 @@ strict FIFO order. The SQL lives in :mod:`fleetsim.store.queries`.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg2
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -119,6 +122,7 @@ class Store:
         # multi-statement transactions use a second pool in READ COMMITTED.
         self._auto: Engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **common)
         self._tx: Engine = sa.create_engine(url, **common)
+        self._hooks: list[Callable[[], None]] = []
         self._special_queues: frozenset[str] = frozenset()
         self._special_queues_at = float("-inf")
         self._lock = threading.Lock()
@@ -159,7 +163,51 @@ class Store:
 
     def _rows(self, sql: str, **params: Any) -> list[Any]:
         with self._errors(), self._auto.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
+            return list(conn.execute(_text(sql), params))
+
+    def _hot(self, statement: _Prepared, **params: Any) -> list[Any]:
+        """Run a hot-path statement as a prepared statement on a pooled connection.
+
+        Planning these CTEs costs more than running them, and SQLAlchemy's
+        result machinery costs more than the driver: so each connection
+        prepares the hot statements once (with generic plans) and runs them
+        through the bare psycopg2 cursor. Statement hooks still apply.
+        """
+        with self._errors():
+            try:
+                raw = self._auto.raw_connection()
+            except psycopg2.Error as exc:  # the pool hands the driver's error through
+                raise sa_exc.DBAPIError.instance(
+                    statement.execute_py, params, exc, psycopg2.Error
+                ) from exc
+            try:
+                cursor = raw.cursor()
+                try:
+                    for hook in self._hooks:
+                        hook()
+                    prepared = raw.info.setdefault("fleetsim_prepared", set())
+                    if not prepared:
+                        cursor.execute("SET plan_cache_mode = force_generic_plan")
+                    for other in _HOT:
+                        if other.name not in prepared:
+                            cursor.execute(other.prepare)
+                            prepared.add(other.name)
+                    cursor.execute(statement.execute_py, params)
+                    return list(cursor.fetchall())
+                finally:
+                    cursor.close()
+            except InjectedFault as fault:
+                if fault.disconnect:
+                    raw.invalidate()
+                raise
+            except psycopg2.Error as exc:
+                if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+                    raw.invalidate()
+                raise sa_exc.DBAPIError.instance(
+                    statement.execute_py, params, exc, psycopg2.Error
+                ) from exc
+            finally:
+                raw.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -184,6 +232,7 @@ class Store:
 
         for engine in (self._auto, self._tx):
             event.listen(engine, "before_cursor_execute", before_execute)
+        self._hooks.append(hook)  # the hot path runs hooks itself (see _hot)
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -331,12 +380,12 @@ class Store:
         self, specs: Sequence[StepSpec], items: str, names: list[str]
     ) -> list[Any]:
         with self._transaction() as conn:
-            limited = list(conn.execute(sa.text(q.LOCK_LIMITED_QUEUES), {"names": names}))
+            limited = list(conn.execute(_text(q.LOCK_LIMITED_QUEUES), {"names": names}))
             keys = [s.idempotency_key for s in specs if s.idempotency_key]
             existing = set()
             if keys:
                 existing = {
-                    row[1] for row in conn.execute(sa.text(q.STEPS_BY_KEY), {"keys": keys})
+                    row[1] for row in conn.execute(_text(q.STEPS_BY_KEY), {"keys": keys})
                 }
             # Count what will really be inserted: a key already stored, or
             # repeated within this batch, adds one row at most.
@@ -350,10 +399,10 @@ class Store:
                 adding_by_queue[spec.queue] = adding_by_queue.get(spec.queue, 0) + 1
             for name, max_length in limited:
                 adding = adding_by_queue.get(name, 0)
-                depth = conn.execute(sa.text(q.QUEUE_DEPTH), {"queue": name}).scalar_one()
+                depth = conn.execute(_text(q.QUEUE_DEPTH), {"queue": name}).scalar_one()
                 if depth + adding > max_length:
                     raise QueueFull(name, max_length, depth, adding)
-            return list(conn.execute(sa.text(q.INSERT_STEPS), {"items": items}))
+            return list(conn.execute(_text(q.INSERT_STEPS), {"items": items}))
 
     def _ids_in_order(self, specs: Sequence[StepSpec], rows: list[Any]) -> list[int]:
         if len(rows) == len(specs):
@@ -389,8 +438,8 @@ class Store:
         if batch < 1:
             raise ConfigError("batch must be at least 1")
         queue_list = list(queues)
-        rows = self._rows(
-            q.CLAIM, queues=queue_list, pod=pod_id, batch=batch, incarnation=incarnation
+        rows = self._hot(
+            _CLAIM, queues=queue_list, pod=pod_id, batch=batch, incarnation=incarnation
         )
         claimed = [_claimed(row) for row in rows]
         if len(claimed) < batch:
@@ -418,18 +467,18 @@ class Store:
         self, queue: str, pod_id: str, batch: int, incarnation: int
     ) -> list[ClaimedStep]:
         with self._transaction() as conn:
-            config = conn.execute(sa.text(q.LOCK_QUEUE), {"queue": queue}).first()
+            config = conn.execute(_text(q.LOCK_QUEUE), {"queue": queue}).first()
             if config is None or config.paused:
                 return []
             limit, fifo = config.concurrency_limit, config.strict_fifo
             if limit is not None:
-                running = conn.execute(sa.text(q.COUNT_CLAIMED), {"queue": queue}).scalar_one()
+                running = conn.execute(_text(q.COUNT_CLAIMED), {"queue": queue}).scalar_one()
                 batch = min(batch, limit - running)
                 if batch <= 0:
                     return []
             sql = q.CLAIM_FIFO if fifo else q.CLAIM_LIMITED
             rows = conn.execute(
-                sa.text(sql),
+                _text(sql),
                 {"queue": queue, "pod": pod_id, "batch": batch, "incarnation": incarnation},
             )
             return [_claimed(row) for row in rows]
@@ -449,7 +498,7 @@ class Store:
         payload = [{"id": i, "token": t, "result": r} for i, t, r in items]
         if not payload:
             return set()
-        return {int(row[0]) for row in self._rows(q.COMPLETE, items=_to_json(payload))}
+        return {int(row[0]) for row in self._hot(_COMPLETE, items=_to_json(payload))}
 
     def fail(self, step_id: int, claim_token: int, error: str) -> FailOutcome:
         """Fail a claimed step: retry after backoff, or dead (DLQ) at max_attempts."""
@@ -463,8 +512,8 @@ class Store:
         if not payload:
             return {}
         retry = self.config.retry
-        rows = self._rows(
-            q.FAIL, items=_to_json(payload), retry_base=retry.base_s,
+        rows = self._hot(
+            _FAIL, items=_to_json(payload), retry_base=retry.base_s,
             retry_cap=retry.cap_s, retry_jitter=retry.jitter,
         )
         return {
@@ -484,7 +533,7 @@ class Store:
         payload = [{"id": i, "token": t} for i, t in items]
         if not payload:
             return set()
-        return {int(row[0]) for row in self._rows(q.RELEASE, items=_to_json(payload))}
+        return {int(row[0]) for row in self._hot(_RELEASE, items=_to_json(payload))}
 
     # -- cancel -----------------------------------------------------------
 
@@ -553,11 +602,13 @@ class Store:
         ``alive`` is False when the pod was declared dead or another
         incarnation replaced it: the pod must stop working on its steps.
         """
-        row = self._rows(q.HEARTBEAT, pod=pod_id, incarnation=incarnation)[0]
+        alive, known_incarnation, cancel_ids, cancel_tokens = self._hot(
+            _HEARTBEAT, pod=pod_id, incarnation=incarnation
+        )[0]
         return Heartbeat(
-            alive=bool(row.alive),
-            incarnation=row.incarnation,
-            cancel_requested=tuple(zip(row.cancel_ids, row.cancel_tokens, strict=True)),
+            alive=bool(alive),
+            incarnation=known_incarnation,
+            cancel_requested=tuple(zip(cancel_ids, cancel_tokens, strict=True)),
         )
 
     def stop_pod(self, pod_id: str, incarnation: int = 0) -> None:
@@ -668,6 +719,45 @@ class LeaderTransaction:
                 f"{self.pod_id}'s lease for term {self.term} expired during the transaction"
             )
         return bool(row.marked)
+
+
+_BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A named statement as PREPARE text (binds as $n) and EXECUTE text (pyformat)."""
+
+    name: str
+    prepare: str
+    execute_py: str
+
+
+def _prepared(name: str, sql: str) -> _Prepared:
+    order: list[str] = []
+
+    def positional(match: re.Match[str]) -> str:
+        if match.group(1) not in order:
+            order.append(match.group(1))
+        return f"${order.index(match.group(1)) + 1}"
+
+    body = _BIND.sub(positional, sql)
+    args = ", ".join(f"%({p})s" for p in order)
+    return _Prepared(name, f"PREPARE {name} AS {body}", f"EXECUTE {name}({args})")
+
+
+_CLAIM = _prepared("fleetsim_claim", q.CLAIM)
+_COMPLETE = _prepared("fleetsim_complete", q.COMPLETE)
+_FAIL = _prepared("fleetsim_fail", q.FAIL)
+_RELEASE = _prepared("fleetsim_release", q.RELEASE)
+_HEARTBEAT = _prepared("fleetsim_heartbeat", q.HEARTBEAT)
+_HOT = (_CLAIM, _COMPLETE, _FAIL, _RELEASE, _HEARTBEAT)
+
+
+@functools.lru_cache(maxsize=256)
+def _text(sql: str) -> sa.TextClause:
+    """text() parses its binds with a regex on every construction: build each once."""
+    return sa.text(sql)
 
 
 def _claimed(row: Any) -> ClaimedStep:
