@@ -55,8 +55,6 @@ from fleetsim.store.url import redact, validate_schema_name, validate_url
 # trusted. A stale list never breaks a limit: the fast path excludes those
 # queues in SQL; staleness only delays their claims.
 _SPECIAL_QUEUES_TTL_S = 1.0
-# Rows per INSERT statement of a large submit (see Store._submit_chunked).
-_SUBMIT_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -353,38 +351,22 @@ class Store:
             return []
         for spec in specs:
             _check_spec(spec)
-        items = _items_json(specs)
-        if len(specs) > _SUBMIT_CHUNK:
-            rows = self._submit_chunked(specs)
-        else:
-            rows = self._rows(q.SUBMIT_MANY, items=items)
+        items = _to_json([
+            {
+                "queue": s.queue,
+                "priority": s.priority,
+                "payload": s.payload,
+                "max_attempts": s.max_attempts,
+                "idempotency_key": s.idempotency_key,
+            }
+            for s in specs
+        ])
+        rows = self._rows(q.SUBMIT_MANY, items=items)
         if len(rows) < len(specs) and not rows:
             names = sorted({s.queue for s in specs})
             if self._has_max_length(names):
                 rows = self._submit_locked(specs, items, names)
         return self._ids_in_order(specs, rows)
-
-    def _submit_chunked(self, specs: Sequence[StepSpec]) -> list[Any]:
-        """A large submit as several statements in one transaction (all or nothing).
-
-        PostgreSQL handles ten 10,000-row inserts faster than one of 100,000
-        (the JSON document and the sort stay small). If a chunk inserts
-        nothing, a queue has a max length: roll back, the caller takes the
-        locked path.
-        """
-        rows: list[Any] = []
-        try:
-            with self._transaction() as conn:
-                for start in range(0, len(specs), _SUBMIT_CHUNK):
-                    chunk = specs[start:start + _SUBMIT_CHUNK]
-                    got = list(conn.execute(_text(q.SUBMIT_MANY),
-                                            {"items": _items_json(chunk)}))
-                    if not got:
-                        raise _RollBack
-                    rows += got
-        except _RollBack:
-            return []
-        return rows
 
     def _has_max_length(self, names: list[str]) -> bool:
         found = self._rows(
@@ -783,23 +765,6 @@ def _claimed(row: Any) -> ClaimedStep:
         id=int(row[0]), queue=row[1], priority=int(row[2]), payload=row[3],
         attempts=int(row[4]), max_attempts=int(row[5]), claim_token=int(row[6]),
     )
-
-
-class _RollBack(Exception):
-    """Leave a transaction block, rolling it back."""
-
-
-def _items_json(specs: Sequence[StepSpec]) -> str:
-    return _to_json([
-        {
-            "queue": s.queue,
-            "priority": s.priority,
-            "payload": s.payload,
-            "max_attempts": s.max_attempts,
-            "idempotency_key": s.idempotency_key,
-        }
-        for s in specs
-    ])
 
 
 def _check_queue_name(name: str) -> None:
