@@ -339,3 +339,18 @@ def test_a_paused_queue_yields_no_claims_until_resumed(
 def test_pausing_an_unknown_queue_is_an_error(store: Store) -> None:
     with pytest.raises(StoreError, match="nope"):
         store.set_queue_paused("nope", True)
+
+
+@pytest.mark.timeout(60)
+def test_a_large_submit_into_a_limited_queue_is_all_or_nothing(store) -> None:  # type: ignore[no-untyped-def]
+    from fleetsim.errors import QueueFull
+    from fleetsim.store import QueueConfig
+
+    store.configure_queue(QueueConfig("big", max_length=15_000))
+    with pytest.raises(QueueFull):
+        store.submit_many([StepSpec("big")] * 25_000)
+    assert store.status_counts()["queued"] == 0
+    ids = store.submit_many([StepSpec("big")] * 12_000)
+    assert len(ids) == 12_000 and ids == sorted(ids)
+    more = store.submit_many([StepSpec("default")] * 25_000)
+    assert len(more) == 25_000 and more == sorted(more) and more[0] > ids[-1]
