@@ -195,3 +195,45 @@ def test_analyze_refreshes_statistics(store) -> None:  # type: ignore[no-untyped
 def sql_rows_estimate(store) -> int:  # type: ignore[no-untyped-def]
     return int(store._rows("SELECT reltuples FROM pg_class WHERE relname = 'steps'"
                            " AND relnamespace = to_regnamespace(current_schema())")[0][0])
+
+
+@pytest.mark.timeout(30)
+def test_a_terminated_backend_is_store_unavailable_then_recovers(store_config) -> None:  # type: ignore[no-untyped-def]
+    import psycopg2
+
+    from fleetsim.errors import StoreUnavailable
+    from fleetsim.store import Store, StoreConfig
+
+    with Store(StoreConfig(store_config.url, schema=store_config.schema, pool_size=1)) as s:
+        pid = s._rows("SELECT pg_backend_pid()")[0][0]
+        admin = psycopg2.connect(store_config.url)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        admin.close()
+        with pytest.raises(StoreUnavailable) as caught:
+            s.status_counts()
+        assert "\n" not in str(caught.value)
+        assert s.status_counts()["queued"] == 0  # a fresh connection from the pool
+
+
+@pytest.mark.timeout(30)
+def test_a_missing_schema_is_schema_mismatch_on_any_operation(pg_url: str) -> None:
+    from fleetsim.errors import SchemaMismatch
+    from fleetsim.store import Store, StoreConfig
+
+    with Store(StoreConfig(pg_url, schema="no_such_schema_here")) as s:
+        with pytest.raises(SchemaMismatch, match="run `fleetsim init`"):
+            s.status_counts()
+        with pytest.raises(SchemaMismatch):
+            s.claim_steps("pod-x")
+
+
+def test_url_helpers_never_leak_and_know_sockets() -> None:
+    from fleetsim.store.url import host_port, redact, with_host_port
+
+    assert redact("postgresql://u:pw@[::1") == "<unparseable URL>"
+    assert host_port("postgresql:///db?host=/run/postgresql") is None
+    assert host_port("postgresql://u@db.example:6543/x") == ("db.example", 6543)
+    moved = with_host_port("postgresql://u:pw@db:5432/x?sslmode=disable", "127.0.0.1", 40000)
+    assert moved == "postgresql://u:pw@127.0.0.1:40000/x?sslmode=disable"
