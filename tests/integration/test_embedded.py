@@ -312,3 +312,18 @@ def test_deep_pgdata_gets_a_short_socket_directory(
 
     pg.stop()
     assert not Path(socket_dir).exists()
+
+
+@pytest.mark.timeout(60)
+def test_state_of_a_server_never_started(make_pg: Callable[..., EmbeddedPostgres],
+                                         base_dir: Path) -> None:
+    pg = make_pg()
+    assert not pg.is_running()
+    assert pg.pid is None
+    with pytest.raises(StoreUnavailable, match="no port yet"):
+        _ = pg.port
+    pg.stop()  # stopping what never ran is a no-op
+    assert "EmbeddedPostgres(" in repr(pg)
+    assert pg.log_path.parent == pg.pgdata
+    with pytest.raises(ValueError, match="port must be"):
+        EmbeddedPostgres(base_dir / "other", port=70000)
