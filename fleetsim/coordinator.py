@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fleetsim.config import FleetTimings
-from fleetsim.errors import ConfigError, FleetsimError, StoreUnavailable
+from fleetsim.errors import ConfigError, FleetsimError
 from fleetsim.rundir import RunDir, pid_alive
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
 from fleetsim.store.url import host_port, with_host_port
@@ -390,6 +390,7 @@ class Coordinator:
         assert self.store is not None
         spec = self.spec
         left = spec.steps
+        # Steps carry no workload of their own: the pods' --workload applies.
         payload: dict[str, object] = {}
         chunk = _SUBMIT_CHUNK if spec.rate <= 0 else max(1, int(spec.rate / 10))
         next_at = time.monotonic()
@@ -587,7 +588,6 @@ __all__ = [
     "Coordinator",
     "FleetSpec",
     "PodProcess",
-    "StoreUnavailable",
     "describe_returncode",
     "stop_detached_fleet",
 ]
