@@ -59,7 +59,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import secrets
 import shutil
@@ -71,7 +70,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +80,7 @@ import psycopg2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fleet
 from bench_fleet import KILL_JITTER_S, Bench, BenchError, Fleet, dist, wait_for
-from bench_store import connect, log
+from bench_store import log
 
 DEFAULT_URL = bench_fleet.DEFAULT_URL
 APP = "fleetsim-bench-chaos"
@@ -682,30 +680,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        probe = connect(args.store, None, APP)
-        with probe.cursor() as cur:
-            cur.execute("SELECT current_setting('server_version')")
-            (version,) = cur.fetchone()
-        probe.close()
-    except psycopg2.Error as exc:
-        print(f"bench_chaos: cannot connect: {str(exc).strip().splitlines()[0]}",
-              file=sys.stderr)
-        return 2
     from fleetsim.config import FleetTimings
 
-    meta: dict[str, Any] = {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
-        "server_version": version, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "repeat": args.repeat,
-        "steps": args.steps, "requests": args.requests, "parts": args.parts,
-        "lease_s": FleetTimings().lease_s,
-    }
+    meta = bench_fleet.start_meta(
+        args.store, APP, "bench_chaos", repeat=args.repeat, steps=args.steps,
+        requests=args.requests, parts=args.parts, lease_s=FleetTimings().lease_s,
+    )
+    if meta is None:
+        return 2
     raw: dict[str, Any] = {}
     bench: Bench | None = None
     code = 0
@@ -744,15 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
     if code == 130:
         return code
-    meta["loadavg_end"] = os.getloadavg()
-    summary = summarise(raw)
-    print_report(summary, meta)
-    document = {"meta": meta, "summary": summary, "raw": raw}
-    print()
-    print(json.dumps({"meta": meta, "summary": summary}, indent=2, default=str))
-    if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    bench_fleet.finish_report(meta, raw, args.json, summarise, print_report)
     return code
 
 

@@ -918,29 +918,52 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def start_meta(url: str, app: str, prog: str, **extra: Any) -> dict[str, Any] | None:
+    """Probe the server and describe the run; None (after a one-line error) if unreachable.
+
+    Also turns SIGTERM into KeyboardInterrupt, so a killed benchmark cleans up.
+    """
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        probe = connect(args.store, None, APP)
+        probe = connect(url, None, app)
         with probe.cursor() as cur:
             cur.execute("SELECT current_setting('server_version')")
             (version,) = cur.fetchone()
         probe.close()
     except psycopg2.Error as exc:
-        print(f"bench_fleet: cannot connect: {str(exc).strip().splitlines()[0]}",
-              file=sys.stderr)
-        return 2
-    meta: dict[str, Any] = {
+        print(f"{prog}: cannot connect: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return None
+    return {
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
         "server_version": version, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "repeat": args.repeat,
-        "steps": args.steps, "kills": args.kills, "parts": args.parts,
+        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), **extra,
     }
+
+
+def finish_report(meta: dict[str, Any], raw: dict[str, Any], json_path: str | None,
+                  summarise: Any, print_report: Any) -> None:
+    """Summarise, print the table and the JSON, and write the full document if asked."""
+    meta["loadavg_end"] = os.getloadavg()
+    summary = summarise(raw)
+    print_report(summary, meta)
+    document = {"meta": meta, "summary": summary, "raw": raw}
+    print()
+    print(json.dumps({"meta": meta, "summary": summary}, indent=2, default=str))
+    if json_path:
+        Path(json_path).write_text(json.dumps(document, indent=2, default=str) + "\n")
+        log(f"wrote {json_path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    meta = start_meta(args.store, APP, "bench_fleet", repeat=args.repeat, steps=args.steps,
+                      kills=args.kills, parts=args.parts)
+    if meta is None:
+        return 2
     raw: dict[str, Any] = {}
     bench: Bench | None = None
     code = 0
@@ -969,15 +992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
     if code == 130:
         return code
-    meta["loadavg_end"] = os.getloadavg()
-    summary = summarise(raw)
-    print_report(summary, meta)
-    document = {"meta": meta, "summary": summary, "raw": raw}
-    print()
-    print(json.dumps({"meta": meta, "summary": summary}, indent=2, default=str))
-    if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    finish_report(meta, raw, args.json, summarise, print_report)
     return code
 
 
