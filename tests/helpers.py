@@ -94,3 +94,21 @@ def wait_drained(fleet: Coordinator, store: Store, total: int, timeout: float = 
         return counts["completed"] + counts["dead"] == total
 
     wait_until(drained, timeout, interval=0.2, what=f"{total} steps to finish")
+
+
+def submit_steps(store: Store, count: int, workload: str | None = None) -> list[int]:
+    """Submit ``count`` steps to the default queue, running ``workload`` if given."""
+    from fleetsim.store import StepSpec
+
+    payload = {"workload": workload} if workload else {}
+    return store.submit_many([StepSpec("default", payload)] * count)
+
+
+def wait_lease_loss_logged(log_path: Path, timeout: float) -> None:
+    """Wait until a pod's log says it learned it is no longer leader."""
+
+    def logged() -> bool:
+        text = log_path.read_text()
+        return "lost the leader lease" in text or "leader action refused" in text
+
+    wait_until(logged, timeout, what=f"{log_path.stem} to notice it lost the lease")

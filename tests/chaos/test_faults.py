@@ -9,14 +9,19 @@ import pytest
 from fleetsim.checker import check
 from fleetsim.config import FleetTimings
 from fleetsim.coordinator import Coordinator
-from fleetsim.store import StepSpec, Store, StoreConfig
-from tests.helpers import leader_pod, newer_leader, rows, running_fleet, wait_drained, wait_until
+from fleetsim.store import Store, StoreConfig
+from tests.helpers import (
+    leader_pod,
+    newer_leader,
+    rows,
+    running_fleet,
+    submit_steps,
+    wait_drained,
+    wait_lease_loss_logged,
+    wait_until,
+)
 
 LEASE = FleetTimings().lease_s
-
-
-def load(store: Store, count: int, workload: str) -> None:
-    store.submit_many([StepSpec("default", {"workload": workload})] * count)
 
 
 def drain_and_check(store: Store, fleet: Coordinator, total: int, timeout: float = 90) -> None:
@@ -33,7 +38,7 @@ def busy_pods(store: Store) -> set[str]:
 
 @pytest.mark.timeout(180)
 def test_kill_leader_twice(store: Store, store_config: StoreConfig, tmp_path: Path) -> None:
-    load(store, 1500, "sleep:20")
+    submit_steps(store, 1500, "sleep:20")
     with running_fleet(store_config, tmp_path, pods=4, batch=5, restart=True) as fleet:
         for _ in range(2):
             _, term = leader_pod(store)
@@ -50,16 +55,14 @@ def test_kill_leader_twice(store: Store, store_config: StoreConfig, tmp_path: Pa
 def test_pause_leader_beyond_lease_new_term_no_split_brain(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    load(store, 1500, "sleep:20")
+    submit_steps(store, 1500, "sleep:20")
     with running_fleet(store_config, tmp_path, pods=4, batch=5) as fleet:
         leader, term = leader_pod(store)
         fleet.injector.apply("pause", "leader", {"for": 3 * LEASE})
         wait_until(lambda: newer_leader(store, term), 3 * LEASE,
                    what="a new term while the leader is frozen")
         log = fleet.pods[leader].log_path
-        wait_until(lambda: "lost the leader lease" in log.read_text()
-                   or "leader action refused" in log.read_text(), 4 * LEASE,
-                   what="the frozen leader to learn it lost the lease")
+        wait_lease_loss_logged(log, 4 * LEASE)
         drain_and_check(store, fleet, 1500)
 
 
@@ -67,7 +70,7 @@ def test_pause_leader_beyond_lease_new_term_no_split_brain(
 def test_partition_leader_from_store_replaced_recovered_late_writes_rejected(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    load(store, 2000, "sleep:20")
+    submit_steps(store, 2000, "sleep:20")
     with running_fleet(store_config, tmp_path, pods=4, batch=5) as fleet:
         leader, term = leader_pod(store)
         wait_until(lambda: leader in busy_pods(store), 10, what="the leader to hold steps")
@@ -92,7 +95,7 @@ def test_partition_leader_from_store_replaced_recovered_late_writes_rejected(
 def test_storage_brownout_on_all_pods_still_drains(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    load(store, 1500, "sleep:5")
+    submit_steps(store, 1500, "sleep:5")
     with running_fleet(store_config, tmp_path, pods=4, batch=5) as fleet:
         reply = fleet.injector.apply("storage-fault", "all", {
             "error_rate": 0.2, "latency_ms": 50.0, "for": 5.0})
@@ -107,7 +110,7 @@ def test_storage_brownout_on_all_pods_still_drains(
 def test_bus_partition_does_not_stop_the_data_plane(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    load(store, 1500, "sleep:10")
+    submit_steps(store, 1500, "sleep:10")
     with running_fleet(store_config, tmp_path, pods=3, batch=5) as fleet:
         fleet.injector.apply("partition", "pod-1", {"from": "bus", "for": 4.0})
         before = rows(store, "SELECT count(*) FROM step_attempts WHERE pod_id='pod-1'"
@@ -127,7 +130,7 @@ def test_store_restart_mid_run_loses_nothing(private_tmp: Path) -> None:
     try:
         store = fleet.store
         assert store is not None
-        load(store, 1500, "sleep:10")
+        submit_steps(store, 1500, "sleep:10")
         wait_until(lambda: store.status_counts()["completed"] > 100, 30, what="progress")
         reply = fleet.injector.apply("store-restart", None, {})
         assert reply["new_pid"] != reply["old_pid"]

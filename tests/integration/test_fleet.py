@@ -10,15 +10,18 @@ from pathlib import Path
 import pytest
 
 from fleetsim.config import FleetTimings
-from fleetsim.store import StepSpec, Store, StoreConfig
-from tests.helpers import leader_pod, newer_leader, rows, running_fleet, wait_until
+from fleetsim.store import Store, StoreConfig
+from tests.helpers import (
+    leader_pod,
+    newer_leader,
+    rows,
+    running_fleet,
+    submit_steps,
+    wait_lease_loss_logged,
+    wait_until,
+)
 
 DEFAULT = FleetTimings()
-
-
-def submit(store: Store, count: int, workload: str | None = None) -> list[int]:
-    payload = {"workload": workload} if workload else {}
-    return store.submit_many([StepSpec("default", payload)] * count)
 
 
 def completed_once(store: Store) -> tuple[int, int]:
@@ -35,7 +38,7 @@ def completed_once(store: Store) -> tuple[int, int]:
 @pytest.mark.timeout(120)
 def test_five_pods_drain_2000_steps_each_once(store: Store, store_config: StoreConfig,
                                               tmp_path: Path) -> None:
-    ids = submit(store, 2000)
+    ids = submit_steps(store, 2000)
     with running_fleet(store_config, tmp_path, pods=5, batch=10):
         wait_until(lambda: store.status_counts()["completed"] == 2000, 60, what="drain")
     once, twice = completed_once(store)
@@ -61,7 +64,7 @@ def _pod_holding_steps(store: Store, exclude: str) -> tuple[str, list[int]]:
 def test_sigkill_non_leader_its_steps_are_reclaimed_in_time(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    submit(store, 300, "sleep:100")
+    submit_steps(store, 300, "sleep:100")
     with running_fleet(store_config, tmp_path, pods=4, batch=2) as fleet:
         leader, _ = leader_pod(store)
         victim, held = _pod_holding_steps(store, exclude=leader)
@@ -89,7 +92,7 @@ def test_sigkill_non_leader_its_steps_are_reclaimed_in_time(
 def test_sigkill_leader_new_term_in_time_and_recovery_continues(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    submit(store, 300, "sleep:100")
+    submit_steps(store, 300, "sleep:100")
     with running_fleet(store_config, tmp_path, pods=3, batch=2) as fleet:
         leader, term = leader_pod(store)
         wait_until(lambda: rows(store, "SELECT 1 FROM steps WHERE claimed_by=:p AND"
@@ -118,7 +121,7 @@ def test_sigkill_leader_new_term_in_time_and_recovery_continues(
 def test_sigstop_leader_beyond_lease_loses_it_without_split_brain(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    submit(store, 200, "sleep:50")
+    submit_steps(store, 200, "sleep:50")
     with running_fleet(store_config, tmp_path, pods=3, batch=2) as fleet:
         leader, term = leader_pod(store)
         pid = fleet.pods[leader].pid
@@ -131,9 +134,7 @@ def test_sigstop_leader_beyond_lease_loses_it_without_split_brain(
         finally:
             os.kill(pid, signal.SIGCONT)
         log = fleet.pods[leader].log_path
-        wait_until(lambda: "lost the leader lease" in log.read_text()
-                   or "leader action refused" in log.read_text(), 15,
-                   what="the old leader to notice it lost the lease")
+        wait_lease_loss_logged(log, 15)
         wait_until(lambda: store.status_counts()["completed"] == 200, 60, what="drain")
     assert completed_once(store) == (200, 0)
     overlaps = rows(store, """
@@ -151,7 +152,7 @@ def test_sigstop_leader_beyond_lease_loses_it_without_split_brain(
 def test_sigterm_mid_step_finishes_or_releases_and_exits_0(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
-    submit(store, 40, "sleep:700")
+    submit_steps(store, 40, "sleep:700")
     grace = 5.0
     with running_fleet(store_config, tmp_path, pods=2, batch=4, concurrency=2,
                        timings=FleetTimings(grace_s=grace)) as fleet:
