@@ -129,8 +129,8 @@ SELECT x.*,
          CROSS JOIN generate_series(0, 1) k(k)
          WHERE k.k = 0 OR p.kind <> 'ok') x;
 """),
-    ("step_attempts", """
-INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at,
+    ("finished_attempts", """
+INSERT INTO finished_attempts (claim_token, step_id, pod_id, incarnation, claimed_at,
                            finished_at, outcome, rejected_at)
 SELECT row_number() OVER (ORDER BY a.claimed_at, a.step_id),
        a.step_id,
@@ -226,7 +226,7 @@ def generate(conn: Any, schema: str, n: int) -> dict[str, Any]:
             cur.execute(sql.format(**params))
             timings[name] = round(time.monotonic() - t, 2)
         t = time.monotonic()
-        for table in ("steps", "step_attempts", "leader_actions", "leader_terms", "pods",
+        for table in ("steps", "finished_attempts", "leader_actions", "leader_terms", "pods",
                       "queues"):
             cur.execute(f"VACUUM (ANALYZE) {schema}.{table}")
         timings["vacuum_analyze"] = round(time.monotonic() - t, 2)

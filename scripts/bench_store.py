@@ -11,7 +11,7 @@ Measures, on the server given by ``--url``:
    machine noise hits both;
 3. the ratio store/reference per (processes, batch);
 4. table bytes per queued step (``steps``) and per completed attempt
-   (``step_attempts``).
+   (``finished_attempts``).
 
 Every run (``--repeat N``, median reported) uses its own fresh PostgreSQL
 schema, dropped at the end, also on Ctrl-C or SIGTERM.
@@ -309,7 +309,7 @@ class Run:
             self.checkpoint = False
 
     def reset_store_tables(self) -> None:
-        self.sql("TRUNCATE steps, step_attempts, pods RESTART IDENTITY")
+        self.sql("TRUNCATE steps, finished_attempts, pods RESTART IDENTITY")
 
     # 1. bulk submit + 5. bytes per queued step
 
@@ -464,8 +464,9 @@ class Run:
         if kind == "store":
             (left,) = self.sql("SELECT count(*) FROM steps WHERE status <> 'completed'")[0]
             total_s, total_a, attempts = self.sql(
-                "SELECT pg_total_relation_size('steps'), pg_total_relation_size('step_attempts'),"
-                " (SELECT count(*) FROM step_attempts WHERE outcome = 'completed')"
+                "SELECT pg_total_relation_size('steps'),"
+                " pg_total_relation_size('finished_attempts'),"
+                " (SELECT count(*) FROM finished_attempts WHERE outcome = 'completed')"
             )[0]
             result["steps_bytes_per_completed_step"] = total_s / max(completed, 1)
             result["attempt_bytes_per_completed_attempt"] = total_a / max(attempts, 1)
@@ -580,7 +581,7 @@ def print_report(summary: dict[str, Any], meta: dict[str, Any]) -> None:
         print(f"  steps table         {fmt_range(sub['bytes_per_queued_step'])}"
               " bytes/queued step")
     if "attempt_bytes_per_completed_attempt" in summary:
-        print(f"  step_attempts       "
+        print(f"  finished_attempts   "
               f"{fmt_range(summary['attempt_bytes_per_completed_attempt'])}"
               " bytes/completed attempt")
     print()

@@ -70,22 +70,22 @@ SELECT id, idempotency_key FROM steps WHERE idempotency_key = ANY(CAST(:keys AS 
 
 # The fast path: queues with no concurrency limit, not strict FIFO, not
 # paused. One statement claims, issues tokens and records the attempts.
-# After picking rows, every claim does the same: a fresh token per step and a
-# step_attempts row, in the same statement.
+# After picking rows, every claim does the same: a fresh token per step, and
+# the claim's fields on the step. Those fields are the open attempt (the
+# step_attempts view shows it); its finished_attempts row is written by the
+# statement that ends it.
 _CLAIM_PICKED = """
 , claimed AS (
     UPDATE steps s
        SET status = 'claimed', claimed_by = :pod, claim_token = picked.token,
-           claimed_at = statement_timestamp(), cancel_requested = false
+           claimed_at = statement_timestamp(), claim_incarnation = :incarnation,
+           cancel_requested = false
       FROM picked
      -- The array lets a generic (cached) plan find the rows by primary key
      -- whatever the batch size.
      WHERE s.id = ANY(ARRAY(SELECT id FROM picked)) AND s.id = picked.id
     RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
               s.claim_token
-), recorded AS (
-    INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, claimed_at)
-    SELECT claim_token, id, :pod, :incarnation, statement_timestamp() FROM claimed
 )
 SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
   FROM claimed
@@ -147,20 +147,42 @@ CLAIM_LIMITED = _CLAIM_ONE_QUEUE.format(order="s.priority, s.id", skip="SKIP LOC
 CLAIM_FIFO = _CLAIM_ONE_QUEUE.format(order="s.id", skip="")
 
 # Tokens that a fenced write found superseded are stamped, so the history
-# shows every refused late write. A repeat of a write that was accepted (a
-# retry after a lost reply) is not a stale write: its attempt already has an
-# outcome other than lease_lost, and it stays unstamped.
+# shows every refused late write. A superseded claim has ended (lease_lost),
+# so its row is in finished_attempts. A repeat of a write that was accepted
+# (a retry after a lost reply) is not a stale write: its attempt has another
+# outcome, and it stays unstamped.
 _REJECT = """
 rejected AS (
     -- By primary key: the tokens of the inputs that were not accepted.
-    UPDATE step_attempts a SET rejected_at = statement_timestamp()
+    UPDATE finished_attempts a SET rejected_at = statement_timestamp()
      WHERE a.claim_token = ANY(ARRAY(
                SELECT i.token FROM input i
                 WHERE NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = i.id)))
        AND a.rejected_at IS NULL
-       AND (a.outcome IS NULL OR a.outcome = 'lease_lost')
+       AND a.outcome = 'lease_lost'
 )
 """
+
+# The finished_attempts row of each claim a statement ended: CTE {ended}
+# returns the claim's fields (id, claim_token, pod, claim_incarnation,
+# claimed_at).
+_FINISH = """recorded AS (
+    INSERT INTO finished_attempts (claim_token, step_id, pod_id, incarnation, claimed_at,
+                                   finished_at, outcome)
+    SELECT claim_token, id, pod, coalesce(claim_incarnation, 0), claimed_at,
+           statement_timestamp(), {outcome}
+      FROM {ended}
+)"""
+
+# The steps a fenced write names, locked, with their claim as it is now:
+# FAIL and RELEASE clear claimed_by, so RETURNING cannot give it back.
+_HELD = """held AS (
+    SELECT s.id, s.claimed_by, s.claim_incarnation, s.claimed_at FROM steps s
+     WHERE s.id = ANY(ARRAY(SELECT id FROM input))
+       AND s.status = 'claimed'
+     ORDER BY s.id
+       FOR UPDATE
+)"""
 
 COMPLETE = (
     """
@@ -172,16 +194,16 @@ WITH input AS (
        SET status = 'completed', finished_at = statement_timestamp(),
            result = input.result, cancel_requested = false
       FROM input
-     WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
-    RETURNING s.id, s.claim_token
-), recorded AS (
-    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'completed'
-      FROM done WHERE a.claim_token = done.claim_token
-), repeated AS (
+     WHERE s.id = ANY(ARRAY(SELECT id FROM input))
+       AND s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
+    -- A completion keeps the claim's fields: they are the attempt's.
+    RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
+), """ + _FINISH.format(ended="done", outcome="'completed'") + """, repeated AS (
     -- A retry of an accepted completion (its reply was lost) is accepted again,
     -- changing nothing. Looked up by primary key, one input row at a time.
     SELECT input.id FROM input
-     WHERE (SELECT s.status = 'completed' AND s.claim_token = input.token
+     WHERE NOT EXISTS (SELECT 1 FROM done d WHERE d.id = input.id)
+       AND (SELECT s.status = 'completed' AND s.claim_token = input.token
               FROM steps s WHERE s.id = input.id)
 ),"""
     + _REJECT.format(done="done")
@@ -193,7 +215,7 @@ FAIL = (
 WITH input AS (
     SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb))
              AS t(id bigint, token bigint, error text)
-), failed AS (
+), """ + _HELD + """, failed AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
            -- A step whose cancel was requested ends cancelled rather than run again
@@ -206,14 +228,13 @@ WITH input AS (
     + _BACKOFF
     + """,
            error = input.error, claimed_by = NULL, cancel_requested = false
-      FROM input
-     WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
+      FROM input JOIN held ON held.id = input.id
+     WHERE s.id = ANY(ARRAY(SELECT id FROM held))
+       AND s.id = held.id AND s.claim_token = input.token AND s.status = 'claimed'
     RETURNING s.id, s.claim_token, s.status,
-              extract(epoch FROM s.available_at - statement_timestamp()) AS retry_in
-), recorded AS (
-    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'failed'
-      FROM failed WHERE a.claim_token = failed.claim_token
-),"""
+              extract(epoch FROM s.available_at - statement_timestamp()) AS retry_in,
+              held.claimed_by AS pod, held.claim_incarnation, held.claimed_at
+), """ + _FINISH.format(ended="failed", outcome="'failed'") + ""","""
     + _REJECT.format(done="failed")
     + "SELECT id, status, retry_in FROM failed"
 )
@@ -223,19 +244,18 @@ RELEASE = (
     """
 WITH input AS (
     SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb)) AS t(id bigint, token bigint)
-), released AS (
+), """ + _HELD + """, released AS (
     UPDATE steps s
        SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
            finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
            claimed_by = NULL, cancel_requested = false,
            available_at = statement_timestamp()
-      FROM input
-     WHERE s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
-    RETURNING s.id, s.claim_token
-), recorded AS (
-    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'released'
-      FROM released WHERE a.claim_token = released.claim_token
-),"""
+      FROM input JOIN held ON held.id = input.id
+     WHERE s.id = ANY(ARRAY(SELECT id FROM held))
+       AND s.id = held.id AND s.claim_token = input.token AND s.status = 'claimed'
+    RETURNING s.id, s.claim_token, held.claimed_by AS pod, held.claim_incarnation,
+              held.claimed_at
+), """ + _FINISH.format(ended="released", outcome="'released'") + ""","""
     + _REJECT.format(done="released")
     + "SELECT id FROM released"
 )
@@ -250,18 +270,19 @@ UPDATE steps
 RETURNING status
 """
 
-ACK_CANCEL = """
+ACK_CANCEL = (
+    """
 WITH acked AS (
     UPDATE steps s SET status = 'cancelled', finished_at = statement_timestamp(),
                        cancel_requested = false
      WHERE s.id = :id AND s.claim_token = :token AND s.status = 'claimed'
-    RETURNING s.id, s.claim_token
-), recorded AS (
-    UPDATE step_attempts a SET finished_at = statement_timestamp(), outcome = 'cancelled'
-      FROM acked WHERE a.claim_token = acked.claim_token
-)
+    RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
+), """
+    + _FINISH.format(ended="acked", outcome="'cancelled'")
+    + """
 SELECT id FROM acked
 """
+)
 
 STEP_STATUS = "SELECT status FROM steps WHERE id = :id"
 
@@ -322,11 +343,11 @@ WITH pod AS (
            claimed_by = NULL,
            error = 'pod ' || :pod || ' restarted while holding this step'
      WHERE s.status = 'claimed' AND s.claimed_by = :pod
-    RETURNING s.claim_token
-), lost AS (
-    UPDATE step_attempts a SET outcome = 'lease_lost', finished_at = statement_timestamp()
-      FROM orphans WHERE a.claim_token = orphans.claim_token
-)
+    RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
+              s.claimed_at
+), """
+    + _FINISH.format(ended="orphans", outcome="'lease_lost'")
+    + """
 SELECT count(*) FROM orphans
 """
 )
@@ -354,7 +375,7 @@ UPDATE pods SET status = 'stopped', died_at = statement_timestamp()
 
 PODS = """
 WITH done AS (
-    SELECT pod_id, count(*) AS n FROM step_attempts WHERE outcome = 'completed'
+    SELECT pod_id, count(*) AS n FROM finished_attempts WHERE outcome = 'completed'
      GROUP BY pod_id
 ), held AS (
     SELECT claimed_by, count(*) AS n FROM steps WHERE status = 'claimed' GROUP BY claimed_by
@@ -447,7 +468,8 @@ WITH lease AS (
        AND EXISTS (SELECT 1 FROM lease)
     RETURNING p.id
 ), orphans AS (
-    SELECT s.id, s.claimed_by, s.claim_token FROM steps s
+    SELECT s.id, s.claimed_by, s.claim_token, s.claim_incarnation, s.claimed_at
+      FROM steps s
      WHERE s.status = 'claimed'
        AND EXISTS (SELECT 1 FROM lease)
        AND (s.claimed_by IN (SELECT id FROM newly_dead)
@@ -468,11 +490,11 @@ WITH lease AS (
      -- Re-checked after any row lock wait: the token pins the exact claim.
      WHERE s.id = orphans.id AND s.status = 'claimed'
        AND s.claim_token = orphans.claim_token
-    RETURNING s.id, s.claim_token, s.status, orphans.claimed_by AS owner
-), lost AS (
-    UPDATE step_attempts a SET outcome = 'lease_lost', finished_at = statement_timestamp()
-      FROM requeued WHERE a.claim_token = requeued.claim_token
-), log_dead AS (
+    RETURNING s.id, s.claim_token, s.status, orphans.claimed_by AS owner,
+              orphans.claimed_by AS pod, orphans.claim_incarnation, orphans.claimed_at
+), """
+    + _FINISH.format(ended="requeued", outcome="'lease_lost'")
+    + """, log_dead AS (
     INSERT INTO leader_actions (term, pod_id, action, target_pod, at)
     SELECT :term, :pod, 'mark_dead', id, statement_timestamp() FROM newly_dead
 ), log_requeued AS (
@@ -493,17 +515,17 @@ DB_NOW = "SELECT statement_timestamp()"
 
 RUN_SUMMARY = """
 WITH done AS (
-    SELECT step_id, count(*) AS n FROM step_attempts
+    SELECT step_id, count(*) AS n FROM finished_attempts
      WHERE outcome = 'completed' GROUP BY step_id
 )
 SELECT (SELECT count(*) FROM steps) AS submitted,
-       extract(epoch FROM (SELECT max(finished_at) FROM step_attempts
+       extract(epoch FROM (SELECT max(finished_at) FROM finished_attempts
                             WHERE outcome = 'completed')
                           - (SELECT min(claimed_at) FROM step_attempts)) AS window_s,
        (SELECT count(*) FROM done WHERE n > 1) AS duplicates,
        (SELECT count(*) FROM steps s WHERE s.status = 'completed'
            AND NOT EXISTS (SELECT 1 FROM done d WHERE d.step_id = s.id)) AS unbacked,
-       (SELECT count(DISTINCT pod_id) FROM step_attempts
+       (SELECT count(DISTINCT pod_id) FROM finished_attempts
          WHERE outcome = 'completed') AS pods_with_work
 """
 

@@ -7,7 +7,7 @@ new ``SCHEMA_VERSION`` and a note in that document.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Statuses a step moves through. 'failed' means "the last attempt failed and
 # a retry is scheduled at available_at"; it is claimable like 'queued' once
@@ -52,6 +52,9 @@ DDL: tuple[str, ...] = (
         claimed_by        text,
         claim_token       bigint,
         claimed_at        timestamptz,
+        -- The claiming pod's incarnation (with claimed_by, claim_token and
+        -- claimed_at: the open attempt, shown by the step_attempts view).
+        claim_incarnation integer,
         cancel_requested  boolean NOT NULL DEFAULT false,
         available_at      timestamptz NOT NULL DEFAULT now(),
         created_at        timestamptz NOT NULL DEFAULT now(),
@@ -77,22 +80,38 @@ DDL: tuple[str, ...] = (
     CREATE UNIQUE INDEX IF NOT EXISTS steps_idempotency_key
         ON steps (idempotency_key) WHERE idempotency_key IS NOT NULL
     """,
+    # The history of claims is append-only: an attempt is written once, by
+    # the statement that ends it. An open attempt is the claim fields of its
+    # `claimed` step; the step_attempts view (below) shows both as one row
+    # per claim. Writing a row at the claim and updating it at the end cost
+    # two contended writes per step; see docs/architecture.md.
     """
-    CREATE TABLE IF NOT EXISTS step_attempts (
+    CREATE TABLE IF NOT EXISTS finished_attempts (
         claim_token  bigint PRIMARY KEY,
         step_id      bigint NOT NULL,
         pod_id       text NOT NULL,
         incarnation  integer NOT NULL DEFAULT 0,
-        claimed_at   timestamptz NOT NULL DEFAULT now(),
-        finished_at  timestamptz,
-        outcome      text CHECK (outcome IN
+        claimed_at   timestamptz NOT NULL,
+        finished_at  timestamptz NOT NULL,
+        outcome      text NOT NULL CHECK (outcome IN
                      ('completed','failed','lease_lost','released','cancelled')),
         -- Set when the pod later tried to complete or fail with this token
         -- after it had been superseded: the write was refused.
         rejected_at  timestamptz
     )
     """,
-    "CREATE INDEX IF NOT EXISTS step_attempts_step ON step_attempts (step_id)",
+    "CREATE INDEX IF NOT EXISTS finished_attempts_step ON finished_attempts (step_id)",
+    """
+    CREATE OR REPLACE VIEW step_attempts AS
+    SELECT claim_token, step_id, pod_id, incarnation, claimed_at, finished_at, outcome,
+           rejected_at
+      FROM finished_attempts
+    UNION ALL
+    SELECT claim_token, id, claimed_by, coalesce(claim_incarnation, 0), claimed_at,
+           NULL::timestamptz, NULL::text, NULL::timestamptz
+      FROM steps
+     WHERE status = 'claimed'
+    """,
     """
     CREATE TABLE IF NOT EXISTS pods (
         id            text PRIMARY KEY,
@@ -156,6 +175,35 @@ DDL: tuple[str, ...] = (
      GROUP BY q.name
     """,
     """
-    INSERT INTO fleetsim_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING
+    INSERT INTO fleetsim_schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING
     """,
 )
+
+
+# Statements that bring a store at the given version to the next one, run by
+# `fleetsim init` before DDL (which then completes the newer version).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: the attempt history became append-only. step_attempts was a
+    # table written at the claim and updated at the end; now the ended
+    # attempts are the table finished_attempts, and the open ones are the
+    # claim fields of their step.
+    1: (
+        "ALTER TABLE steps ADD COLUMN IF NOT EXISTS claim_incarnation integer",
+        """
+        UPDATE steps s SET claim_incarnation = a.incarnation
+          FROM step_attempts a
+         WHERE a.claim_token = s.claim_token AND s.status = 'claimed'
+        """,
+        "DELETE FROM step_attempts WHERE outcome IS NULL",
+        "ALTER TABLE step_attempts RENAME TO finished_attempts",
+        "ALTER INDEX step_attempts_pkey RENAME TO finished_attempts_pkey",
+        "ALTER INDEX step_attempts_step RENAME TO finished_attempts_step",
+        "UPDATE finished_attempts SET finished_at = claimed_at WHERE finished_at IS NULL",
+        """
+        ALTER TABLE finished_attempts
+            ALTER COLUMN finished_at SET NOT NULL,
+            ALTER COLUMN outcome SET NOT NULL,
+            ALTER COLUMN claimed_at DROP DEFAULT
+        """,
+    ),
+}

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,7 +48,7 @@ from fleetsim.store.records import (
     StepSpec,
     WriteOutcome,
 )
-from fleetsim.store.schema import DDL, SCHEMA_VERSION, STEP_STATUSES
+from fleetsim.store.schema import DDL, MIGRATIONS, SCHEMA_VERSION, STEP_STATUSES
 from fleetsim.store.url import redact, validate_schema_name, validate_url
 
 # How long a cached list of "special" queues (limited or strict FIFO) is
@@ -123,6 +123,10 @@ class Store:
         self._auto: Engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **common)
         self._tx: Engine = sa.create_engine(url, **common)
         self._hooks: list[Callable[[], None]] = []
+        # Connections the hot path keeps checked out between calls: a pool
+        # checkout and return cost more than a claim's own client work.
+        # list.append and list.pop are atomic, so no lock is needed.
+        self._hot_idle: list[Any] = []
         self._special_queues: frozenset[str] = frozenset()
         self._special_queues_at = float("-inf")
         self._lock = threading.Lock()
@@ -175,11 +179,15 @@ class Store:
         """
         with self._errors():
             try:
-                raw = self._auto.raw_connection()
-            except psycopg2.Error as exc:  # the pool hands the driver's error through
-                raise sa_exc.DBAPIError.instance(
-                    statement.execute_py, params, exc, psycopg2.Error
-                ) from exc
+                raw = self._hot_idle.pop()
+            except IndexError:
+                try:
+                    raw = self._auto.raw_connection()
+                except psycopg2.Error as exc:  # the pool hands the driver's error through
+                    raise sa_exc.DBAPIError.instance(
+                        statement.execute_py, params, exc, psycopg2.Error
+                    ) from exc
+            healthy = False
             try:
                 cursor = raw.cursor()
                 try:
@@ -193,7 +201,9 @@ class Store:
                             cursor.execute(other.prepare)
                             prepared.add(other.name)
                     cursor.execute(statement.execute_py, params)
-                    return list(cursor.fetchall())
+                    rows: list[Any] = cursor.fetchall()
+                    healthy = True
+                    return rows
                 finally:
                     cursor.close()
             except InjectedFault as fault:
@@ -207,7 +217,12 @@ class Store:
                     statement.execute_py, params, exc, psycopg2.Error
                 ) from exc
             finally:
-                raw.close()
+                # Only a connection that just worked is kept; any other goes
+                # back to the pool, which resets (or drops) it.
+                if healthy and len(self._hot_idle) < self.config.pool_size:
+                    self._hot_idle.append(raw)
+                else:
+                    raw.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -236,6 +251,9 @@ class Store:
 
     def close(self) -> None:
         """Close every pooled connection."""
+        while self._hot_idle:
+            with suppress(Exception):
+                self._hot_idle.pop().close()
         self._auto.dispose()
         self._tx.dispose()
 
@@ -263,6 +281,13 @@ class Store:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7364001)"))
             if self.config.schema:
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.config.schema}"'))
+            version = 0
+            if conn.execute(sa.text("SELECT to_regclass('fleetsim_schema')")).scalar():
+                version = conn.execute(
+                    sa.text("SELECT coalesce(max(version), 0) FROM fleetsim_schema")
+                ).scalar_one()
+            for statement in MIGRATIONS.get(version, ()):
+                conn.execute(sa.text(statement))
             for statement in DDL:
                 conn.execute(sa.text(statement))
 
@@ -433,7 +458,9 @@ class Store:
         """Claim up to ``batch`` steps for ``pod_id`` (which must be registered and alive).
 
         Ordered by priority (lower first), then id. Each claimed step gets a
-        fresh claim token and a ``step_attempts`` row.
+        fresh claim token and a row in the ``step_attempts`` view (an open
+        attempt, kept on the step; its ``finished_attempts`` row is written
+        by the statement that ends it).
         """
         if batch < 1:
             raise ConfigError("batch must be at least 1")
@@ -624,7 +651,7 @@ class Store:
         """Refresh the planner's statistics (after a large bulk submit)."""
         with self._errors(), self._auto.connect() as conn:
             conn.execute(sa.text("ANALYZE steps"))
-            conn.execute(sa.text("ANALYZE step_attempts"))
+            conn.execute(sa.text("ANALYZE finished_attempts"))
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod with its state, heartbeat age (DB time), claimed and completed counts."""
@@ -760,11 +787,8 @@ def _text(sql: str) -> sa.TextClause:
     return sa.text(sql)
 
 
-def _claimed(row: Any) -> ClaimedStep:
-    return ClaimedStep(
-        id=int(row[0]), queue=row[1], priority=int(row[2]), payload=row[3],
-        attempts=int(row[4]), max_attempts=int(row[5]), claim_token=int(row[6]),
-    )
+# The claim statements return exactly ClaimedStep's fields, in its order.
+_claimed = ClaimedStep._make
 
 
 def _check_queue_name(name: str) -> None:

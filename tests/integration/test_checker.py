@@ -46,7 +46,7 @@ DEAD_AFTER_S = 0.5
 TABLES = (
     "queues",
     "steps",
-    "step_attempts",
+    "finished_attempts",
     "pods",
     "leader_lease",
     "leader_terms",
@@ -359,8 +359,8 @@ def test_completed_step_reverted_to_queued_is_lost(history: History) -> None:
 def test_second_accepted_completion_is_duplicate(history: History) -> None:
     step_id, token, _ = _single_attempt_completed(history.db)
     extra = history.db.one(
-        """INSERT INTO step_attempts (claim_token, step_id, pod_id, claimed_at, finished_at,
-                                      outcome)
+        """INSERT INTO finished_attempts (claim_token, step_id, pod_id, claimed_at,
+                                          finished_at, outcome)
            SELECT nextval('claim_token_seq'), step_id, 'pod-2', finished_at + interval '1 s',
                   finished_at + interval '2 s', 'completed'
              FROM step_attempts WHERE claim_token = %s
@@ -387,7 +387,7 @@ def test_completion_with_superseded_token_is_stale(history: History) -> None:
     # What a store without the token fence records: the old owner's completion
     # lands while the new claim runs, and the new owner's write is refused.
     db.all(
-        """UPDATE step_attempts a
+        """UPDATE finished_attempts a
               SET outcome = 'completed',
                   finished_at = b.claimed_at + (b.finished_at - b.claimed_at) / 2
              FROM step_attempts b
@@ -395,12 +395,14 @@ def test_completion_with_superseded_token_is_stale(history: History) -> None:
         old,
         new,
     )
+    # It then took the step back from the new owner (an attempt spent) and
+    # refused that owner's write.
     db.all(
-        """UPDATE step_attempts SET rejected_at = finished_at, finished_at = NULL,
-                                    outcome = NULL
+        """UPDATE finished_attempts SET outcome = 'lease_lost', rejected_at = finished_at
             WHERE claim_token = %s""",
         new,
     )
+    db.all("UPDATE steps SET attempts = attempts + 1 WHERE id = %s", step_id)
     report = check(history.store)
     (witness,) = only(report, "stale_write")
     assert witness["step_id"] == step_id
@@ -418,7 +420,7 @@ def test_revoked_claim_accepted_is_stale(history: History) -> None:
         """SELECT la.step_id, la.claim_token, la.term FROM leader_actions la
             WHERE la.action = 'requeue' ORDER BY la.id LIMIT 1"""
     )
-    db.all("UPDATE step_attempts SET outcome = 'failed' WHERE claim_token = %s", token)
+    db.all("UPDATE finished_attempts SET outcome = 'failed' WHERE claim_token = %s", token)
     (witness,) = only(check(history.store), "stale_write")
     assert (witness["step_id"], witness["claim_token"]) == (step_id, token)
     assert witness["revoked_in_term"] == term
@@ -478,8 +480,8 @@ def test_strict_fifo_claimed_out_of_order(history: History) -> None:
     for offset, step_id in ((0, second), (10, first)):
         db.all(
             """WITH a AS (
-                   INSERT INTO step_attempts (claim_token, step_id, pod_id, claimed_at,
-                                              finished_at, outcome)
+                   INSERT INTO finished_attempts (claim_token, step_id, pod_id,
+                                                  claimed_at, finished_at, outcome)
                    VALUES (nextval('claim_token_seq'), %s, 'pod-1',
                            statement_timestamp() + make_interval(secs => 3600 + %s),
                            statement_timestamp() + make_interval(secs => 3601 + %s),
@@ -512,8 +514,8 @@ def test_concurrency_limit_exceeded(history: History) -> None:
     # LIMIT + 1 attempts of the limited queue that overlap one another.
     db.all(
         """WITH a AS (
-               INSERT INTO step_attempts (claim_token, step_id, pod_id, claimed_at,
-                                          finished_at, outcome)
+               INSERT INTO finished_attempts (claim_token, step_id, pod_id, claimed_at,
+                                              finished_at, outcome)
                SELECT nextval('claim_token_seq'), id, 'pod-' || (id %% 3 + 1),
                       statement_timestamp() + interval '1 h' + id * interval '1 ms',
                       statement_timestamp() + interval '1 h 1 s', 'completed'

@@ -237,3 +237,52 @@ def test_url_helpers_never_leak_and_know_sockets() -> None:
     assert host_port("postgresql://u@db.example:6543/x") == ("db.example", 6543)
     moved = with_host_port("postgresql://u:pw@db:5432/x?sslmode=disable", "127.0.0.1", 40000)
     assert moved == "postgresql://u:pw@127.0.0.1:40000/x?sslmode=disable"
+
+
+# The v1 attempt table: written at the claim, updated at the end.
+_V1_STEP_ATTEMPTS = """
+CREATE TABLE step_attempts (
+    claim_token bigint PRIMARY KEY, step_id bigint NOT NULL, pod_id text NOT NULL,
+    incarnation integer NOT NULL DEFAULT 0, claimed_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz, outcome text, rejected_at timestamptz);
+CREATE INDEX step_attempts_step ON step_attempts (step_id)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_init_migrates_a_version_1_store_keeping_its_history(
+    store: Store, store_config: StoreConfig
+) -> None:
+    store.register_pod("pod-a", incarnation=4)
+    done, held = store.submit_many([StepSpec(payload={"n": 1}), StepSpec(payload={"n": 2})])
+    # Turn this fresh store into a version-1 one holding one completed
+    # attempt and one open claim (incarnation 4), as v1 recorded them.
+    sql(store_config, """
+        DROP VIEW step_attempts; DROP TABLE finished_attempts;
+        ALTER TABLE steps DROP COLUMN claim_incarnation;
+        DELETE FROM fleetsim_schema; INSERT INTO fleetsim_schema (version) VALUES (1);
+    """ + _V1_STEP_ATTEMPTS + """;
+        UPDATE steps SET status = 'completed', claimed_by = 'pod-a', claim_token = 1,
+                         claimed_at = now(), finished_at = now() WHERE id = %(done)s;
+        UPDATE steps SET status = 'claimed', claimed_by = 'pod-a', claim_token = 2,
+                         claimed_at = now() WHERE id = %(held)s;
+        INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, finished_at,
+                                   outcome)
+        VALUES (1, %(done)s, 'pod-a', 4, now(), 'completed'), (2, %(held)s, 'pod-a', 4,
+                NULL, NULL);
+        SELECT setval('claim_token_seq', 2);
+    """, {"done": done, "held": held})
+    with pytest.raises(SchemaMismatch):
+        store.check_schema()
+
+    store.init_schema()
+
+    assert store.check_schema() == SCHEMA_VERSION
+    attempts = sql(store_config, "SELECT claim_token, step_id, pod_id, incarnation, outcome"
+                   " FROM step_attempts ORDER BY claim_token")
+    assert [tuple(a) for a in attempts] == [
+        (1, done, "pod-a", 4, "completed"), (2, held, "pod-a", 4, None)]
+    # The migrated open claim is still fenced by its token and can finish.
+    assert store.complete_many([(held, 2, None)]) == {held}
+    outcomes = sql(store_config, "SELECT outcome FROM finished_attempts ORDER BY claim_token")
+    assert [o[0] for o in outcomes] == ["completed", "completed"]
