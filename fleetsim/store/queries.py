@@ -8,6 +8,13 @@ lock, a timestamp reflects when the statement really ran.
 
 from __future__ import annotations
 
+# "status = 'claimed'" for the fenced writes, which find their steps by id.
+# Written as a subquery so that the planner cannot prove the predicate of
+# the small partial index steps_claimed_by: with a plain literal, a generic
+# plan made while few steps are claimed reads every claimed step on each
+# write instead of looking the ids up by primary key.
+_IS_CLAIMED = "s.status = (SELECT CAST('claimed' AS text))"
+
 # Backoff delay in seconds for a step that has already spent ``s.attempts``.
 _BACKOFF = (
     "make_interval(secs => LEAST(CAST(:retry_cap AS float8),"
@@ -179,7 +186,7 @@ _FINISH = """recorded AS (
 _HELD = """held AS (
     SELECT s.id, s.claimed_by, s.claim_incarnation, s.claimed_at FROM steps s
      WHERE s.id = ANY(ARRAY(SELECT id FROM input))
-       AND s.status = 'claimed'
+       AND """ + _IS_CLAIMED + """
      ORDER BY s.id
        FOR UPDATE
 )"""
@@ -195,14 +202,17 @@ WITH input AS (
            result = input.result, cancel_requested = false
       FROM input
      WHERE s.id = ANY(ARRAY(SELECT id FROM input))
-       AND s.id = input.id AND s.claim_token = input.token AND s.status = 'claimed'
+       AND s.id = input.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
     -- A completion keeps the claim's fields: they are the attempt's.
     RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
 ), """ + _FINISH.format(ended="done", outcome="'completed'") + """, repeated AS (
     -- A retry of an accepted completion (its reply was lost) is accepted again,
-    -- changing nothing. Looked up by primary key, one input row at a time.
+    -- changing nothing. Looked up by primary key, one input row at a time,
+    -- and only when some input was not accepted: the count comparison is a
+    -- one-time filter, evaluated before any row.
     SELECT input.id FROM input
-     WHERE NOT EXISTS (SELECT 1 FROM done d WHERE d.id = input.id)
+     WHERE (SELECT count(*) FROM done) < (SELECT count(*) FROM input)
+       AND input.id NOT IN (SELECT id FROM done)
        AND (SELECT s.status = 'completed' AND s.claim_token = input.token
               FROM steps s WHERE s.id = input.id)
 ),"""
@@ -230,7 +240,7 @@ WITH input AS (
            error = input.error, claimed_by = NULL, cancel_requested = false
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
-       AND s.id = held.id AND s.claim_token = input.token AND s.status = 'claimed'
+       AND s.id = held.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
     RETURNING s.id, s.claim_token, s.status,
               extract(epoch FROM s.available_at - statement_timestamp()) AS retry_in,
               held.claimed_by AS pod, held.claim_incarnation, held.claimed_at
@@ -252,7 +262,7 @@ WITH input AS (
            available_at = statement_timestamp()
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
-       AND s.id = held.id AND s.claim_token = input.token AND s.status = 'claimed'
+       AND s.id = held.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
     RETURNING s.id, s.claim_token, held.claimed_by AS pod, held.claim_incarnation,
               held.claimed_at
 ), """ + _FINISH.format(ended="released", outcome="'released'") + ""","""
@@ -275,7 +285,7 @@ ACK_CANCEL = (
 WITH acked AS (
     UPDATE steps s SET status = 'cancelled', finished_at = statement_timestamp(),
                        cancel_requested = false
-     WHERE s.id = :id AND s.claim_token = :token AND s.status = 'claimed'
+     WHERE s.id = :id AND s.claim_token = :token AND """ + _IS_CLAIMED + """
     RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
 ), """
     + _FINISH.format(ended="acked", outcome="'cancelled'")
