@@ -76,7 +76,7 @@ SELECT id, idempotency_key FROM steps WHERE idempotency_key = ANY(CAST(:keys AS 
 """
 
 # The fast path: queues with no concurrency limit, not strict FIFO, not
-# paused. One statement claims, issues tokens and records the attempts.
+# paused. One statement claims and issues tokens.
 # After picking rows, every claim does the same: a fresh token per step, and
 # the claim's fields on the step. Those fields are the open attempt (the
 # step_attempts view shows it); its finished_attempts row is written by the
@@ -500,7 +500,7 @@ WITH lease AS (
      -- Re-checked after any row lock wait: the token pins the exact claim.
      WHERE s.id = orphans.id AND s.status = 'claimed'
        AND s.claim_token = orphans.claim_token
-    RETURNING s.id, s.claim_token, s.status, orphans.claimed_by AS owner,
+    RETURNING s.id, s.claim_token, s.status,
               orphans.claimed_by AS pod, orphans.claim_incarnation, orphans.claimed_at
 ), """
     + _FINISH.format(ended="requeued", outcome="'lease_lost'")
@@ -511,7 +511,8 @@ WITH lease AS (
     INSERT INTO leader_actions (term, pod_id, action, target_pod, step_id, claim_token, at)
     SELECT :term, :pod,
            CASE WHEN status = 'dead' THEN 'dead_letter' ELSE 'requeue' END,
-           owner, id, claim_token, statement_timestamp()
+           -- requeued.pod held the claim; :pod is the leader acting.
+           requeued.pod, id, claim_token, statement_timestamp()
       FROM requeued
 )
 SELECT EXISTS (SELECT 1 FROM lease) AS valid,
