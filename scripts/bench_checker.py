@@ -131,17 +131,20 @@ SELECT x.*,
 """),
     ("finished_attempts", """
 INSERT INTO finished_attempts (claim_token, step_id, pod_id, incarnation, claimed_at,
-                           finished_at, outcome, rejected_at)
+                           finished_at, outcome)
 SELECT row_number() OVER (ORDER BY a.claimed_at, a.step_id),
        a.step_id,
        'pod-' || CASE WHEN a.outcome = 'lease_lost'
                        AND (a.step_id + a.k) % {pods} = a.term % {pods}
                       THEN (a.step_id + a.k + 1) % {pods} + 1
                       ELSE (a.step_id + a.k) % {pods} + 1 END,
-       0, a.claimed_at, a.finished_at, a.outcome,
-       CASE WHEN a.outcome = 'lease_lost' AND a.step_id % 2 = 0
-            THEN a.finished_at + interval '200 us' END
+       0, a.claimed_at, a.finished_at, a.outcome
   FROM att a;
+"""),
+    ("rejected_writes", """
+INSERT INTO rejected_writes (claim_token, step_id, at)
+SELECT claim_token, step_id, finished_at + interval '200 us' FROM finished_attempts
+ WHERE outcome = 'lease_lost' AND step_id % 2 = 0;
 """),
     ("steps", """
 INSERT INTO steps (id, queue, status, priority, payload, attempts, max_attempts,
@@ -226,8 +229,8 @@ def generate(conn: Any, schema: str, n: int) -> dict[str, Any]:
             cur.execute(sql.format(**params))
             timings[name] = round(time.monotonic() - t, 2)
         t = time.monotonic()
-        for table in ("steps", "finished_attempts", "leader_actions", "leader_terms", "pods",
-                      "queues"):
+        for table in ("steps", "finished_attempts", "rejected_writes", "leader_actions",
+                      "leader_terms", "pods", "queues"):
             cur.execute(f"VACUUM (ANALYZE) {schema}.{table}")
         timings["vacuum_analyze"] = round(time.monotonic() - t, 2)
         t = time.monotonic()

@@ -309,7 +309,7 @@ class Run:
             self.checkpoint = False
 
     def reset_store_tables(self) -> None:
-        self.sql("TRUNCATE steps, finished_attempts, pods RESTART IDENTITY")
+        self.sql("TRUNCATE steps, finished_attempts, rejected_writes, pods RESTART IDENTITY")
 
     # 1. bulk submit + 5. bytes per queued step
 

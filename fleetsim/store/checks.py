@@ -221,11 +221,13 @@ WITH fifo AS (
                     CAST('infinity' AS timestamptz)) AS left_at
       FROM steps s
       JOIN queues q ON q.name = s.queue AND q.strict_fifo
-      LEFT JOIN LATERAL (
-          SELECT min(a.claimed_at) AS first_claimed_at, min(a.claim_token) AS first_token
+      -- One aggregate pass over the history (it has no index by step).
+      LEFT JOIN (
+          SELECT a.step_id, min(a.claimed_at) AS first_claimed_at,
+                 min(a.claim_token) AS first_token
             FROM step_attempts a
-           WHERE a.step_id = s.id
-      ) f ON true
+           GROUP BY a.step_id
+      ) f ON f.step_id = s.id
 ), w AS (
     SELECT fifo.*,
            max(left_at) OVER (PARTITION BY queue ORDER BY id
@@ -370,17 +372,24 @@ ORPHAN_RECOVERY = """
 WITH ev AS (
     SELECT target_pod AS pod, at AS t, 0 AS k, at AS death,
            CAST(NULL AS bigint) AS token, CAST(NULL AS bigint) AS step_id,
-           CAST(NULL AS timestamptz) AS claimed_at
+           CAST(NULL AS timestamptz) AS claimed_at, CAST(NULL AS timestamptz) AS next_claimed_at
       FROM leader_actions WHERE action = 'mark_dead' AND target_pod IS NOT NULL
     UNION ALL
-    SELECT pod_id, finished_at, 1, NULL, claim_token, step_id, claimed_at
-      FROM step_attempts WHERE outcome = 'lease_lost' AND finished_at IS NOT NULL
+    SELECT pod_id, finished_at, 1, NULL, claim_token, step_id, claimed_at, next_claimed_at
+      FROM (SELECT a.*,
+                   -- The step's next claim: one sorted pass, not a lookup per
+                   -- lost claim (the history has no index by step).
+                   min(a.claimed_at) OVER (
+                       PARTITION BY a.step_id ORDER BY a.claim_token DESC
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS next_claimed_at
+              FROM step_attempts a) a
+     WHERE outcome = 'lease_lost' AND finished_at IS NOT NULL
 ), carried AS (
     SELECT ev.*, max(death) OVER (PARTITION BY pod ORDER BY t, k ROWS UNBOUNDED PRECEDING)
                AS last_death
       FROM ev
 ), lost AS (
-    SELECT c.token, c.step_id,
+    SELECT c.token, c.step_id, c.next_claimed_at,
            coalesce(CASE WHEN c.last_death >= c.claimed_at THEN c.last_death END,
                     CASE WHEN p.died_at BETWEEN c.claimed_at AND c.t THEN p.died_at END,
                     c.t) AS died_at
@@ -388,10 +397,7 @@ WITH ev AS (
       LEFT JOIN pods p ON p.id = c.pod
      WHERE c.k = 1
 ), recovered AS (
-    SELECT CAST(extract(epoch FROM
-               (SELECT min(b.claimed_at) FROM step_attempts b
-                 WHERE b.step_id = lost.step_id AND b.claim_token > lost.token)
-               - lost.died_at) AS float8) AS s
+    SELECT CAST(extract(epoch FROM lost.next_claimed_at - lost.died_at) AS float8) AS s
       FROM lost
 )
 SELECT count(s), count(*) - count(s),

@@ -9,10 +9,12 @@ lock, a timestamp reflects when the statement really ran.
 from __future__ import annotations
 
 # "status = 'claimed'" for the fenced writes, which find their steps by id.
-# Written as a subquery so that the planner cannot prove the predicate of
-# the small partial index steps_claimed_by: with a plain literal, a generic
-# plan made while few steps are claimed reads every claimed step on each
-# write instead of looking the ids up by primary key.
+# Written as a subquery so that the planner can never prove the predicate of
+# a partial index of claimed steps: schema version 2 had one (by claimed_by),
+# and with a plain literal a generic plan made while few steps were claimed
+# read every claimed step on each write instead of looking the ids up by
+# primary key. Version 3 has no such index; this keeps the plan pinned if
+# one returns.
 _IS_CLAIMED = "s.status = (SELECT CAST('claimed' AS text))"
 
 # Backoff delay in seconds for a step that has already spent ``s.attempts``.
@@ -60,6 +62,21 @@ ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, idempotency_key
 """
 
+# Bulk submit by COPY (Store.submit_many, for large batches without
+# idempotency keys): the queues exist, none has a max length, the ids are
+# drawn in submission order, then the rows are copied.
+ENSURE_QUEUES = """
+INSERT INTO queues (name) SELECT unnest(CAST(:names AS text[])) ON CONFLICT (name) DO NOTHING
+"""
+
+ANY_MAX_LENGTH = """
+SELECT 1 FROM queues WHERE name = ANY(CAST(:names AS text[])) AND max_length IS NOT NULL
+"""
+
+NEXT_STEP_IDS = "SELECT nextval('steps_id_seq') FROM generate_series(1, %(n)s)"
+
+COPY_STEPS = "COPY steps (id, queue, priority, payload, max_attempts) FROM STDIN"
+
 LOCK_LIMITED_QUEUES = """
 SELECT name, max_length FROM queues
  WHERE name = ANY(CAST(:names AS text[])) AND max_length IS NOT NULL
@@ -86,7 +103,7 @@ _CLAIM_PICKED = """
     UPDATE steps s
        SET status = 'claimed', claimed_by = :pod, claim_token = picked.token,
            claimed_at = statement_timestamp(), claim_incarnation = :incarnation,
-           cancel_requested = false
+           cancel_requested = false, limited_claim = {limited}
       FROM picked
      -- The array lets a generic (cached) plan find the rows by primary key
      -- whatever the batch size.
@@ -94,7 +111,8 @@ _CLAIM_PICKED = """
     RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
               s.claim_token
 )
-SELECT id, queue, priority, payload, attempts, max_attempts, claim_token
+-- The payload as text: the client decodes a batch's payloads in one call.
+SELECT id, queue, priority, CAST(payload AS text), attempts, max_attempts, claim_token
   FROM claimed
 """
 
@@ -105,7 +123,7 @@ WITH picked AS (
     -- the update visits the rows in.
     SELECT s.id, nextval('claim_token_seq') AS token
       FROM steps s
-     WHERE s.status IN ('queued', 'failed')
+     WHERE s.waiting
        -- The claimable queues as a constant array (an InitPlan): a join here
        -- leads the planner to read and sort every waiting row on each claim.
        AND s.queue = ANY(ARRAY(SELECT q.name FROM queues q
@@ -113,12 +131,15 @@ WITH picked AS (
                                   AND NOT q.paused AND NOT q.strict_fifo
                                   AND q.concurrency_limit IS NULL))
        AND s.available_at <= statement_timestamp()
-       AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive')
+       AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
+                      -- Marking the pod dead waits for this claim to commit,
+                      -- so recovery's sweep, after that, sees the claim.
+                         FOR SHARE)
      ORDER BY s.priority, s.id
      LIMIT :batch
        FOR UPDATE OF s SKIP LOCKED
 )"""
-    + _CLAIM_PICKED
+    + _CLAIM_PICKED.format(limited="false")
     + " ORDER BY priority, id"
 )
 
@@ -130,22 +151,28 @@ LOCK_QUEUE = """
 SELECT concurrency_limit, strict_fifo, paused FROM queues WHERE name = :queue FOR UPDATE
 """
 
-COUNT_CLAIMED = "SELECT count(*) FROM steps WHERE queue = :queue AND status = 'claimed'"
+# By the index steps_limited_claims: the claims this path made that are open.
+COUNT_CLAIMED = """
+SELECT count(*) FROM steps WHERE queue = :queue AND limited_claim AND status = 'claimed'
+"""
 
 _CLAIM_ONE_QUEUE = (
     """
 WITH picked AS (
     SELECT s.id, nextval('claim_token_seq') AS token
       FROM steps s
-     WHERE s.status IN ('queued', 'failed')
+     WHERE s.waiting
        AND s.queue = :queue
        AND s.available_at <= statement_timestamp()
-       AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive')
+       AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
+                      -- Marking the pod dead waits for this claim to commit,
+                      -- so recovery's sweep, after that, sees the claim.
+                         FOR SHARE)
      ORDER BY {order}
      LIMIT :batch
        FOR UPDATE OF s {skip}
 )"""
-    + _CLAIM_PICKED
+    + _CLAIM_PICKED.format(limited="true")
     + " ORDER BY claim_token"
 )
 # Strict FIFO ignores priority and waits for a locked row rather than skip it,
@@ -153,20 +180,18 @@ WITH picked AS (
 CLAIM_LIMITED = _CLAIM_ONE_QUEUE.format(order="s.priority, s.id", skip="SKIP LOCKED")
 CLAIM_FIFO = _CLAIM_ONE_QUEUE.format(order="s.id", skip="")
 
-# Tokens that a fenced write found superseded are stamped, so the history
-# shows every refused late write. A superseded claim has ended (lease_lost),
-# so its row is in finished_attempts. A repeat of a write that was accepted
-# (a retry after a lost reply) is not a stale write: its attempt has another
-# outcome, and it stays unstamped.
+# Every input a fenced write did not accept is appended to rejected_writes,
+# so the history shows each refused late write: the step_attempts view
+# shows it on its attempt if that claim was superseded (lease_lost). A
+# repeat of a write that was accepted (a retry after a lost reply) is not a
+# stale write: its attempt has another outcome, so it shows nowhere.
+# Appending rather than stamping the attempt's row needs no index on the
+# history, which every completion writes to.
 _REJECT = """
 rejected AS (
-    -- By primary key: the tokens of the inputs that were not accepted.
-    UPDATE finished_attempts a SET rejected_at = statement_timestamp()
-     WHERE a.claim_token = ANY(ARRAY(
-               SELECT i.token FROM input i
-                WHERE NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = i.id)))
-       AND a.rejected_at IS NULL
-       AND a.outcome = 'lease_lost'
+    INSERT INTO rejected_writes (claim_token, step_id, at)
+    SELECT i.token, i.id, statement_timestamp() FROM input i
+     WHERE NOT EXISTS (SELECT 1 FROM {done} d WHERE d.id = i.id)
 )
 """
 
@@ -199,7 +224,7 @@ WITH input AS (
 ), done AS (
     UPDATE steps s
        SET status = 'completed', finished_at = statement_timestamp(),
-           result = input.result, cancel_requested = false
+           result = input.result, cancel_requested = false, limited_claim = false
       FROM input
      WHERE s.id = ANY(ARRAY(SELECT id FROM input))
        AND s.id = input.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
@@ -237,7 +262,8 @@ WITH input AS (
            available_at = statement_timestamp() + """
     + _BACKOFF
     + """,
-           error = input.error, claimed_by = NULL, cancel_requested = false
+           error = input.error, claimed_by = NULL, cancel_requested = false,
+           limited_claim = false
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
        AND s.id = held.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
@@ -258,7 +284,7 @@ WITH input AS (
     UPDATE steps s
        SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
            finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
-           claimed_by = NULL, cancel_requested = false,
+           claimed_by = NULL, cancel_requested = false, limited_claim = false,
            available_at = statement_timestamp()
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
@@ -284,7 +310,7 @@ ACK_CANCEL = (
     """
 WITH acked AS (
     UPDATE steps s SET status = 'cancelled', finished_at = statement_timestamp(),
-                       cancel_requested = false
+                       cancel_requested = false, limited_claim = false
      WHERE s.id = :id AND s.claim_token = :token AND """ + _IS_CLAIMED + """
     RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
 ), """
@@ -312,6 +338,16 @@ ON CONFLICT (name) DO UPDATE
        paused = EXCLUDED.paused
 """
 
+# When a queue gets a concurrency limit (or strict FIFO), the claims it
+# already has open were made by the fast path, unflagged: flag them, so the
+# locked path counts them. (A fast-path claim still running at that moment,
+# which read the queue's settings before they changed, is not flagged; it
+# counts against nothing until it ends. Set limits before the work starts.)
+FLAG_OPEN_CLAIMS = """
+UPDATE steps SET limited_claim = true
+ WHERE queue = :queue AND status = 'claimed' AND NOT limited_claim
+"""
+
 SET_PAUSED = "UPDATE queues SET paused = :paused WHERE name = :name RETURNING name"
 
 GET_QUEUES = """
@@ -336,7 +372,7 @@ WITH pod AS (
     ON CONFLICT (id) DO UPDATE
        SET incarnation = EXCLUDED.incarnation, pid = EXCLUDED.pid, host = EXCLUDED.host,
            status = 'alive', started_at = EXCLUDED.started_at,
-           heartbeat_at = EXCLUDED.heartbeat_at, died_at = NULL
+           heartbeat_at = EXCLUDED.heartbeat_at, died_at = NULL, swept_at = NULL
     RETURNING id
 ), orphans AS (
     UPDATE steps s
@@ -350,7 +386,7 @@ WITH pod AS (
            available_at = statement_timestamp() + """
     + _BACKOFF
     + """,
-           claimed_by = NULL,
+           claimed_by = NULL, cancel_requested = false, limited_claim = false,
            error = 'pod ' || :pod || ' restarted while holding this step'
      WHERE s.status = 'claimed' AND s.claimed_by = :pod
     RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
@@ -477,13 +513,28 @@ WITH lease AS (
                             - make_interval(secs => CAST(:dead_after AS float8))
        AND EXISTS (SELECT 1 FROM lease)
     RETURNING p.id
+), unswept AS (
+    -- Pods that stopped being alive in an earlier statement and whose steps
+    -- have not been swept since. Marking a pod dead (or stopped) waited for
+    -- its claims in flight (they lock the pod row FOR SHARE), so this
+    -- statement's snapshot holds every claim it will ever make: one sweep
+    -- after the marking is enough, and a pod is never swept again.
+    UPDATE pods p SET swept_at = statement_timestamp()
+     WHERE p.status <> 'alive' AND p.swept_at IS NULL
+       AND EXISTS (SELECT 1 FROM lease)
+    RETURNING p.id
 ), orphans AS (
+    -- There is no index of claimed steps (a completion would have to
+    -- update it): this scans steps, but only in a pass that has pods to
+    -- sweep (the condition is evaluated once, before the scan). The pods
+    -- marked dead by this very statement are swept now too, and again by
+    -- the next pass.
     SELECT s.id, s.claimed_by, s.claim_token, s.claim_incarnation, s.claimed_at
       FROM steps s
-     WHERE s.status = 'claimed'
-       AND EXISTS (SELECT 1 FROM lease)
+     WHERE (EXISTS (SELECT 1 FROM newly_dead) OR EXISTS (SELECT 1 FROM unswept))
+       AND s.status = 'claimed'
        AND (s.claimed_by IN (SELECT id FROM newly_dead)
-            OR s.claimed_by IN (SELECT id FROM pods WHERE status <> 'alive'))
+            OR s.claimed_by IN (SELECT id FROM unswept))
 ), requeued AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
@@ -494,7 +545,7 @@ WITH lease AS (
            available_at = statement_timestamp() + """
     + _BACKOFF
     + """,
-           claimed_by = NULL, cancel_requested = false,
+           claimed_by = NULL, cancel_requested = false, limited_claim = false,
            error = 'pod ' || orphans.claimed_by || ' died while holding this step'
       FROM orphans
      -- Re-checked after any row lock wait: the token pins the exact claim.

@@ -7,7 +7,7 @@ new ``SCHEMA_VERSION`` and a note in that document.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Statuses a step moves through. 'failed' means "the last attempt failed and
 # a retry is scheduled at available_at"; it is claimable like 'queued' once
@@ -62,17 +62,40 @@ DDL: tuple[str, ...] = (
         result            jsonb,
         error             text,
         -- Reserved for runs (pipelines): the steps this one waits on.
-        depends_on        bigint[]
-    )
+        depends_on        bigint[],
+        -- Claimable (queued, or failed and waiting for its retry). Derived,
+        -- so it can never disagree with status; see "A completion that
+        -- touches no index" below.
+        waiting           boolean GENERATED ALWAYS AS
+                          (status IN ('queued', 'failed')) STORED,
+        -- Set while the step is claimed through a queue's locked path
+        -- (concurrency limit or strict FIFO), so that path can count the
+        -- queue's open claims by index; false otherwise.
+        limited_claim     boolean NOT NULL DEFAULT false
+    ) WITH (fillfactor = 70)
     """,
-    # The claim scans only claimable rows, in claim order.
+    # A completion that touches no index. A completion changes status,
+    # finished_at and result, so it is a HOT update (no new index entries,
+    # a small WAL record) if and only if no index mentions those columns,
+    # not even in a predicate, and the page has room (fillfactor above). A
+    # completion was half the store's writes per step. So:
+    # - the claimable index is keyed on the derived `waiting`, which a
+    #   completion leaves false;
+    # - there is no index of claimed steps: any such index must drop the
+    #   step at completion. Recovery scans instead, once per pod that stops
+    #   being alive (pods.swept_at); cancel requests and limited queues have
+    #   the two small indexes below, which a completion leaves unchanged.
     """
-    CREATE INDEX IF NOT EXISTS steps_claimable
-        ON steps (priority, id) WHERE status IN ('queued', 'failed')
+    CREATE INDEX IF NOT EXISTS steps_claimable ON steps (priority, id) WHERE waiting
     """,
+    # Heartbeats look up their pod's steps whose cancel was requested.
     """
-    CREATE INDEX IF NOT EXISTS steps_claimed_by
-        ON steps (claimed_by) WHERE status = 'claimed'
+    CREATE INDEX IF NOT EXISTS steps_cancel_requested
+        ON steps (claimed_by) WHERE cancel_requested
+    """,
+    # The locked claim path counts its queue's open claims.
+    """
+    CREATE INDEX IF NOT EXISTS steps_limited_claims ON steps (queue) WHERE limited_claim
     """,
     # Partial, so the many steps without a key cost this index nothing when
     # they change status.
@@ -87,25 +110,43 @@ DDL: tuple[str, ...] = (
     # two contended writes per step; see docs/architecture.md.
     """
     CREATE TABLE IF NOT EXISTS finished_attempts (
-        claim_token  bigint PRIMARY KEY,
+        claim_token  bigint NOT NULL,
         step_id      bigint NOT NULL,
         pod_id       text NOT NULL,
         incarnation  integer NOT NULL DEFAULT 0,
         claimed_at   timestamptz NOT NULL,
         finished_at  timestamptz NOT NULL,
         outcome      text NOT NULL CHECK (outcome IN
-                     ('completed','failed','lease_lost','released','cancelled')),
-        -- Set when the pod later tried to complete or fail with this token
-        -- after it had been superseded: the write was refused.
-        rejected_at  timestamptz
+                     ('completed','failed','lease_lost','released','cancelled'))
     )
     """,
-    "CREATE INDEX IF NOT EXISTS finished_attempts_step ON finished_attempts (step_id)",
+    # No index on finished_attempts: every completion inserts here, and
+    # index entries were a third of the store's cost per step. Nothing on
+    # the hot path reads it back (a fenced write finds its step by primary
+    # key; a refused write is appended to rejected_writes, not looked up),
+    # and the checker reads it whole. A token is written once by
+    # construction: only the statement that changes its `claimed` step
+    # (under the row lock) ends an attempt.
+    #
+    # Every fenced write that was refused, as given: the step_attempts view
+    # shows the first one as rejected_at on a superseded (lease_lost)
+    # attempt. Rows for other tokens (a retry of an accepted write, a token
+    # that never existed) show nowhere.
+    """
+    CREATE TABLE IF NOT EXISTS rejected_writes (
+        claim_token  bigint NOT NULL,
+        step_id      bigint NOT NULL,
+        at           timestamptz NOT NULL
+    )
+    """,
     """
     CREATE OR REPLACE VIEW step_attempts AS
-    SELECT claim_token, step_id, pod_id, incarnation, claimed_at, finished_at, outcome,
-           rejected_at
-      FROM finished_attempts
+    SELECT a.claim_token, a.step_id, a.pod_id, a.incarnation, a.claimed_at, a.finished_at,
+           a.outcome, CASE WHEN a.outcome = 'lease_lost' THEN r.rejected_at END AS rejected_at
+      FROM finished_attempts a
+      LEFT JOIN (SELECT claim_token, step_id, min(at) AS rejected_at
+                   FROM rejected_writes GROUP BY claim_token, step_id) r
+        ON r.claim_token = a.claim_token AND r.step_id = a.step_id
     UNION ALL
     SELECT claim_token, id, claimed_by, coalesce(claim_incarnation, 0), claimed_at,
            NULL::timestamptz, NULL::text, NULL::timestamptz
@@ -122,7 +163,11 @@ DDL: tuple[str, ...] = (
                       CHECK (status IN ('alive','dead','stopped')),
         started_at    timestamptz NOT NULL DEFAULT now(),
         heartbeat_at  timestamptz NOT NULL DEFAULT now(),
-        died_at       timestamptz
+        died_at       timestamptz,
+        -- When recovery last looked for this pod's claims after it stopped
+        -- being alive; null while alive and until then. Recovery scans the
+        -- steps for a pod once this is set.
+        swept_at      timestamptz
     )
     """,
     """
@@ -175,13 +220,14 @@ DDL: tuple[str, ...] = (
      GROUP BY q.name
     """,
     """
-    INSERT INTO fleetsim_schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING
+    INSERT INTO fleetsim_schema (version) VALUES (3) ON CONFLICT (version) DO NOTHING
     """,
 )
 
 
 # Statements that bring a store at the given version to the next one, run by
-# `fleetsim init` before DDL (which then completes the newer version).
+# `fleetsim init` in order from the store's version (MIGRATIONS[1], then
+# MIGRATIONS[2], ...) before DDL, which then completes the current version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: the attempt history became append-only. step_attempts was a
     # table written at the claim and updated at the end; now the ended
@@ -205,5 +251,43 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             ALTER COLUMN outcome SET NOT NULL,
             ALTER COLUMN claimed_at DROP DEFAULT
         """,
+    ),
+    # 2 -> 3: finished_attempts lost its indexes, and refused writes moved
+    # from its rejected_at column (set by a lookup on its primary key) to
+    # the append-only rejected_writes.
+    2: (
+        "DROP VIEW IF EXISTS step_attempts",
+        """
+        CREATE TABLE IF NOT EXISTS rejected_writes (
+            claim_token  bigint NOT NULL,
+            step_id      bigint NOT NULL,
+            at           timestamptz NOT NULL
+        )
+        """,
+        """
+        INSERT INTO rejected_writes (claim_token, step_id, at)
+        SELECT claim_token, step_id, rejected_at FROM finished_attempts
+         WHERE rejected_at IS NOT NULL
+        """,
+        "ALTER TABLE finished_attempts DROP COLUMN rejected_at",
+        "ALTER TABLE finished_attempts DROP CONSTRAINT IF EXISTS finished_attempts_pkey",
+        "DROP INDEX IF EXISTS finished_attempts_step",
+        # Completions became HOT updates: no index mentions status.
+        "DROP INDEX IF EXISTS steps_claimable",
+        "DROP INDEX IF EXISTS steps_claimed_by",
+        """
+        ALTER TABLE steps
+            ADD COLUMN IF NOT EXISTS waiting boolean GENERATED ALWAYS AS
+                (status IN ('queued', 'failed')) STORED,
+            ADD COLUMN IF NOT EXISTS limited_claim boolean NOT NULL DEFAULT false,
+            SET (fillfactor = 70)
+        """,
+        """
+        UPDATE steps SET limited_claim = true
+         WHERE status = 'claimed'
+           AND queue IN (SELECT name FROM queues
+                          WHERE concurrency_limit IS NOT NULL OR strict_fifo)
+        """,
+        "ALTER TABLE pods ADD COLUMN IF NOT EXISTS swept_at timestamptz",
     ),
 }

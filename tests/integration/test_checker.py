@@ -47,6 +47,7 @@ TABLES = (
     "queues",
     "steps",
     "finished_attempts",
+    "rejected_writes",
     "pods",
     "leader_lease",
     "leader_terms",
@@ -263,7 +264,16 @@ def history(template: str, store_config: StoreConfig, store: Store) -> Iterator[
     try:
         db.all("DELETE FROM leader_lease")
         for table in TABLES:
-            db.all(f"INSERT INTO {table} SELECT * FROM {template}.{table}")
+            # Every column but the generated ones (steps.waiting), which
+            # PostgreSQL computes and refuses to be given.
+            columns = db.one(
+                "SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position)"
+                "  FROM information_schema.columns"
+                " WHERE table_schema = %s AND table_name = %s AND is_generated = 'NEVER'",
+                template,
+                table,
+            )
+            db.all(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {template}.{table}")
         for seq in SEQUENCES:
             last, called = db.one(f"SELECT last_value, is_called FROM {template}.{seq}")
             db.all("SELECT setval(%s, %s, %s)", seq, last, called)
@@ -397,8 +407,10 @@ def test_completion_with_superseded_token_is_stale(history: History) -> None:
     )
     # It then took the step back from the new owner (an attempt spent) and
     # refused that owner's write.
+    db.all("UPDATE finished_attempts SET outcome = 'lease_lost' WHERE claim_token = %s", new)
     db.all(
-        """UPDATE finished_attempts SET outcome = 'lease_lost', rejected_at = finished_at
+        """INSERT INTO rejected_writes (claim_token, step_id, at)
+           SELECT claim_token, step_id, finished_at FROM finished_attempts
             WHERE claim_token = %s""",
         new,
     )

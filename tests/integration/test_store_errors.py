@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import traceback
@@ -258,7 +259,7 @@ def test_init_migrates_a_version_1_store_keeping_its_history(
     # Turn this fresh store into a version-1 one holding one completed
     # attempt and one open claim (incarnation 4), as v1 recorded them.
     sql(store_config, """
-        DROP VIEW step_attempts; DROP TABLE finished_attempts;
+        DROP VIEW step_attempts; DROP TABLE finished_attempts; DROP TABLE rejected_writes;
         ALTER TABLE steps DROP COLUMN claim_incarnation;
         DELETE FROM fleetsim_schema; INSERT INTO fleetsim_schema (version) VALUES (1);
     """ + _V1_STEP_ATTEMPTS + """;
@@ -267,10 +268,11 @@ def test_init_migrates_a_version_1_store_keeping_its_history(
         UPDATE steps SET status = 'claimed', claimed_by = 'pod-a', claim_token = 2,
                          claimed_at = now() WHERE id = %(held)s;
         INSERT INTO step_attempts (claim_token, step_id, pod_id, incarnation, finished_at,
-                                   outcome)
-        VALUES (1, %(done)s, 'pod-a', 4, now(), 'completed'), (2, %(held)s, 'pod-a', 4,
-                NULL, NULL);
-        SELECT setval('claim_token_seq', 2);
+                                   outcome, rejected_at)
+        VALUES (1, %(done)s, 'pod-a', 4, now(), 'completed', NULL),
+               (2, %(held)s, 'pod-a', 4, NULL, NULL, NULL),
+               (3, %(done)s, 'pod-b', 0, now(), 'lease_lost', '2026-01-01Z');
+        SELECT setval('claim_token_seq', 3);
     """, {"done": done, "held": held})
     with pytest.raises(SchemaMismatch):
         store.check_schema()
@@ -278,11 +280,67 @@ def test_init_migrates_a_version_1_store_keeping_its_history(
     store.init_schema()
 
     assert store.check_schema() == SCHEMA_VERSION
-    attempts = sql(store_config, "SELECT claim_token, step_id, pod_id, incarnation, outcome"
-                   " FROM step_attempts ORDER BY claim_token")
+    attempts = sql(store_config, "SELECT claim_token, step_id, pod_id, incarnation, outcome,"
+                   " rejected_at IS NOT NULL FROM step_attempts ORDER BY claim_token")
     assert [tuple(a) for a in attempts] == [
-        (1, done, "pod-a", 4, "completed"), (2, held, "pod-a", 4, None)]
+        (1, done, "pod-a", 4, "completed", False), (2, held, "pod-a", 4, None, False),
+        (3, done, "pod-b", 0, "lease_lost", True)]
     # The migrated open claim is still fenced by its token and can finish.
     assert store.complete_many([(held, 2, None)]) == {held}
     outcomes = sql(store_config, "SELECT outcome FROM finished_attempts ORDER BY claim_token")
-    assert [o[0] for o in outcomes] == ["completed", "completed"]
+    assert [o[0] for o in outcomes] == ["completed", "completed", "lease_lost"]
+
+
+@pytest.mark.timeout(60)
+def test_init_migrates_a_version_2_store_keeping_refused_writes(
+    store: Store, store_config: StoreConfig
+) -> None:
+    (step,) = store.submit_many([StepSpec(payload={"n": 1})])
+    # Turn this fresh store into a version-2 one: finished_attempts indexed,
+    # refused writes stamped on it, and a superseded attempt that was.
+    sql(store_config, """
+        DROP VIEW step_attempts; DROP TABLE rejected_writes;
+        ALTER TABLE finished_attempts ADD PRIMARY KEY (claim_token),
+                                      ADD COLUMN rejected_at timestamptz;
+        CREATE INDEX finished_attempts_step ON finished_attempts (step_id);
+        CREATE VIEW step_attempts AS
+        SELECT claim_token, step_id, pod_id, incarnation, claimed_at, finished_at, outcome,
+               rejected_at FROM finished_attempts;
+        DELETE FROM fleetsim_schema; INSERT INTO fleetsim_schema (version) VALUES (2);
+        INSERT INTO finished_attempts (claim_token, step_id, pod_id, claimed_at, finished_at,
+                                       outcome, rejected_at)
+        VALUES (1, %(step)s, 'pod-a', now(), now(), 'lease_lost', '2026-01-01Z'),
+               (2, %(step)s, 'pod-b', now(), now(), 'released', NULL);
+    """, {"step": step})
+    with pytest.raises(SchemaMismatch):
+        store.check_schema()
+
+    store.init_schema()
+
+    assert store.check_schema() == SCHEMA_VERSION
+    attempts = sql(store_config, "SELECT claim_token, outcome, rejected_at"
+                   " FROM step_attempts ORDER BY claim_token")
+    assert [(a[0], a[1], a[2] is not None) for a in attempts] == [
+        (1, "lease_lost", True), (2, "released", False)]
+    assert attempts[0][2].year == 2026
+    indexes = sql(store_config, "SELECT indexname FROM pg_indexes"
+                  " WHERE tablename = 'finished_attempts' AND schemaname = current_schema()")
+    assert indexes == []
+
+
+@pytest.mark.timeout(30)
+def test_no_index_on_steps_mentions_a_column_a_completion_writes(
+    store: Store, store_config: StoreConfig
+) -> None:
+    """Completions are HOT updates only while no index (key or predicate) names
+    the columns they change; see "A completion that touches no index" in schema.py.
+    """
+    definitions = [
+        row[0]
+        for row in sql(store_config, "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+                                     " WHERE indrelid = 'steps'::regclass")
+    ]
+    assert any("steps_claimable" in d for d in definitions), definitions
+    for definition in definitions:
+        for column in ("status", "finished_at", "result"):
+            assert not re.search(rf"\b{column}\b", definition), definition

@@ -419,3 +419,26 @@ def test_a_cancel_requested_step_that_fails_or_is_released_ends_cancelled(store)
     assert store.get_step(first).status == "cancelled"
     assert store.get_step(second).status == "cancelled"
     assert store.claim_steps("pod-c", batch=5) == []
+
+
+@pytest.mark.timeout(60)
+def test_bulk_submit_keeps_awkward_queue_names_and_payloads_intact(
+    store: Store, store_config: StoreConfig
+) -> None:
+    """Large batches are copied (COPY's text format): its escapes must round-trip."""
+    awkward = ["tab\there", "new\nline", "back\\slash", "ünïcode ✓", "cr\rlf", "\\N"]
+    payloads = [
+        {"text": "a\\b\tc\nd\re", "quote": '"q"', "null": None, "uni": "é☃\u2028", "n": n}
+        for n in range(1200)
+    ]
+    specs = [StepSpec(awkward[n % len(awkward)], payloads[n], priority=-n, max_attempts=2)
+             for n in range(1200)]
+
+    ids = store.submit_many(specs)
+
+    rows = sql(store_config, "SELECT id, queue, payload, priority, max_attempts FROM steps"
+                             " ORDER BY id")
+    assert [r[0] for r in rows] == ids
+    assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
+        (s.queue, s.payload, s.priority, 2) for s in specs]
+    assert sorted(store.queues()) == sorted(set(awkward))

@@ -354,3 +354,20 @@ def test_a_large_submit_into_a_limited_queue_is_all_or_nothing(store) -> None:  
     assert len(ids) == 12_000 and ids == sorted(ids)
     more = store.submit_many([StepSpec("default")] * 25_000)
     assert len(more) == 25_000 and more == sorted(more) and more[0] > ids[-1]
+
+
+@pytest.mark.timeout(30)
+def test_a_limit_set_on_a_busy_queue_counts_the_claims_it_already_has(store: Store) -> None:
+    store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
+    store.register_pod("pod-1")
+    held = store.claim_steps("pod-1", ["busy"], 2)  # the fast path: no limit yet
+    assert len(held) == 2
+
+    store.configure_queue(QueueConfig("busy", concurrency_limit=2))
+
+    # Both open claims count against the new limit...
+    assert store.claim_steps("pod-1", ["busy"], 2) == []
+    # ... and each one that ends frees its place.
+    store.complete(held[0].id, held[0].claim_token)
+    assert len(store.claim_steps("pod-1", ["busy"], 2)) == 1
+    assert store.claim_steps("pod-1", ["busy"], 2) == []
