@@ -4,19 +4,28 @@
 background thread: it acks every pod Hello/PodHeartbeat, answers CLI
 requests with a handler, records everything it receives and lets a test
 wait for a message with a deadline instead of sleeping.
+
+:func:`flood_metrics` and :func:`serve_counting_coordinator` are process
+entry points for a metrics flood against a coordinator in another process
+(``tests/unit/test_bus_priority.py`` and ``scripts/bench_bus.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
-from fleetsim.bus.messages import Command, Error, Event, Hello, Ok, PodHeartbeat
+import zmq
+
+from fleetsim.bus.messages import Command, Error, Event, Hello, Metrics, Ok, PodHeartbeat, encode
 from fleetsim.bus.server import CoordinatorBus, Inbound
 from fleetsim.errors import BusTimeout
 
@@ -132,4 +141,55 @@ class FakeCoordinator:
         self.bus.close()
 
 
-__all__ = ["CliHandler", "FakeCoordinator", "answer_ok"]
+def serve_counting_coordinator(connection: Connection) -> None:
+    """Process entry point: a FakeCoordinator that sends its endpoints down ``connection``.
+
+    Then it answers each ``"count"`` received with the number of metrics
+    taken so far, until anything else arrives.
+    """
+    with FakeCoordinator(keep=lambda item: item.channel != "metrics") as coordinator:
+        connection.send(coordinator.endpoints.to_dict())
+        while connection.recv() == "count":
+            connection.send(coordinator.counts["metrics"])
+
+
+def flood_metrics(endpoint: str, senders: int, stop: ProcessEvent) -> None:
+    """Process entry point: ``senders`` PUSH sockets (a thread each) flood ``endpoint``.
+
+    Each pushes Metrics as fast as the coordinator takes them, until ``stop``.
+    """
+    frame = encode(
+        Metrics("flood", 1, {f"counter_{i}": float(i) for i in range(10)}, {"rss_mb": 1.0}, 1.0)
+    )
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stopping = threading.Event()
+
+    def push_until_stopped() -> None:
+        push = context.socket(zmq.PUSH)
+        try:
+            push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDTIMEO, 100)  # blocked at the high-water mark: recheck stop
+            push.connect(endpoint)
+            while not stopping.is_set():
+                with contextlib.suppress(zmq.Again):
+                    push.send(frame)
+        finally:
+            push.close(linger=0)
+
+    threads = [threading.Thread(target=push_until_stopped) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    stop.wait(3600)
+    stopping.set()
+    for thread in threads:
+        thread.join()
+    context.term()
+
+
+__all__ = [
+    "CliHandler",
+    "FakeCoordinator",
+    "answer_ok",
+    "flood_metrics",
+    "serve_counting_coordinator",
+]
