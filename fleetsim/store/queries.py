@@ -77,11 +77,13 @@ NEXT_STEP_IDS = "SELECT nextval('steps_id_seq') FROM generate_series(1, %(n)s)"
 
 COPY_STEPS = "COPY steps (id, queue, priority, payload, max_attempts) FROM STDIN"
 
+# Submitters to a queue with a max length take turns. FOR NO KEY UPDATE:
+# it does not wait for the fast-path claims (FOR KEY SHARE on the same row).
 LOCK_LIMITED_QUEUES = """
 SELECT name, max_length FROM queues
  WHERE name = ANY(CAST(:names AS text[])) AND max_length IS NOT NULL
  ORDER BY name
-   FOR UPDATE
+   FOR NO KEY UPDATE
 """
 
 QUEUE_DEPTH = """
@@ -126,10 +128,14 @@ WITH picked AS (
      WHERE s.waiting
        -- The claimable queues as a constant array (an InitPlan): a join here
        -- leads the planner to read and sort every waiting row on each claim.
+       -- FOR KEY SHARE: a change of a queue's settings (configure_queue locks
+       -- its row FOR UPDATE) waits for this claim, and a claim waiting for
+       -- that change re-reads the row after it.
        AND s.queue = ANY(ARRAY(SELECT q.name FROM queues q
                                 WHERE q.name = ANY(CAST(:queues AS text[]))
                                   AND NOT q.paused AND NOT q.strict_fifo
-                                  AND q.concurrency_limit IS NULL))
+                                  AND q.concurrency_limit IS NULL
+                                  FOR KEY SHARE))
        AND s.available_at <= statement_timestamp()
        AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
                       -- Marking the pod dead waits for this claim to commit,
@@ -340,9 +346,10 @@ ON CONFLICT (name) DO UPDATE
 
 # When a queue gets a concurrency limit (or strict FIFO), the claims it
 # already has open were made by the fast path, unflagged: flag them, so the
-# locked path counts them. (A fast-path claim still running at that moment,
-# which read the queue's settings before they changed, is not flagged; it
-# counts against nothing until it ends. Set limits before the work starts.)
+# locked path counts them. The fast path holds the queue's row FOR KEY SHARE
+# and configure_queue locks it FOR UPDATE first, so no fast-path claim is in
+# flight here; one that starts later re-reads the row once the lock is gone
+# and leaves the queue to the locked path.
 FLAG_OPEN_CLAIMS = """
 UPDATE steps SET limited_claim = true
  WHERE queue = :queue AND status = 'claimed' AND NOT limited_claim

@@ -321,6 +321,10 @@ class Store:
         if config.max_length is not None and config.max_length < 1:
             raise ConfigError("a queue's max length must be at least 1")
         with self._transaction() as conn:
+            # Waits for the fast-path claims in flight on this queue (they hold
+            # its row FOR KEY SHARE), so the flagging below sees them; claims
+            # that start after it read the new settings.
+            conn.execute(_text(q.LOCK_QUEUE), {"queue": config.name})
             conn.execute(
                 _text(q.UPSERT_QUEUE),
                 {

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 
+import psycopg2
+import psycopg2.extensions
 import pytest
 
 from fleetsim.errors import QueueFull, StoreError
-from fleetsim.store import QueueConfig, StepSpec, Store, StoreConfig
-from tests.integration.claimers import Plan, run_claimers, sql
+from fleetsim.store import ClaimedStep, QueueConfig, StepSpec, Store, StoreConfig
+from fleetsim.store.store import _CLAIM
+from tests.integration.claimers import Plan, run_claimers, sql, wait_for
 
 
 def first_claims_in_token_order(config: StoreConfig, queue: str) -> list[int]:
@@ -371,3 +375,109 @@ def test_a_limit_set_on_a_busy_queue_counts_the_claims_it_already_has(store: Sto
     store.complete(held[0].id, held[0].claim_token)
     assert len(store.claim_steps("pod-1", ["busy"], 2)) == 1
     assert store.claim_steps("pod-1", ["busy"], 2) == []
+
+
+def _waiting_on_a_lock(config: StoreConfig, application_name: str) -> bool:
+    return bool(sql(config,
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name = %(app)s AND wait_event_type = 'Lock'",
+                    {"app": application_name})[0][0])
+
+
+def _claim_in_open_transaction(config: StoreConfig) -> psycopg2.extensions.connection:
+    """A connection that has claimed 2 steps of "busy" as the fast path does, uncommitted."""
+    claim = psycopg2.connect(config.url, options=f"-c search_path={config.schema}")
+    with claim.cursor() as cur:
+        cur.execute(_CLAIM.prepare)
+        cur.execute(_CLAIM.execute_py,
+                    {"queues": ["busy"], "pod": "pod-1", "batch": 2, "incarnation": 0})
+        assert len(cur.fetchall()) == 2
+    return claim
+
+
+@pytest.mark.timeout(60)
+def test_a_limit_set_while_a_claim_is_in_flight_waits_for_it_and_counts_it(
+    store: Store, store_config: StoreConfig
+) -> None:
+    store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
+    store.register_pod("pod-1")
+    app = f"configure-{store_config.schema}"
+    claim = _claim_in_open_transaction(store_config)
+    try:
+        with Store(dataclasses.replace(store_config, application_name=app)) as admin:
+            thread = threading.Thread(
+                target=admin.configure_queue, args=(QueueConfig("busy", concurrency_limit=1),)
+            )
+            thread.start()
+            # It waits for the claim (without FOR KEY SHARE it would not).
+            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(store_config, app),
+                     10, "the new limit to be set or to wait")
+            claim.commit()
+            thread.join(10)
+            assert not thread.is_alive()
+    finally:
+        claim.close()
+
+    # The two claims made before the limit count against it: nothing more is admitted.
+    assert sql(store_config, "SELECT count(*) FROM steps WHERE queue = 'busy'"
+                             " AND status = 'claimed' AND limited_claim") == [(2,)]
+    assert store.claim_steps("pod-1", ["busy"], 2) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_claim_that_waits_for_a_new_limit_leaves_the_queue_to_the_locked_path(
+    store: Store, store_config: StoreConfig
+) -> None:
+    store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
+    store.register_pod("pod-1")
+    app = f"claimer-{store_config.schema}"
+    change = psycopg2.connect(store_config.url, options=f"-c search_path={store_config.schema}")
+    claimed: list[list[ClaimedStep]] = []
+    try:
+        with change.cursor() as cur, Store(
+            dataclasses.replace(store_config, application_name=app)
+        ) as claimer:
+            # A settings change in progress, as configure_queue makes it.
+            cur.execute("SELECT 1 FROM queues WHERE name = 'busy' FOR UPDATE")
+            cur.execute("UPDATE queues SET concurrency_limit = 1 WHERE name = 'busy'")
+            thread = threading.Thread(
+                target=lambda: claimed.append(claimer.claim_steps("pod-1", ["busy"], 2))
+            )
+            thread.start()
+            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(store_config, app),
+                     10, "the claim to end or to wait")
+            change.commit()
+            thread.join(10)
+            assert not thread.is_alive()
+    finally:
+        change.close()
+
+    # The waiting claim re-read the queue's row: no unflagged claim, the limit holds.
+    assert len(claimed[0]) <= 1
+    assert sql(store_config, "SELECT count(*) FROM steps WHERE queue = 'busy'"
+                             " AND status = 'claimed' AND NOT limited_claim") == [(0,)]
+    assert len(store.claim_steps("pod-1", ["busy"], 2)) + len(claimed[0]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_submit_to_a_queue_with_a_max_length_does_not_wait_for_claims_in_flight(
+    store: Store, store_config: StoreConfig
+) -> None:
+    store.configure_queue(QueueConfig("busy", max_length=10))
+    store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
+    store.register_pod("pod-1")
+    app = f"submitter-{store_config.schema}"
+    claim = _claim_in_open_transaction(store_config)
+    try:
+        with Store(dataclasses.replace(store_config, application_name=app)) as submitter:
+            thread = threading.Thread(target=submitter.submit, args=("busy", {"n": 4}))
+            thread.start()
+            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(store_config, app),
+                     10, "the submit to end or to wait")
+            waited = thread.is_alive()
+            claim.commit()
+            thread.join(10)
+    finally:
+        claim.close()
+    assert not waited, "the submit waited for a claim"
+    assert store.queue_stats()["busy"].depth == 3
