@@ -302,6 +302,25 @@ WITH input AS (
     + "SELECT id FROM released"
 )
 
+# Every claim a pod's incarnation holds, released (Store.release_claims_of):
+# by pod, not token, because the pod does not know them all.
+RELEASE_CLAIMS_OF = (
+    """
+WITH released AS (
+    UPDATE steps s
+       SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
+           finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
+           claimed_by = NULL, cancel_requested = false, limited_claim = false,
+           available_at = statement_timestamp()
+     WHERE s.status = 'claimed' AND s.claimed_by = :pod
+       AND coalesce(s.claim_incarnation, 0) = :incarnation
+    RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
+              s.claimed_at
+), """ + _FINISH.format(ended="released", outcome="'released'") + """
+SELECT id FROM released ORDER BY id
+"""
+)
+
 CANCEL = """
 UPDATE steps
    SET status = CASE WHEN status = 'claimed' THEN status ELSE 'cancelled' END,

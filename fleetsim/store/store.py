@@ -123,6 +123,7 @@ class Store:
         self._auto: Engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **common)
         self._tx: Engine = sa.create_engine(url, **common)
         self._hooks: list[Callable[[], None]] = []
+        self._reply_hooks: list[Callable[[], None]] = []
         # Connections the hot path keeps checked out between calls: a pool
         # checkout and return cost more than a claim's own client work.
         # list.append and list.pop are atomic, so no lock is needed.
@@ -202,6 +203,8 @@ class Store:
                             prepared.add(other.name)
                     cursor.execute(statement.execute_py, params)
                     rows: list[Any] = cursor.fetchall()
+                    for hook in self._reply_hooks:
+                        hook()
                     healthy = True
                     return rows
                 finally:
@@ -248,6 +251,28 @@ class Store:
         for engine in (self._auto, self._tx):
             event.listen(engine, "before_cursor_execute", before_execute)
         self._hooks.append(hook)  # the hot path runs hooks itself (see _hot)
+
+    def add_reply_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` after every single statement that has taken effect.
+
+        The seam for lost replies: a hook that raises InjectedFault with
+        ``disconnect=True`` drops the connection after the statement
+        committed, so the caller sees an error for a write that happened
+        (what a connection cut after COMMIT does). Only single statements
+        (autocommitted) call it: in a transaction, an error before COMMIT
+        rolls the work back, which is an ordinary failure.
+        """
+
+        def after_execute(conn: Any, *_: Any) -> None:
+            try:
+                hook()
+            except InjectedFault as fault:
+                if fault.disconnect:
+                    conn.invalidate()
+                raise
+
+        event.listen(self._auto, "after_cursor_execute", after_execute)
+        self._reply_hooks.append(hook)  # the hot path runs them itself (see _hot)
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -613,6 +638,19 @@ class Store:
         if not payload:
             return set()
         return {int(row[0]) for row in self._hot(_RELEASE, items=_to_json(payload))}
+
+    def release_claims_of(self, pod_id: str, incarnation: int = 0) -> list[int]:
+        """Release every step ``pod_id``'s ``incarnation`` has claimed; return their ids.
+
+        For a pod that may hold claims it does not know of: a claim whose
+        reply was lost (the connection dropped after it committed), or
+        writes it gave up on. Call it only while the pod runs no step, as its
+        claim loop is between batches. It finds the claims by scanning
+        ``steps`` (no index names a claim's pod), which is fine for a rare
+        event. Like ``release_many``, it spends no attempt.
+        """
+        rows = self._rows(q.RELEASE_CLAIMS_OF, pod=pod_id, incarnation=incarnation)
+        return [int(row[0]) for row in rows]
 
     # -- cancel -----------------------------------------------------------
 

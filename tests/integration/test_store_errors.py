@@ -11,8 +11,15 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from fleetsim.errors import ConfigError, SchemaMismatch, StoreUnavailable
-from fleetsim.store import SCHEMA_VERSION, QueueConfig, StepSpec, Store, StoreConfig
+from fleetsim.errors import ConfigError, InjectedFault, SchemaMismatch, StoreUnavailable
+from fleetsim.store import (
+    SCHEMA_VERSION,
+    QueueConfig,
+    StepSpec,
+    Store,
+    StoreConfig,
+    WriteOutcome,
+)
 from tests.integration.claimers import sql
 
 SECRET = "s3cret"
@@ -344,3 +351,74 @@ def test_no_index_on_steps_mentions_a_column_a_completion_writes(
     for definition in definitions:
         for column in ("status", "finished_at", "result"):
             assert not re.search(rf"\b{column}\b", definition), definition
+
+
+class LoseReplies:
+    """A reply hook that loses the reply of the next ``count`` statements."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        if self.count > 0:
+            self.count -= 1
+            raise InjectedFault("reply lost (test)", disconnect=True)
+
+
+def test_a_claim_whose_reply_is_lost_is_found_and_released_by_its_pod(
+    store_config: StoreConfig,
+) -> None:
+    lose = LoseReplies()
+    with Store(store_config) as store:
+        store.add_reply_hook(lose)
+        ids = store.submit_many([StepSpec(payload={"n": n}) for n in range(4)])
+        store.register_pod("pod-1")
+        store.register_pod("pod-2", incarnation=0)
+        (other,) = store.claim_steps("pod-2", batch=1)
+
+        lose.count = 1
+        with pytest.raises(StoreUnavailable):
+            store.claim_steps("pod-1", batch=2)
+        # The claim took effect: pod-1 holds two steps it never saw.
+        held = [r[0] for r in sql(store_config, "SELECT id FROM steps WHERE claimed_by = 'pod-1'"
+                                                " AND status = 'claimed' ORDER BY id")]
+        assert held == ids[1:3]
+
+        assert store.release_claims_of("pod-1", 0) == held
+        assert store.release_claims_of("pod-1", 0) == []
+        # Back in the queue without spending an attempt; pod-2's claim untouched.
+        assert [store.get_step(i).status for i in ids] == ["claimed", "queued", "queued", "queued"]
+        assert [store.get_step(i).attempts for i in ids] == [0, 0, 0, 0]
+        assert other.id == ids[0]
+        assert sql(store_config, "SELECT step_id, outcome FROM step_attempts"
+                                 " WHERE pod_id = 'pod-1' ORDER BY step_id") == [
+            (held[0], "released"), (held[1], "released")]
+
+
+def test_a_write_whose_reply_is_lost_took_effect_and_its_retry_changes_nothing(
+    store_config: StoreConfig,
+) -> None:
+    lose = LoseReplies()
+    with Store(store_config) as store:
+        store.add_reply_hook(lose)
+        first, second, third = store.submit_many([StepSpec(payload={}) for _ in range(3)])
+        store.register_pod("pod-1")
+        claimed = {s.id: s for s in store.claim_steps("pod-1", batch=2)}
+
+        lose.count = 1
+        with pytest.raises(StoreUnavailable):
+            store.complete(first, claimed[first].claim_token, {"ok": 1})
+        assert store.complete(first, claimed[first].claim_token, {"ok": 1}) == WriteOutcome.ACCEPTED
+        assert sql(store_config, "SELECT count(*) FROM step_attempts WHERE step_id = %(id)s"
+                                 " AND outcome = 'completed'", {"id": first}) == [(1,)]
+
+        lose.count = 1
+        with pytest.raises(StoreUnavailable):
+            store.release(second, claimed[second].claim_token)
+        assert store.get_step(second).status == "queued"
+
+        # A single statement outside the hot path (cancel) loses its reply too.
+        lose.count = 1
+        with pytest.raises(StoreUnavailable):
+            store.cancel(third)
+        assert store.get_step(third).status == "cancelled"
