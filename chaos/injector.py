@@ -199,7 +199,7 @@ class FaultInjector:
         return {"healed": ended}
 
     def storage_fault(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
-        """Errors, latency and disconnects on the pods' store statements."""
+        """Errors, latency, disconnects and lost replies on the pods' store statements."""
         pods = self.resolve(target, allow_all=True)
         duration = _duration(params.get("for"))
         command = SetStorageFault(
@@ -207,6 +207,7 @@ class FaultInjector:
             latency_ms=float(params.get("latency_ms", 0.0)),
             disconnect_rate=float(params.get("disconnect_rate", 0.0)),
             duration_s=duration,
+            reply_loss_rate=float(params.get("reply_loss_rate", 0.0)),
         )
         applied = []
         for pod in pods:
@@ -218,7 +219,7 @@ class FaultInjector:
                         functools.partial(self.fleet.send_command, pod, ClearStorageFault()))
         return {"pods": applied, "error_rate": command.error_rate,
                 "latency_ms": command.latency_ms, "disconnect_rate": command.disconnect_rate,
-                "for_s": duration}
+                "reply_loss_rate": command.reply_loss_rate, "for_s": duration}
 
     def heal_all(self) -> None:
         """End every fault (the coordinator calls this before stopping)."""

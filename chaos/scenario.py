@@ -32,8 +32,9 @@ Actions (and their parameters):
 ``partition``      cut the pods off ``from`` store|bus|all (default store),
                    ``mode`` blackhole|reset (default blackhole), for ``for``
 ``heal``           end partitions and storage faults now
-``storage-fault``  ``error_rate``, ``latency``, ``disconnect_rate`` on the
-                   pods' store connections, for ``for``
+``storage-fault``  ``error_rate``, ``latency``, ``disconnect_rate``,
+                   ``reply_loss_rate`` on the pods' store connections, for
+                   ``for``
 ``store-restart``  restart the PostgreSQL server (no ``target``)
 =================  =====================================================
 
@@ -114,7 +115,7 @@ _DEFAULT_TARGET: Final[dict[str, str | None]] = {
 #: Parameter keys per action.
 _PARAMS: Final[dict[str, tuple[str, ...]]] = {
     "partition": ("from", "mode"),
-    "storage-fault": ("error_rate", "latency", "disconnect_rate"),
+    "storage-fault": ("error_rate", "latency", "disconnect_rate", "reply_loss_rate"),
 }
 _TIMING_KEYS: Final = ("at", "every", "start", "until", "count", "for", "jitter")
 _FAULT_KEYS: Final = ("action", "target", *_TIMING_KEYS)
@@ -179,7 +180,7 @@ class FaultSpec:
     (None for actions that take none). ``params`` holds the action's
     parameters with defaults filled in, in the coordinator's units:
     partition ``{"from", "mode"}``; storage-fault ``{"error_rate",
-    "latency_ms", "disconnect_rate"}`` (the fields of
+    "latency_ms", "disconnect_rate", "reply_loss_rate"}`` (the fields of
     :class:`chaos.storage_faults.StorageFault`).
     """
 
@@ -567,14 +568,17 @@ def _parse_params(fields: _Fields, action: str) -> dict[str, str | float]:
                 f"{format_duration(latency_s)} is too long "
                 f"(at most {format_duration(_MAX_LATENCY_MS / 1000)})",
             )
-        if not (error_rate or disconnect_rate or latency_ms):
+        reply_loss_rate = fields.rate("reply_loss_rate")
+        if not (error_rate or disconnect_rate or latency_ms or reply_loss_rate):
             raise fields.error(
-                None, "storage-fault does nothing: set error_rate, latency or disconnect_rate"
+                None, "storage-fault does nothing: set error_rate, latency, disconnect_rate"
+                " or reply_loss_rate"
             )
         return {
             "error_rate": error_rate,
             "latency_ms": latency_ms,
             "disconnect_rate": disconnect_rate,
+            "reply_loss_rate": reply_loss_rate,
         }
     return {}
 

@@ -4,7 +4,9 @@ The pod registers one :class:`StorageFaultInjector` with its store as a
 statement hook (see ``Store.add_statement_hook``); it costs one attribute
 check per statement while idle. The coordinator turns it on over the bus
 (``SetStorageFault``): errors at a rate, added latency, dropped connections,
-for a duration.
+for a duration. The same injector, registered as a reply hook
+(``Store.add_reply_hook``), loses replies: the statement has taken effect,
+then the connection drops before its result reaches the pod.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from fleetsim.errors import ConfigError, InjectedFault
 
 @dataclass(frozen=True)
 class StorageFault:
-    """What to inject: rates in [0, 1], latency in milliseconds."""
+    """What to inject: rates in [0, 1], latency in milliseconds.
+
+    ``error_rate`` and ``disconnect_rate`` act before a statement (it never
+    runs); ``reply_loss_rate`` after one (it ran and committed, and the
+    caller sees a dropped connection instead of its result).
+    """
 
     error_rate: float = 0.0
     latency_ms: float = 0.0
     disconnect_rate: float = 0.0
+    reply_loss_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("error_rate", "disconnect_rate"):
+        for name in ("error_rate", "disconnect_rate", "reply_loss_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {value}")
@@ -46,6 +54,7 @@ class StorageFaultInjector:
         self._until: float | None = None
         self.injected_errors = 0
         self.injected_disconnects = 0
+        self.injected_reply_losses = 0
 
     def set(self, fault: StorageFault, duration_s: float | None = None) -> None:
         """Inject ``fault`` from now on, for ``duration_s`` (None: until cleared)."""
@@ -84,3 +93,16 @@ class StorageFaultInjector:
         if draw < fault.disconnect_rate + fault.error_rate:
             self.injected_errors += 1
             raise InjectedFault("injected storage fault: statement failed")
+
+    def after_statement(self) -> None:
+        """After a statement took effect: maybe drop the connection before its reply."""
+        if self._fault is None:  # the idle fast path: no lock
+            return
+        fault = self.active
+        if fault is None or not fault.reply_loss_rate:
+            return
+        with self._lock:
+            draw = self._rng.random()
+        if draw < fault.reply_loss_rate:
+            self.injected_reply_losses += 1
+            raise InjectedFault("injected storage fault: reply lost", disconnect=True)

@@ -574,9 +574,10 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
 
     store = Store(config.store)
     worker = Pod(config, store)
-    # Storage faults plug in as a statement hook: idle until the coordinator asks.
+    # Storage faults plug in as statement hooks: idle until the coordinator asks.
     worker.storage_faults = StorageFaultInjector(seed=config.seed)
     store.add_statement_hook(worker.storage_faults)
+    store.add_reply_hook(worker.storage_faults.after_statement)
     if config.join:
         from fleetsim.bus import BusEndpoints, PodBusClient
 
@@ -901,19 +902,23 @@ def chaos_heal(ctx: click.Context, pod: str | None, as_json: bool, timeout: floa
 @option("--latency", type=DURATION, default=0.0, help="Added to every statement.")
 @option("--disconnect-rate", type=click.FloatRange(0, 1), default=0.0,
               help="Share of statements whose connection is dropped.")
+@option("--reply-loss-rate", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of statements that take effect but whose reply is lost"
+                   " (the connection drops after them).")
 @option("--for", "duration", type=DURATION, default=None,
               help="End after this long; default: until `chaos heal`.")
 @chaos_options
 @click.pass_context
 def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, error_rate: float,
-                        latency: float, disconnect_rate: float, duration: float | None,
-                        as_json: bool, timeout: float) -> None:
-    """Errors, latency and disconnects on a pod's store statements (POD or --all)."""
+                        latency: float, disconnect_rate: float, reply_loss_rate: float,
+                        duration: float | None, as_json: bool, timeout: float) -> None:
+    """Errors, latency, disconnects and lost replies on a pod's store statements."""
     if bool(pod) == all_pods:
         fail("name a POD or give --all", EXIT_USAGE)
     chaos_request(ctx, "storage-fault", "all" if all_pods else pod, {
         "error_rate": error_rate, "latency_ms": latency * 1000.0,
-        "disconnect_rate": disconnect_rate, "for": duration,
+        "disconnect_rate": disconnect_rate, "reply_loss_rate": reply_loss_rate,
+        "for": duration,
     }, as_json, timeout)
 
 

@@ -79,6 +79,10 @@ class Pod:
         self.superseded = threading.Event()  # a newer incarnation exists
         self._cancel_requested: set[tuple[int, int]] = set()
         self._abandoned: list[tuple[int, int]] = []  # tokens dropped while fenced
+        # The store may hold claims of ours we do not know of: a claim failed
+        # (its reply may be lost after it committed) or a write was given up.
+        # Only the claim loop reads and writes it.
+        self._unknown_claims = False
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="step")
         self.term: int | None = None
@@ -168,11 +172,14 @@ class Pod:
                 self.stopping.wait(cfg.timings.heartbeat_s)
                 continue
             try:
+                if self._unknown_claims:
+                    self._release_unknown_claims()
                 steps = self.store.claim_steps(
                     cfg.pod_id, cfg.queues, cfg.batch, incarnation=cfg.incarnation
                 )
             except StoreError as exc:
                 log.warning("claim failed: %s", exc)
+                self._unknown_claims = True
                 self.stopping.wait(min(1.0, idle * 4))
                 idle = min(_IDLE_POLL_S[1], idle * 2)
                 continue
@@ -183,6 +190,18 @@ class Pod:
             idle = _IDLE_POLL_S[0]
             self._notify("on_claimed", steps)
             self._write_back(self._run_batch(steps))
+
+    def _release_unknown_claims(self) -> None:
+        """Give back every claim the store says we hold: between batches we hold none.
+
+        A claim whose reply was lost committed steps to this pod that it never
+        saw; nobody else would take them while this pod stays alive.
+        """
+        released = self.store.release_claims_of(self.config.pod_id, self.config.incarnation)
+        self._unknown_claims = False
+        if released:
+            log.warning("released %d steps claimed or held without a reply (%s)",
+                        len(released), ", ".join(map(str, released[:10])))
 
     def _run_batch(self, steps: list[ClaimedStep]) -> _BatchOutcome:
         """Run a batch on the pool; on stop, wait at most the grace period."""
@@ -276,10 +295,11 @@ class Pod:
         try:
             accepted = self._retry(lambda: write(items))
         except StoreError as exc:
-            log.warning("could not %s %d steps (%s); recovery will requeue them", kind,
-                        len(items), exc)
+            log.warning("could not %s %d steps (%s); they are released before the next claim",
+                        kind, len(items), exc)
             with self._lock:
                 self._abandoned += [(item[0], item[1]) for item in items]
+            self._unknown_claims = True
             return
         rejected = len(items) - len(accepted)
         if rejected:
@@ -382,7 +402,7 @@ class Pod:
             else:
                 self.storage_faults.set(
                     StorageFault(command.error_rate, command.latency_ms,
-                                 command.disconnect_rate),
+                                 command.disconnect_rate, command.reply_loss_rate),
                     command.duration_s,
                 )
             return Ok({"pod": self.config.pod_id})

@@ -210,10 +210,12 @@ class SetStorageFault(Message):
     latency_ms: float
     disconnect_rate: float
     duration_s: float | None
+    reply_loss_rate: float = 0.0
 
     def _validate(self) -> None:
         _rate("error_rate", self.error_rate)
         _rate("disconnect_rate", self.disconnect_rate)
+        _rate("reply_loss_rate", self.reply_loss_rate)
         _non_negative("latency_ms", self.latency_ms)
         _non_negative("duration_s", self.duration_s)
 

@@ -107,6 +107,26 @@ def test_storage_brownout_on_all_pods_still_drains(
 
 
 @pytest.mark.timeout(180)
+def test_lost_replies_on_every_pod_lose_no_step_and_complete_each_once(
+    store: Store, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    """Statements that took effect but whose replies were lost: claims, writes, beats."""
+    submit_steps(store, 1500, "sleep:2")
+    with running_fleet(store_config, tmp_path, pods=3, batch=5) as fleet:
+        reply = fleet.injector.apply("storage-fault", "all", {
+            "reply_loss_rate": 0.1, "for": 6.0})
+        assert reply["reply_loss_rate"] == 0.1
+        # A claim whose reply was lost: its pod finds the steps and gives them back.
+        wait_until(lambda: rows(store, "SELECT count(*) FROM step_attempts"
+                                       " WHERE outcome = 'released'")[0][0] > 0,
+                   30, what="a pod to release the steps of a claim whose reply was lost")
+        drain_and_check(store, fleet, 1500)
+    repeated = rows(store, "SELECT count(*) FROM rejected_writes r JOIN step_attempts a"
+                           " ON a.claim_token = r.claim_token AND a.outcome = 'completed'")[0][0]
+    assert repeated > 0, "no completion was retried after a lost reply: nothing was proven"
+
+
+@pytest.mark.timeout(180)
 def test_bus_partition_does_not_stop_the_data_plane(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:

@@ -85,7 +85,8 @@ def test_shipped_scenarios_say_what_the_brief_says() -> None:
     (brownout,) = by_name["storage-brownout"].schedule(1)
     assert brownout.target == "all"
     assert brownout.duration_s == 8.0
-    assert dict(brownout.params) == {"error_rate": 0.2, "latency_ms": 50.0, "disconnect_rate": 0.0}
+    assert dict(brownout.params) == {"error_rate": 0.2, "latency_ms": 50.0, "disconnect_rate": 0.0,
+                                     "reply_loss_rate": 0.0}
     rolling = by_name["rolling-kill"].schedule(1)
     assert [f.target for f in rolling] == ["round-robin"] * 5
     assert len({f.action for f in by_name["mixed"].schedule(1)}) >= 4
