@@ -46,7 +46,8 @@ def test_soak_scenarios_back_to_back(store_config: StoreConfig, private_tmp: Pat
         rounds = 0
         total = 0
         while time.monotonic() < ends:
-            for name in ("mixed", "kill-leader-loop", "storage-brownout", "store-restart"):
+            for name in ("mixed", "kill-leader-loop", "storage-brownout", "lost-replies",
+                         "store-restart"):
                 store.submit_many([StepSpec("default", {"workload": "sleep:20"})] * 3000)
                 total += 3000
                 fleet.run_scenario(name, seed=rounds)

@@ -15,8 +15,9 @@ from tests.helpers import wait_drained, wait_until
 
 SEED = 7
 SCENARIOS = {s.name: s for s in list_scenarios()}
-# Long or slow scenarios run nightly (-m stress); the default run keeps one of each kind.
-NIGHTLY = {"mixed", "rolling-kill"}
+# Long or slow scenarios run nightly (-m stress); the default run keeps one of each kind
+# (lost replies: tests/chaos/test_faults.py).
+NIGHTLY = {"mixed", "rolling-kill", "lost-replies"}
 
 
 def _params() -> list[object]:

@@ -32,6 +32,7 @@ SHIPPED = {
     "storage-brownout",
     "store-restart",
     "mixed",
+    "lost-replies",
 }
 PODS = [f"pod-{i}" for i in range(1, 6)]
 
