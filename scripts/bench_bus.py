@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from fleetsim.bus import BusEndpoints, ControlClient, StatusRequest
-from fleetsim.bus.testing import flood_metrics, serve_counting_coordinator
+from fleetsim.bus.testing import CoordinatorUnderFlood
 
 P99_GOAL_S = 0.050
 
@@ -59,53 +57,19 @@ def summary(timings: list[float]) -> dict[str, float]:
     """p50, p99 and max of ``timings``, in seconds."""
     return {
         "p50_s": statistics.median(timings),
-        "p99_s": statistics.quantiles(timings, n=100)[98],
+        "p99_s": statistics.quantiles(timings, n=100, method="inclusive")[98],
         "max_s": max(timings),
     }
 
 
 def one_round(args: argparse.Namespace) -> dict[str, Any]:
     """Quiet round trips, then the same under the flood, against one coordinator."""
-    spawn = multiprocessing.get_context("spawn")
-    control, child_end = spawn.Pipe()
-    coordinator = spawn.Process(target=serve_counting_coordinator, args=(child_end,))
-    coordinator.start()
-    stop = spawn.Event()
-    flooder: BaseProcess | None = None
-
-    def metrics_received() -> int:
-        control.send("count")
-        count: int = control.recv()
-        return count
-
-    try:
-        if not control.poll(30):
-            raise RuntimeError("the coordinator process did not start")
-        endpoints = BusEndpoints.from_dict(control.recv())
-        quiet = round_trips(endpoints, args.requests)
-        flooder = spawn.Process(
-            target=flood_metrics, args=(endpoints.metrics, args.flooders, stop)
-        )
-        flooder.start()
-        deadline = time.monotonic() + 30
-        while metrics_received() < 5_000:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the metrics flood never started")
-            time.sleep(0.01)
-        before, started = metrics_received(), time.monotonic()
-        flooded = round_trips(endpoints, args.requests)
-        rate = (metrics_received() - before) / (time.monotonic() - started)
-    finally:
-        stop.set()
-        control.send("stop")
-        for process in (flooder, coordinator):
-            if process is not None:
-                process.join(10)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        control.close()
-        child_end.close()
+    with CoordinatorUnderFlood(start_timeout_s=30) as coordinator:
+        quiet = round_trips(coordinator.endpoints, args.requests)
+        coordinator.start_flood(args.flooders, timeout_s=30)
+        before, started = coordinator.metrics_received(), time.monotonic()
+        flooded = round_trips(coordinator.endpoints, args.requests)
+        rate = (coordinator.metrics_received() - before) / (time.monotonic() - started)
     result = {"quiet": summary(quiet), "flooded": summary(flooded), "metrics_per_s": rate}
     result["p99_ratio"] = result["flooded"]["p99_s"] / result["quiet"]["p99_s"]
     return result

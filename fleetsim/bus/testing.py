@@ -5,14 +5,15 @@ background thread: it acks every pod Hello/PodHeartbeat, answers CLI
 requests with a handler, records everything it receives and lets a test
 wait for a message with a deadline instead of sleeping.
 
-:func:`flood_metrics` and :func:`serve_counting_coordinator` are process
-entry points for a metrics flood against a coordinator in another process
+:class:`CoordinatorUnderFlood` runs a FakeCoordinator in a process of its
+own and floods its metrics socket from another on demand, as a fleet does
 (``tests/unit/test_bus_priority.py`` and ``scripts/bench_bus.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import queue
 import threading
 import time
@@ -20,11 +21,13 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
 import zmq
 
+from fleetsim.bus.endpoints import BusEndpoints
 from fleetsim.bus.messages import Command, Error, Event, Hello, Metrics, Ok, PodHeartbeat, encode
 from fleetsim.bus.server import CoordinatorBus, Inbound
 from fleetsim.errors import BusTimeout
@@ -186,8 +189,74 @@ def flood_metrics(endpoint: str, senders: int, stop: ProcessEvent) -> None:
     context.term()
 
 
+class CoordinatorUnderFlood:
+    """A FakeCoordinator in a spawned process, flooded with metrics on demand.
+
+    Use it as a context manager: :attr:`endpoints` reach the coordinator,
+    :meth:`start_flood` starts the flooding process, and leaving the block
+    stops both (killing a process that does not stop within 10 s).
+    """
+
+    def __init__(self, start_timeout_s: float = 20.0) -> None:
+        """Start the coordinator process; BusTimeout if it does not answer in time."""
+        self._spawn = multiprocessing.get_context("spawn")
+        self._control, self._child_end = self._spawn.Pipe()
+        self._stop = self._spawn.Event()
+        self._flooder: BaseProcess | None = None
+        self._coordinator = self._spawn.Process(
+            target=serve_counting_coordinator, args=(self._child_end,)
+        )
+        self._coordinator.start()
+        try:
+            if not self._control.poll(start_timeout_s):
+                raise BusTimeout("the coordinator process did not start")
+            self.endpoints = BusEndpoints.from_dict(self._control.recv())
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> CoordinatorUnderFlood:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def metrics_received(self) -> int:
+        """How many metrics the coordinator has taken so far."""
+        self._control.send("count")
+        count: int = self._control.recv()
+        return count
+
+    def start_flood(self, senders: int, *, warm_up: int = 5_000, timeout_s: float = 20.0) -> None:
+        """Flood from ``senders`` sockets; return once ``warm_up`` metrics have arrived."""
+        self._flooder = self._spawn.Process(
+            target=flood_metrics, args=(self.endpoints.metrics, senders, self._stop)
+        )
+        self._flooder.start()
+        deadline = time.monotonic() + timeout_s
+        while self.metrics_received() < warm_up:
+            if time.monotonic() > deadline:
+                raise BusTimeout("the metrics flood never started")
+            time.sleep(0.01)  # a poll interval
+
+    def close(self) -> None:
+        """Stop the flood and the coordinator."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._control.send("stop")
+        for process in (self._flooder, self._coordinator):
+            if process is not None and process.pid is not None:
+                process.join(10)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        self._control.close()
+        self._child_end.close()
+
+
 __all__ = [
     "CliHandler",
+    "CoordinatorUnderFlood",
     "FakeCoordinator",
     "answer_ok",
     "flood_metrics",

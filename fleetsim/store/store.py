@@ -239,17 +239,8 @@ class Store:
         raise InjectedFault (an error; with ``disconnect=True`` the connection
         is also dropped, as if the server had gone away).
         """
-
-        def before_execute(conn: Any, *_: Any) -> None:
-            try:
-                hook()
-            except InjectedFault as fault:
-                if fault.disconnect:
-                    conn.invalidate()
-                raise
-
         for engine in (self._auto, self._tx):
-            event.listen(engine, "before_cursor_execute", before_execute)
+            event.listen(engine, "before_cursor_execute", _cursor_listener(hook))
         self._hooks.append(hook)  # the hot path runs hooks itself (see _hot)
 
     def add_reply_hook(self, hook: Callable[[], None]) -> None:
@@ -262,16 +253,7 @@ class Store:
         (autocommitted) call it: in a transaction, an error before COMMIT
         rolls the work back, which is an ordinary failure.
         """
-
-        def after_execute(conn: Any, *_: Any) -> None:
-            try:
-                hook()
-            except InjectedFault as fault:
-                if fault.disconnect:
-                    conn.invalidate()
-                raise
-
-        event.listen(self._auto, "after_cursor_execute", after_execute)
+        event.listen(self._auto, "after_cursor_execute", _cursor_listener(hook))
         self._reply_hooks.append(hook)  # the hot path runs them itself (see _hot)
 
     def close(self) -> None:
@@ -878,6 +860,23 @@ def _text(sql: str) -> sa.TextClause:
 
 
 # The claim statements return exactly ClaimedStep's fields, in its order.
+def _cursor_listener(hook: Callable[[], None]) -> Callable[..., None]:
+    """A SQLAlchemy cursor event listener that calls ``hook``.
+
+    An InjectedFault with ``disconnect=True`` also drops the connection.
+    """
+
+    def listener(conn: Any, *_: Any) -> None:
+        try:
+            hook()
+        except InjectedFault as fault:
+            if fault.disconnect:
+                conn.invalidate()
+            raise
+
+    return listener
+
+
 def _claimed_steps(rows: Sequence[Any]) -> list[ClaimedStep]:
     """The claim's rows as ClaimedSteps.
 

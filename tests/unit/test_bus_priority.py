@@ -8,7 +8,6 @@ order is worth in milliseconds is measured by ``scripts/bench_bus.py``.
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,7 +15,6 @@ import pytest
 import zmq
 
 from fleetsim.bus import (
-    BusEndpoints,
     ControlClient,
     CoordinatorBus,
     Inbound,
@@ -24,7 +22,7 @@ from fleetsim.bus import (
     StatusRequest,
     encode,
 )
-from fleetsim.bus.testing import flood_metrics, serve_counting_coordinator
+from fleetsim.bus.testing import CoordinatorUnderFlood
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,41 +87,11 @@ def test_a_cli_request_is_taken_ahead_of_a_metrics_backlog(
 
 def test_the_cli_is_answered_while_another_process_floods_metrics() -> None:
     """End to end, in three processes: every request is answered and the flood goes on."""
-    spawn = multiprocessing.get_context("spawn")
-    control, child_end = spawn.Pipe()
-    coordinator = spawn.Process(target=serve_counting_coordinator, args=(child_end,))
-    coordinator.start()
-    stop = spawn.Event()
-    flooder = None
-
-    def metrics_received() -> int:
-        control.send("count")
-        count: int = control.recv()
-        return count
-
-    try:
-        assert control.poll(20), "the coordinator process did not start"
-        endpoints = BusEndpoints.from_dict(control.recv())
-        flooder = spawn.Process(target=flood_metrics, args=(endpoints.metrics, 5, stop))
-        flooder.start()
-        deadline = time.monotonic() + 20
-        while metrics_received() < 5_000:
-            assert time.monotonic() < deadline, "the metrics flood never started"
-            time.sleep(0.01)
-        before = metrics_received()
-        with ControlClient(endpoints.cli) as client:
+    with CoordinatorUnderFlood() as coordinator:
+        coordinator.start_flood(senders=5)
+        before = coordinator.metrics_received()
+        with ControlClient(coordinator.endpoints.cli) as client:
             replies = [client.request(StatusRequest(), timeout_s=5) for _ in range(50)]
-        after = metrics_received()
-    finally:
-        stop.set()
-        control.send("stop")
-        for process in (flooder, coordinator):
-            if process is not None:
-                process.join(10)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        control.close()
-        child_end.close()
+        after = coordinator.metrics_received()
     assert [reply.data for reply in replies] == [{"kind": "status_request"}] * 50
     assert after > before, "the flood stopped while the CLI was served"
