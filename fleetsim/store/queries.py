@@ -532,19 +532,30 @@ WITH lease AS (
      WHERE id = 1 AND holder = :pod AND term = :term
        AND expires_at > statement_timestamp()
        FOR SHARE
-), newly_dead AS (
-    UPDATE pods p SET status = 'dead', died_at = statement_timestamp()
+), dying AS (
+    -- A claim in flight holds its pod's row FOR SHARE. Skip such a pod and
+    -- mark it on a later pass rather than wait: its claimer may be frozen
+    -- mid-transaction (SIGSTOP), and this statement holds up every other
+    -- pod's recovery and the lease while it waits.
+    SELECT p.id FROM pods p
      WHERE p.status = 'alive'
        AND p.heartbeat_at < statement_timestamp()
                             - make_interval(secs => CAST(:dead_after AS float8))
        AND EXISTS (SELECT 1 FROM lease)
+     ORDER BY p.id
+       FOR NO KEY UPDATE SKIP LOCKED
+), newly_dead AS (
+    UPDATE pods p SET status = 'dead', died_at = statement_timestamp()
+      FROM dying
+     WHERE p.id = dying.id
     RETURNING p.id
 ), unswept AS (
     -- Pods that stopped being alive in an earlier statement and whose steps
-    -- have not been swept since. Marking a pod dead (or stopped) waited for
-    -- its claims in flight (they lock the pod row FOR SHARE), so this
-    -- statement's snapshot holds every claim it will ever make: one sweep
-    -- after the marking is enough, and a pod is never swept again.
+    -- have not been swept since. Marking a pod dead (or stopped) locked its
+    -- row, which no claim in flight held (they lock it FOR SHARE) and every
+    -- later claim finds dead, so this statement's snapshot holds every claim
+    -- it will ever make: one sweep after the marking is enough, and a pod is
+    -- never swept again.
     UPDATE pods p SET swept_at = statement_timestamp()
      WHERE p.status <> 'alive' AND p.swept_at IS NULL
        AND EXISTS (SELECT 1 FROM lease)
