@@ -312,8 +312,12 @@ WITH released AS (
            finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
            claimed_by = NULL, cancel_requested = false, limited_claim = false,
            available_at = statement_timestamp()
-     WHERE s.status = 'claimed' AND s.claimed_by = :pod
-       AND coalesce(s.claim_incarnation, 0) = :incarnation
+     -- Locked in id order, like the fenced writes (no deadlock with them).
+     WHERE s.id IN (SELECT id FROM steps
+                     WHERE status = 'claimed' AND claimed_by = :pod
+                       AND coalesce(claim_incarnation, 0) = :incarnation
+                     ORDER BY id
+                       FOR UPDATE)
     RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
               s.claimed_at
 ), """ + _FINISH.format(ended="released", outcome="'released'") + """
@@ -369,9 +373,14 @@ ON CONFLICT (name) DO UPDATE
 # and configure_queue locks it FOR UPDATE first, so no fast-path claim is in
 # flight here; one that starts later re-reads the row once the lock is gone
 # and leaves the queue to the locked path.
+# Rows are locked in id order, as the fenced writes lock theirs, so this
+# multi-row update cannot deadlock with a completion.
 FLAG_OPEN_CLAIMS = """
 UPDATE steps SET limited_claim = true
- WHERE queue = :queue AND status = 'claimed' AND NOT limited_claim
+ WHERE id IN (SELECT id FROM steps
+               WHERE queue = :queue AND status = 'claimed' AND NOT limited_claim
+               ORDER BY id
+                 FOR UPDATE)
 """
 
 SET_PAUSED = "UPDATE queues SET paused = :paused WHERE name = :name RETURNING name"

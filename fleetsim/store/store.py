@@ -229,8 +229,12 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        with self._errors(), self._tx.begin() as conn:
-            yield conn
+        with self._errors():
+            with self._tx.begin() as conn:
+                yield conn
+            # Committed: a reply hook may lose the transaction's outcome now.
+            for hook in self._reply_hooks:
+                hook()
 
     def add_statement_hook(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` before every statement this store sends.
@@ -244,14 +248,15 @@ class Store:
         self._hooks.append(hook)  # the hot path runs hooks itself (see _hot)
 
     def add_reply_hook(self, hook: Callable[[], None]) -> None:
-        """Call ``hook()`` after every single statement that has taken effect.
+        """Call ``hook()`` after every statement or transaction that has taken effect.
 
         The seam for lost replies: a hook that raises InjectedFault with
-        ``disconnect=True`` drops the connection after the statement
-        committed, so the caller sees an error for a write that happened
-        (what a connection cut after COMMIT does). Only single statements
-        (autocommitted) call it: in a transaction, an error before COMMIT
-        rolls the work back, which is an ordinary failure.
+        ``disconnect=True`` drops the connection after the work committed,
+        so the caller sees an error for a write that happened (what a
+        connection cut after COMMIT does). It runs after each autocommitted
+        statement and after each transaction's COMMIT, never between the
+        statements of a transaction (an error there rolls the work back,
+        an ordinary failure).
         """
         event.listen(self._auto, "after_cursor_execute", _cursor_listener(hook))
         self._reply_hooks.append(hook)  # the hot path runs them itself (see _hot)
@@ -328,6 +333,10 @@ class Store:
         if config.max_length is not None and config.max_length < 1:
             raise ConfigError("a queue's max length must be at least 1")
         with self._transaction() as conn:
+            # The row must exist before it is locked: a queue that a submit
+            # creates meanwhile would escape the lock (the upsert's own lock,
+            # FOR NO KEY UPDATE, does not wait for claims).
+            conn.execute(_text(q.ENSURE_QUEUES), {"names": [config.name]})
             # Waits for the fast-path claims in flight on this queue (they hold
             # its row FOR KEY SHARE), so the flagging below sees them; claims
             # that start after it read the new settings.

@@ -354,15 +354,18 @@ def test_no_index_on_steps_mentions_a_column_a_completion_writes(
 
 
 class LoseReplies:
-    """A reply hook that loses the reply of the next ``count`` statements."""
+    """A reply hook: after ``skip`` more replies, lose the next ``count``."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.skip = 0
 
     def __call__(self) -> None:
-        if self.count > 0:
+        if self.skip > 0:
+            self.skip -= 1
+        elif self.count > 0:
             self.count -= 1
-            raise InjectedFault("reply lost (test)", disconnect=True)
+            raise InjectedFault("reply lost (test)", disconnect=True, took_effect=True)
 
 
 def test_a_claim_whose_reply_is_lost_is_found_and_released_by_its_pod(
@@ -422,3 +425,14 @@ def test_a_write_whose_reply_is_lost_took_effect_and_its_retry_changes_nothing(
         with pytest.raises(StoreUnavailable):
             store.cancel(third)
         assert store.get_step(third).status == "cancelled"
+
+
+def test_a_transaction_whose_reply_is_lost_committed(store_config: StoreConfig) -> None:
+    lose = LoseReplies()
+    with Store(store_config) as store:
+        store.add_reply_hook(lose)
+        lose.count = 1
+        # configure_queue is one transaction: its only reply hook runs after COMMIT.
+        with pytest.raises(StoreUnavailable):
+            store.configure_queue(QueueConfig("slow", concurrency_limit=1))
+        assert store.queues()["slow"].concurrency_limit == 1
