@@ -105,4 +105,6 @@ class StorageFaultInjector:
             draw = self._rng.random()
         if draw < fault.reply_loss_rate:
             self.injected_reply_losses += 1
-            raise InjectedFault("injected storage fault: reply lost", disconnect=True)
+            raise InjectedFault(
+                "injected storage fault: reply lost", disconnect=True, took_effect=True
+            )

@@ -45,10 +45,17 @@ class SchemaMismatch(StoreError):
 
 
 class InjectedFault(StoreUnavailable):
-    """A storage fault injected by chaos (the statement never reached the server)."""
+    """A storage fault injected by chaos.
 
-    def __init__(self, message: str | None = None, *, disconnect: bool = False) -> None:
+    Before a statement (it never reached the server), or, with
+    ``took_effect``, after it: the statement ran and its reply was lost.
+    """
+
+    def __init__(
+        self, message: str | None = None, *, disconnect: bool = False, took_effect: bool = False
+    ) -> None:
         self.disconnect = disconnect
+        self.took_effect = took_effect
         super().__init__(message)
 
 

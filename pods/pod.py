@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from fleetsim.errors import ConfigError, NotLeader, StoreError, StoreUnavailable
+from fleetsim.errors import ConfigError, InjectedFault, NotLeader, StoreError, StoreUnavailable
 from fleetsim.store import ClaimedStep, Store
 from pods.config import PodConfig
 from pods.exitcodes import PodExit
@@ -154,6 +154,8 @@ class Pod:
                 self.store.release_leadership(self.config.pod_id, term)
                 self._notify("on_leadership", None)
             self._release_abandoned()
+            if self._unknown_claims and not self.superseded.is_set():
+                self._release_unknown_claims()
             if not self.superseded.is_set():
                 self.store.stop_pod(self.config.pod_id, self.config.incarnation)
         except StoreError as exc:
@@ -179,7 +181,10 @@ class Pod:
                 )
             except StoreError as exc:
                 log.warning("claim failed: %s", exc)
-                self._unknown_claims = True
+                # Unless the statement surely never ran (a fault injected
+                # before it), the claim may have committed without us.
+                if not isinstance(exc, InjectedFault) or exc.took_effect:
+                    self._unknown_claims = True
                 self.stopping.wait(min(1.0, idle * 4))
                 idle = min(_IDLE_POLL_S[1], idle * 2)
                 continue
@@ -287,6 +292,7 @@ class Pod:
                 self._retry(functools.partial(self.store.acknowledge_cancel, step_id, token))
             except StoreError as exc:
                 log.warning("could not acknowledge the cancel of step %d: %s", step_id, exc)
+                self._unknown_claims = True  # the step is still ours: release it
             self._cancel_requested.discard((step_id, token))
 
     def _write(self, kind: str, write: Callable[[Any], Any], items: list[Any]) -> None:

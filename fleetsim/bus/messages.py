@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from fleetsim.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Version of the wire format; both ends must speak the same one."""
 
 MAX_FRAME_SIZE = 64 * 1024

@@ -111,11 +111,12 @@ def test_lost_replies_on_every_pod_lose_no_step_and_complete_each_once(
     store: Store, store_config: StoreConfig, tmp_path: Path
 ) -> None:
     """Statements that took effect but whose replies were lost: claims, writes, beats."""
-    submit_steps(store, 1500, "sleep:2")
     with running_fleet(store_config, tmp_path, pods=3, batch=5) as fleet:
+        # The fault first, then the work: all of it runs under the fault.
         reply = fleet.injector.apply("storage-fault", "all", {
-            "reply_loss_rate": 0.1, "for": 6.0})
+            "reply_loss_rate": 0.1, "for": 60.0})
         assert reply["reply_loss_rate"] == 0.1
+        submit_steps(store, 1500, "sleep:2")
         # A claim whose reply was lost: its pod finds the steps and gives them back.
         wait_until(lambda: rows(store, "SELECT count(*) FROM step_attempts"
                                        " WHERE outcome = 'released'")[0][0] > 0,

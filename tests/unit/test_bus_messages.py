@@ -117,14 +117,14 @@ def test_wire_format(msg: m.Message) -> None:
     frame = m.encode(msg)
     envelope = json.loads(frame.decode("utf-8"))
     assert frame == json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
-    assert envelope["v"] == m.PROTOCOL_VERSION == 1
+    assert envelope["v"] == m.PROTOCOL_VERSION == 2
     assert envelope["kind"] == msg.kind
     assert envelope["id"] == msg.request_id
     assert set(envelope["body"]) == {f.name for f in dataclasses.fields(msg)} - {"request_id"}
 
 
 def test_ints_are_widened_to_float_and_error_codes_to_str() -> None:
-    frame = _frame({"v": 1, "kind": "shutdown", "id": 0, "body": {"grace_s": 5}})
+    frame = _frame({"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": 5}})
     msg = m.decode(frame)
     assert isinstance(msg, m.Shutdown)
     assert type(msg.grace_s) is float
@@ -149,17 +149,17 @@ VALID = _envelope(EXAMPLES[4])  # a Shutdown
         (b"", "empty"),
         (b"x" * (m.MAX_FRAME_SIZE + 1), "over"),
         (b"\xff\xfe{}", "UTF-8"),
-        (b'{"v": 1, "kind": "ping"', "JSON"),
+        (b'{"v": 2, "kind": "ping"', "JSON"),
         (b"[" * 60_000, "JSON"),  # deeper than the recursion limit
         (b"\xef\xbb\xbf{}", "JSON"),  # BOM
         (b"[1, 2]", "object"),
         (b'"ping"', "object"),
-        (b'{"v": 1, "v": 1, "kind": "ping", "id": 0, "body": {}}', "duplicate"),
-        (b'{"v": 1, "kind": "shutdown", "id": 0, "body": {"grace_s": NaN}}', "NaN"),
-        (b'{"v": 1, "kind": "shutdown", "id": 0, "body": {"grace_s": Infinity}}', "Infinity"),
-        (b'{"v": 1, "kind": "shutdown", "id": 0, "body": {"grace_s": 1e999}}', "grace_s"),
-        (_frame({**VALID, "v": 2}), "version"),
-        (_frame({**VALID, "v": "1"}), "version"),
+        (b'{"v": 2, "v": 2, "kind": "ping", "id": 0, "body": {}}', "duplicate"),
+        (b'{"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": NaN}}', "NaN"),
+        (b'{"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": Infinity}}', "Infinity"),
+        (b'{"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": 1e999}}', "grace_s"),
+        (_frame({**VALID, "v": 1}), "version"),  # an older peer
+        (_frame({**VALID, "v": "2"}), "version"),
         (_frame({**VALID, "v": True}), "version"),
         (_frame({k: v for k, v in VALID.items() if k != "v"}), "version"),
         (_frame({**VALID, "kind": "launch-missiles"}), "unknown message kind"),
@@ -253,7 +253,7 @@ def test_construction_validates_too() -> None:
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=2048) | st.binary(max_size=256).map(lambda tail: b'{"v":1,' + tail))
+@given(st.binary(max_size=2048) | st.binary(max_size=256).map(lambda tail: b'{"v":2,' + tail))
 def test_fuzz_random_bytes_only_raise_protocol_error(frame: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         m.decode(frame)
@@ -264,7 +264,7 @@ field_names = st.sampled_from(
 )
 near_envelopes = st.fixed_dictionaries(
     {
-        "v": st.just(1) | json_values,
+        "v": st.just(m.PROTOCOL_VERSION) | json_values,
         "kind": st.sampled_from(sorted(m.MESSAGE_TYPES)) | json_values,
         "id": ids | json_values,
         "body": st.dictionaries(field_names, json_values, max_size=9) | json_values,

@@ -43,8 +43,8 @@ def garbage_frames(rng: random.Random) -> list[list[bytes]]:
         [b"{}"],
         [b"null"],
         [b"[" * 5000],
-        [b'{"v": 1, "kind": "status_request", "id": 1, "body": {}, "x": 1}'],
-        [json.dumps({**envelope, "v": 2}).encode()],
+        [b'{"v": 2, "kind": "status_request", "id": 1, "body": {}, "x": 1}'],
+        [json.dumps({**envelope, "v": 99}).encode()],
         [json.dumps({**envelope, "kind": "rm -rf"}).encode()],
         [b"x" * (MAX_FRAME_SIZE - 1)],  # under zmq's limit, still not JSON
         [valid, valid],  # multipart where one frame is expected
