@@ -138,8 +138,8 @@ WITH picked AS (
                                   FOR KEY SHARE))
        AND s.available_at <= statement_timestamp()
        AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
-                      -- Marking the pod dead waits for this claim to commit,
-                      -- so recovery's sweep, after that, sees the claim.
+                      -- Recovery marks the pod dead only when no claim holds
+                      -- this lock, so its later sweep sees every claim.
                          FOR SHARE)
      ORDER BY s.priority, s.id
      LIMIT :batch
@@ -171,8 +171,8 @@ WITH picked AS (
        AND s.queue = :queue
        AND s.available_at <= statement_timestamp()
        AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
-                      -- Marking the pod dead waits for this claim to commit,
-                      -- so recovery's sweep, after that, sees the claim.
+                      -- Recovery marks the pod dead only when no claim holds
+                      -- this lock, so its later sweep sees every claim.
                          FOR SHARE)
      ORDER BY {order}
      LIMIT :batch
