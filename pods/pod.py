@@ -78,7 +78,7 @@ class Pod:
         self.fenced = threading.Event()  # must not act on claimed steps
         self.superseded = threading.Event()  # a newer incarnation exists
         self._cancel_requested: set[tuple[int, int]] = set()
-        self._abandoned: list[tuple[int, int]] = []  # tokens dropped while fenced
+        self._abandoned: list[tuple[int, int]] = []  # tokens of writes dropped or given up
         # The store may hold claims of ours we do not know of: a claim failed
         # (its reply may be lost after it committed) or a write was given up.
         # Only the claim loop reads and writes it.
@@ -154,9 +154,9 @@ class Pod:
                 self.store.release_leadership(self.config.pod_id, term)
                 self._notify("on_leadership", None)
             self._release_abandoned()
-            if self._unknown_claims and not self.superseded.is_set():
-                self._release_unknown_claims()
             if not self.superseded.is_set():
+                if self._unknown_claims:
+                    self._release_unknown_claims()
                 self.store.stop_pod(self.config.pod_id, self.config.incarnation)
         except StoreError as exc:
             log.warning("shutdown without the store (recovery will requeue): %s", exc)
@@ -303,6 +303,9 @@ class Pod:
         except StoreError as exc:
             log.warning("could not %s %d steps (%s); they are released before the next claim",
                         kind, len(items), exc)
+            # Their tokens go back by a fenced release (refused, and recorded,
+            # if the steps were requeued meanwhile); release_claims_of gives
+            # back any the store still has as ours before the next claim.
             with self._lock:
                 self._abandoned += [(item[0], item[1]) for item in items]
             self._unknown_claims = True

@@ -281,17 +281,20 @@ WITH input AS (
     + "SELECT id, status, retry_in FROM failed"
 )
 
-# Release spends no attempt: the step goes back as it was, at once.
+# Release spends no attempt: the step goes back as it was, at once (or ends
+# cancelled if a cancel was requested).
+_RELEASED = """
+       SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
+           finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
+           claimed_by = NULL, cancel_requested = false, limited_claim = false,
+           available_at = statement_timestamp()"""
+
 RELEASE = (
     """
 WITH input AS (
     SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb)) AS t(id bigint, token bigint)
 ), """ + _HELD + """, released AS (
-    UPDATE steps s
-       SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
-           finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
-           claimed_by = NULL, cancel_requested = false, limited_claim = false,
-           available_at = statement_timestamp()
+    UPDATE steps s""" + _RELEASED + """
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
        AND s.id = held.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
@@ -307,11 +310,7 @@ WITH input AS (
 RELEASE_CLAIMS_OF = (
     """
 WITH released AS (
-    UPDATE steps s
-       SET status = CASE WHEN s.cancel_requested THEN 'cancelled' ELSE 'queued' END,
-           finished_at = CASE WHEN s.cancel_requested THEN statement_timestamp() END,
-           claimed_by = NULL, cancel_requested = false, limited_claim = false,
-           available_at = statement_timestamp()
+    UPDATE steps s""" + _RELEASED + """
      -- Locked in id order, like the fenced writes (no deadlock with them).
      WHERE s.id IN (SELECT id FROM steps
                      WHERE status = 'claimed' AND claimed_by = :pod

@@ -462,12 +462,7 @@ class Store:
         return ids
 
     def _has_max_length(self, names: list[str]) -> bool:
-        found = self._rows(
-            "SELECT 1 FROM queues WHERE name = ANY(CAST(:names AS text[]))"
-            " AND max_length IS NOT NULL",
-            names=names,
-        )
-        return bool(found)
+        return bool(self._rows(q.ANY_MAX_LENGTH, names=names))
 
     def _submit_locked(
         self, specs: Sequence[StepSpec], items: str, names: list[str]
@@ -868,7 +863,6 @@ def _text(sql: str) -> sa.TextClause:
     return sa.text(sql)
 
 
-# The claim statements return exactly ClaimedStep's fields, in its order.
 def _cursor_listener(hook: Callable[[], None]) -> Callable[..., None]:
     """A SQLAlchemy cursor event listener that calls ``hook``.
 
@@ -887,7 +881,7 @@ def _cursor_listener(hook: Callable[[], None]) -> Callable[..., None]:
 
 
 def _claimed_steps(rows: Sequence[Any]) -> list[ClaimedStep]:
-    """The claim's rows as ClaimedSteps.
+    """The claim's rows (ClaimedStep's fields, in its order) as ClaimedSteps.
 
     The payloads come as JSON text and are decoded in one ``json.loads``
     over the whole batch: one call per row (the driver's jsonb decoding)

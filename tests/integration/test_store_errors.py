@@ -257,6 +257,14 @@ CREATE INDEX step_attempts_step ON step_attempts (step_id)
 """
 
 
+def migrate(store: Store) -> None:
+    """An older store is refused until ``init`` brings it to this version."""
+    with pytest.raises(SchemaMismatch):
+        store.check_schema()
+    store.init_schema()
+    assert store.check_schema() == SCHEMA_VERSION
+
+
 @pytest.mark.timeout(60)
 def test_init_migrates_a_version_1_store_keeping_its_history(
     store: Store, store_config: StoreConfig
@@ -281,12 +289,7 @@ def test_init_migrates_a_version_1_store_keeping_its_history(
                (3, %(done)s, 'pod-b', 0, now(), 'lease_lost', '2026-01-01Z');
         SELECT setval('claim_token_seq', 3);
     """, {"done": done, "held": held})
-    with pytest.raises(SchemaMismatch):
-        store.check_schema()
-
-    store.init_schema()
-
-    assert store.check_schema() == SCHEMA_VERSION
+    migrate(store)
     attempts = sql(store_config, "SELECT claim_token, step_id, pod_id, incarnation, outcome,"
                    " rejected_at IS NOT NULL FROM step_attempts ORDER BY claim_token")
     assert [tuple(a) for a in attempts] == [
@@ -319,12 +322,7 @@ def test_init_migrates_a_version_2_store_keeping_refused_writes(
         VALUES (1, %(step)s, 'pod-a', now(), now(), 'lease_lost', '2026-01-01Z'),
                (2, %(step)s, 'pod-b', now(), now(), 'released', NULL);
     """, {"step": step})
-    with pytest.raises(SchemaMismatch):
-        store.check_schema()
-
-    store.init_schema()
-
-    assert store.check_schema() == SCHEMA_VERSION
+    migrate(store)
     attempts = sql(store_config, "SELECT claim_token, outcome, rejected_at"
                    " FROM step_attempts ORDER BY claim_token")
     assert [(a[0], a[1], a[2] is not None) for a in attempts] == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions
@@ -395,28 +396,41 @@ def _claim_in_open_transaction(config: StoreConfig) -> psycopg2.extensions.conne
     return claim
 
 
+def _run_beside(
+    config: StoreConfig, held: psycopg2.extensions.connection, action: Callable[[Store], object]
+) -> bool:
+    """Run ``action`` on a store of its own while ``held``'s transaction is open.
+
+    Once ``action`` has ended or waits on a lock, ``held`` commits (and is
+    closed) and ``action`` must end. Returns whether it had waited.
+    """
+    app = f"beside-{config.schema}"
+    try:
+        with Store(dataclasses.replace(config, application_name=app)) as other:
+            thread = threading.Thread(target=action, args=(other,))
+            thread.start()
+            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(config, app),
+                     10, "the action to end or to wait on a lock")
+            waited = thread.is_alive()
+            held.commit()
+            thread.join(10)
+            assert not thread.is_alive()
+    finally:
+        held.close()
+    return waited
+
+
 @pytest.mark.timeout(60)
 def test_a_limit_set_while_a_claim_is_in_flight_waits_for_it_and_counts_it(
     store: Store, store_config: StoreConfig
 ) -> None:
     store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
     store.register_pod("pod-1")
-    app = f"configure-{store_config.schema}"
     claim = _claim_in_open_transaction(store_config)
-    try:
-        with Store(dataclasses.replace(store_config, application_name=app)) as admin:
-            thread = threading.Thread(
-                target=admin.configure_queue, args=(QueueConfig("busy", concurrency_limit=1),)
-            )
-            thread.start()
-            # It waits for the claim (without FOR KEY SHARE it would not).
-            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(store_config, app),
-                     10, "the new limit to be set or to wait")
-            claim.commit()
-            thread.join(10)
-            assert not thread.is_alive()
-    finally:
-        claim.close()
+
+    # It waits for the claim (without FOR KEY SHARE it would not).
+    _run_beside(store_config, claim,
+                lambda admin: admin.configure_queue(QueueConfig("busy", concurrency_limit=1)))
 
     # The two claims made before the limit count against it: nothing more is admitted.
     assert sql(store_config, "SELECT count(*) FROM steps WHERE queue = 'busy'"
@@ -430,27 +444,15 @@ def test_a_claim_that_waits_for_a_new_limit_leaves_the_queue_to_the_locked_path(
 ) -> None:
     store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
     store.register_pod("pod-1")
-    app = f"claimer-{store_config.schema}"
     change = psycopg2.connect(store_config.url, options=f"-c search_path={store_config.schema}")
+    with change.cursor() as cur:
+        # A settings change in progress, as configure_queue makes it.
+        cur.execute("SELECT 1 FROM queues WHERE name = 'busy' FOR UPDATE")
+        cur.execute("UPDATE queues SET concurrency_limit = 1 WHERE name = 'busy'")
     claimed: list[list[ClaimedStep]] = []
-    try:
-        with change.cursor() as cur, Store(
-            dataclasses.replace(store_config, application_name=app)
-        ) as claimer:
-            # A settings change in progress, as configure_queue makes it.
-            cur.execute("SELECT 1 FROM queues WHERE name = 'busy' FOR UPDATE")
-            cur.execute("UPDATE queues SET concurrency_limit = 1 WHERE name = 'busy'")
-            thread = threading.Thread(
-                target=lambda: claimed.append(claimer.claim_steps("pod-1", ["busy"], 2))
-            )
-            thread.start()
-            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(store_config, app),
-                     10, "the claim to end or to wait")
-            change.commit()
-            thread.join(10)
-            assert not thread.is_alive()
-    finally:
-        change.close()
+
+    _run_beside(store_config, change,
+                lambda claimer: claimed.append(claimer.claim_steps("pod-1", ["busy"], 2)))
 
     # The waiting claim re-read the queue's row: no unflagged claim, the limit holds.
     assert len(claimed[0]) <= 1
@@ -466,18 +468,9 @@ def test_a_submit_to_a_queue_with_a_max_length_does_not_wait_for_claims_in_fligh
     store.configure_queue(QueueConfig("busy", max_length=10))
     store.submit_many([StepSpec("busy", {"n": i}) for i in range(4)])
     store.register_pod("pod-1")
-    app = f"submitter-{store_config.schema}"
     claim = _claim_in_open_transaction(store_config)
-    try:
-        with Store(dataclasses.replace(store_config, application_name=app)) as submitter:
-            thread = threading.Thread(target=submitter.submit, args=("busy", {"n": 4}))
-            thread.start()
-            wait_for(lambda: not thread.is_alive() or _waiting_on_a_lock(store_config, app),
-                     10, "the submit to end or to wait")
-            waited = thread.is_alive()
-            claim.commit()
-            thread.join(10)
-    finally:
-        claim.close()
+
+    waited = _run_beside(store_config, claim, lambda submitter: submitter.submit("busy", {"n": 4}))
+
     assert not waited, "the submit waited for a claim"
     assert store.queue_stats()["busy"].depth == 3
