@@ -121,7 +121,7 @@ _TIMING_KEYS: Final = ("at", "every", "start", "until", "count", "for", "jitter"
 _FAULT_KEYS: Final = ("action", "target", *_TIMING_KEYS)
 _ALL_PARAM_KEYS: Final = tuple(sorted({k for keys in _PARAMS.values() for k in keys}))
 _TOP_KEYS: Final = ("name", "description", "duration", "seed", "workload", "fault")
-_WORKLOAD_KEYS: Final = ("pods", "steps", "workload")
+_WORKLOAD_KEYS: Final = ("pods", "steps", "workload", "rate")
 _PARTITION_FROM: Final = ("store", "bus", "all")
 _PARTITION_MODE: Final = ("blackhole", "reset")
 #: Mirrors chaos.storage_faults.StorageFault, so a schedule never fails there.
@@ -162,12 +162,17 @@ class WorkloadHints:
     pods: int | None = None
     steps: int | None = None
     workload: str | None = None
+    # Steps per second, submitted steadily for the scenario's duration (a
+    # trickle below the fleet's capacity: claims then come back short of a
+    # full batch, a path bulk submits never take).
+    rate: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The hints that are set, JSON-ready."""
         return {
             k: v
-            for k, v in (("pods", self.pods), ("steps", self.steps), ("workload", self.workload))
+            for k, v in (("pods", self.pods), ("steps", self.steps), ("workload", self.workload),
+                         ("rate", self.rate))
             if v is not None
         }
 
@@ -497,6 +502,7 @@ def _parse_workload(source: str, raw: object) -> WorkloadHints:
         pods=fields.integer("pods", minimum=1),
         steps=fields.integer("steps", minimum=0),
         workload=workload,
+        rate=fields.integer("rate", minimum=1),
     )
 
 

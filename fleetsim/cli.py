@@ -505,14 +505,34 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
     ]
     with open_store(ctx, store, schema) as s:
         ids: list[int] = []
-        for start in range(0, count, 10_000):
-            ids += s.submit_many(specs[start:start + 10_000])
+        recorder = _submit_history(ctx, s)
+        try:
+            for start in range(0, count, 10_000):
+                chunk = s.submit_many(specs[start:start + 10_000])
+                recorder.submitted(queue, chunk)
+                ids += chunk
+        finally:
+            recorder.close()
     data = {"queue": queue, "count": len(ids), "first_id": ids[0], "last_id": ids[-1],
             "ids": ids if len(ids) <= 1000 else None}
     emit(data, as_json, lambda: click.echo(
         f"submitted {len(ids)} step{'s' if len(ids) != 1 else ''} to queue {queue!r} "
         f"(ids {ids[0]}..{ids[-1]})" if len(ids) > 1 else
         f"submitted step {ids[0]} to queue {queue!r}"))
+
+
+def _submit_history(ctx: click.Context, store: Store) -> Any:
+    """The client history of this submit: in the run directory while a fleet runs there."""
+    from fleetsim.client_history import ClientHistory, NullHistory, history_dir
+
+    run_dir = ctx.obj["run_dir"]
+    if not run_dir.run_file.exists():
+        return NullHistory()
+    try:
+        return ClientHistory.for_submitter(
+            history_dir(run_dir.path, store.config.schema or "fleetsim"))
+    except ConfigError:
+        return NullHistory()
 
 
 # -- pod ----------------------------------------------------------------------
@@ -536,12 +556,16 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
 @option("--batch", type=int, default=50, help="Steps claimed per round trip.")
 @option("--queue", "queues", multiple=True, default=("default",), help="Queue(s) to claim.")
 @option("--seed", type=int, default=0, help="Seed for seeded workloads.")
+@option("--client-history", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Folder for this pod's client history (what it invoked and was told; "
+             "`fleetsim check` cross-examines it with the store's).")
 @timing_options
 @click.pass_context
 def pod(ctx: click.Context, /, **params: Any) -> None:
     """Run one pod in the foreground (how pods on other hosts join a fleet)."""
     from pods.config import PodConfig
     from pods.exitcodes import PodExit
+    from pods.identity import default_pod_id
     from pods.pod import Pod
 
     url = params["store"]
@@ -551,7 +575,7 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
         except FleetNotRunning:
             fail("no store: give --store URL (or FLEETSIM_STORE)", EXIT_USAGE)
     # Unique across containers too (every container's pod is pid 1).
-    pod_id = params["pod_id"] or f"pod-{socket.gethostname()[:40]}-{os.getpid()}"
+    pod_id = params["pod_id"] or default_pod_id(socket.gethostname(), os.getpid())
     logging.getLogger().handlers.clear()
     logging.basicConfig(
         level=logging.DEBUG if ctx.obj["verbose"] else logging.INFO,
@@ -574,6 +598,14 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
 
     store = Store(config.store)
     worker = Pod(config, store)
+    if params["client_history"] is not None:
+        from fleetsim.client_history import ClientHistory
+
+        try:
+            worker.history = ClientHistory.for_pod(params["client_history"], pod_id,
+                                                   config.incarnation)
+        except ConfigError as exc:
+            fail(str(exc), PodExit.BAD_CONFIG)
     # Storage faults plug in as statement hooks: idle until the coordinator asks.
     worker.storage_faults = StorageFaultInjector(seed=config.seed)
     store.add_statement_hook(worker.storage_faults)
@@ -598,6 +630,8 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
     store.close()
     if code == PodExit.STORE_UNREACHABLE:
         fail(f"cannot reach the store at {redact(url)}", code)
+    if code == PodExit.ID_IN_USE:
+        fail(worker.id_in_use or f"pod id {pod_id!r} is in use", code)
     sys.exit(int(code))
 
 
@@ -676,7 +710,8 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         summary = _with_store_retry(store.run_summary)
         from fleetsim.checker import check as check_history
 
-        report = _with_store_retry(lambda: check_history(store, final=True))
+        report = _with_store_retry(lambda: check_history(
+            store, final=True, client_histories=coordinator.client_history_dir))
     finally:
         coordinator.stop()
     result = _run_result(summary, steps, spec, schema)
@@ -1010,10 +1045,13 @@ def _new_lines(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
 @schema_option
 @option("--final", is_flag=True,
         help="The run is over: steps not finished count as lost (not unknown).")
+@option("--client-history", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Folder of client histories to cross-examine the store with (default: the "
+             "run directory's history/<schema>, if there is one).")
 @json_option
 @click.pass_context
 def check(ctx: click.Context, store: str | None, schema: str | None, final: bool,
-          as_json: bool) -> None:
+          client_history: Path | None, as_json: bool) -> None:
     """Prove or refute the fleet's invariants from the recorded history.
 
     Exit 0 valid, 1 invalid, 2 unknown (steps still in flight, or not a
@@ -1021,10 +1059,15 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
     """
     from fleetsim.checker import EXIT_UNKNOWN
     from fleetsim.checker import check as check_history
+    from fleetsim.client_history import history_dir
 
+    if client_history is not None and not client_history.is_dir():
+        fail(f"no client history folder {client_history}", EXIT_USAGE)
     try:
         with open_store(ctx, store, schema) as s:
-            report = check_history(s, final=final)
+            folder = client_history or history_dir(ctx.obj["run_dir"].path,
+                                                    s.config.schema or "fleetsim")
+            report = check_history(s, final=final, client_histories=folder)
     except SchemaMismatch as exc:
         fail(str(exc), EXIT_UNKNOWN)
     emit(report.as_dict(), as_json, lambda: click.echo(report.summary()))

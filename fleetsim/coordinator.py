@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fleetsim.client_history import ClientHistory, NullHistory, history_dir
 from fleetsim.config import FleetTimings
 from fleetsim.errors import ConfigError, FleetsimError
 from fleetsim.rundir import RunDir, pid_alive
@@ -97,6 +98,7 @@ class Coordinator:
         self.events: list[dict[str, Any]] = []
         self._lock = threading.RLock()
         self._submitter: threading.Thread | None = None
+        self._submit_history: ClientHistory = NullHistory()
         self.bus: Any = None  # fleetsim.bus_service.BusService
         self.proxies: Any = None  # chaos.proxy_process.ProxyControl
         self.proxy_process: subprocess.Popen[bytes] | None = None
@@ -135,6 +137,7 @@ class Coordinator:
             self._wait_ready(list(self.pods.values()))
             self._write_run_file("ready")
             if spec.steps:
+                self._submit_history = ClientHistory.for_submitter(self.client_history_dir)
                 self._submitter = threading.Thread(
                     target=self._submit_steps, name="submitter", daemon=True
                 )
@@ -158,6 +161,23 @@ class Coordinator:
         self.store.ping()
         self.store.init_schema()
         self.echo(f"store: {redact(url)} (schema {spec.schema})")
+        self._fresh_client_histories()
+
+    @property
+    def client_history_dir(self) -> Path:
+        """Where this fleet's pods and submitter keep their client histories."""
+        return history_dir(self.run_dir.path, self.spec.schema)
+
+    def _fresh_client_histories(self) -> None:
+        """Set aside client histories that belong to an earlier store under this schema.
+
+        A store with no pod ever registered is new (or was reset): histories
+        left from before would name steps it never had.
+        """
+        assert self.store is not None
+        folder = self.client_history_dir
+        if folder.is_dir() and any(folder.iterdir()) and self.store.pod_counts()[1] == 0:
+            folder.rename(folder.with_name(f"{folder.name}.old-{int(time.time())}"))
 
     def _start_bus(self) -> None:
         from fleetsim.bus_service import BusService
@@ -324,6 +344,7 @@ class Coordinator:
         ]
         for queue in spec.queues:
             cmd += ["--queue", queue]
+        cmd += ["--client-history", str(self.client_history_dir)]
         if self.bus is not None and self.bus.endpoints is not None:
             cmd += ["--join", self.bus.endpoints.control,
                     "--metrics-endpoint", self.bus.endpoints.metrics]
@@ -397,7 +418,8 @@ class Coordinator:
         while left > 0 and not self.stopping.is_set():
             n = min(chunk, left)
             try:
-                self.store.submit_many([StepSpec(spec.queues[0], payload)] * n)
+                ids = self.store.submit_many([StepSpec(spec.queues[0], payload)] * n)
+                self._submit_history.submitted(spec.queues[0], ids)
             except FleetsimError as exc:
                 log.warning("submit failed: %s", exc)
                 self.stopping.wait(1.0)
@@ -478,6 +500,9 @@ class Coordinator:
             except subprocess.TimeoutExpired:
                 self.proxy_process.kill()
                 self.proxy_process.wait()
+        if self._submitter is not None:
+            self._submitter.join(timeout=5)
+        self._submit_history.close()
         if self.store is not None:
             self.store.close()
         if self.embedded is not None:

@@ -11,6 +11,9 @@ chain only with ``-v``)::
     │   │   └── InjectedFault  a chaos storage fault (error or disconnect)
     │   ├── SchemaMismatch     not a fleetsim store, or another schema version
     │   ├── QueueFull          submit beyond a queue's max length
+    │   ├── ClaimInterrupted   a claim failed after some of its steps were committed
+    │   ├── PodIdInUse         another live process is registered under this pod id
+    │   ├── UnstorableValue    a result or payload PostgreSQL's jsonb cannot hold
     │   └── NotLeader          a fenced leader action by a non-holder
     ├── BusError               control-bus failures
     │   ├── BusTimeout         no reply in time (is the fleet running?)
@@ -19,6 +22,8 @@ chain only with ``-v``)::
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class FleetsimError(Exception):
@@ -71,6 +76,28 @@ class QueueFull(StoreError):
         )
 
 
+class ClaimInterrupted(StoreError):
+    """A claim failed after some of its steps were already committed to the pod.
+
+    ``steps`` are those steps: the caller now holds them and must run or
+    release them. The claim may also have committed more than ``steps``
+    (the failed statement's reply may have been lost), so the caller must
+    treat itself as holding claims it does not know of.
+    """
+
+    def __init__(self, steps: list[Any], cause: StoreError) -> None:
+        self.steps = steps
+        super().__init__(f"claim interrupted after {len(steps)} steps: {cause}")
+
+
+class PodIdInUse(StoreError):
+    """Another live process is registered under this pod id."""
+
+
+class UnstorableValue(StoreError):
+    """A value the store cannot hold (jsonb refuses NaN, infinities, NUL and lone surrogates)."""
+
+
 class NotLeader(StoreError):
     """This pod does not hold a valid leader lease."""
 
@@ -94,14 +121,17 @@ class FleetNotRunning(FleetsimError):
 __all__ = [
     "BusError",
     "BusTimeout",
+    "ClaimInterrupted",
     "ConfigError",
     "FleetNotRunning",
     "FleetsimError",
     "InjectedFault",
     "NotLeader",
+    "PodIdInUse",
     "ProtocolError",
     "QueueFull",
     "SchemaMismatch",
     "StoreError",
     "StoreUnavailable",
+    "UnstorableValue",
 ]

@@ -14,6 +14,7 @@ class PodExit(enum.IntEnum):
     BAD_CONFIG = 2  # invalid options, unknown workload, unimportable handler
     STORE_UNREACHABLE = 3  # could not reach the store at start
     SUPERSEDED = 4  # a newer incarnation of this pod id took over
+    ID_IN_USE = 5  # another live process owns this pod id
     # Negative return codes are signals (subprocess convention): -9 is a
     # SIGKILL, which is how chaos kills a pod.
 

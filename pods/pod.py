@@ -21,7 +21,6 @@ branches.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -37,8 +36,17 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from fleetsim.errors import ConfigError, InjectedFault, NotLeader, StoreError, StoreUnavailable
-from fleetsim.store import ClaimedStep, Store
+from fleetsim.client_history import ClientHistory, NullHistory
+from fleetsim.errors import (
+    ClaimInterrupted,
+    ConfigError,
+    InjectedFault,
+    NotLeader,
+    PodIdInUse,
+    StoreError,
+    StoreUnavailable,
+)
+from fleetsim.store import ClaimedStep, Store, WriteOutcome, check_storable
 from pods.config import PodConfig
 from pods.exitcodes import PodExit
 from pods.hooks import CountingHook, PodHook
@@ -81,8 +89,8 @@ class Pod:
         self._abandoned: list[tuple[int, int]] = []  # tokens of writes dropped or given up
         # The store may hold claims of ours we do not know of: a claim failed
         # (its reply may be lost after it committed) or a write was given up.
-        # Only the claim loop reads and writes it.
-        self._unknown_claims = False
+        # Set by any thread; cleared only by the claim loop, between batches.
+        self._holds_unknown_claims = threading.Event()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="step")
         self.term: int | None = None
@@ -90,6 +98,10 @@ class Pod:
         self.bus: Any = None  # a fleetsim.bus.PodBusClient when joined to a coordinator
         self.metrics_enabled = False  # only with a metrics endpoint to push to
         self.storage_faults: Any = None  # a chaos.storage_faults.StorageFaultInjector
+        self.id_in_use: str | None = None  # why registration was refused, if it was
+        # What this pod invoked and was told, outside the store (evidence
+        # for the checker); a NullHistory unless the pod was given a folder.
+        self.history: ClientHistory = NullHistory()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -102,7 +114,9 @@ class Pod:
         """Register with the store, retrying transient errors up to ``timeout_s``."""
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(StoreUnavailable),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=1.0),
+            # Exponential with jitter, spelt so that every tenacity >= 8.2 reads it alike.
+            wait=(tenacity.wait_exponential(multiplier=0.1, max=1.0)
+                  + tenacity.wait_random(0, 0.1)),
             stop=tenacity.stop_after_delay(timeout_s),
             reraise=True,
         )
@@ -112,6 +126,7 @@ class Pod:
             incarnation=self.config.incarnation,
             pid=os.getpid(),
             host=socket.gethostname(),
+            live_within_s=self.config.timings.dead_after_s,
         )
         if requeued:
             log.info("requeued %d steps left claimed by an earlier run of this pod", requeued)
@@ -121,6 +136,10 @@ class Pod:
         cfg = self.config
         try:
             self.register()
+        except PodIdInUse as exc:
+            log.error("cannot register: %s", exc)
+            self.id_in_use = str(exc)
+            return PodExit.ID_IN_USE
         except StoreError as exc:
             log.error("cannot register: %s", exc)
             return PodExit.STORE_UNREACHABLE
@@ -155,13 +174,14 @@ class Pod:
                 self._notify("on_leadership", None)
             self._release_abandoned()
             if not self.superseded.is_set():
-                if self._unknown_claims:
+                if self._holds_unknown_claims.is_set():
                     self._release_unknown_claims()
                 self.store.stop_pod(self.config.pod_id, self.config.incarnation)
         except StoreError as exc:
             log.warning("shutdown without the store (recovery will requeue): %s", exc)
         if self.bus is not None:
             self.bus.close()
+        self.history.close()
         log.info("stopped: %s", self.counters.snapshot())
 
     # -- the claim loop ---------------------------------------------------
@@ -174,17 +194,25 @@ class Pod:
                 self.stopping.wait(cfg.timings.heartbeat_s)
                 continue
             try:
-                if self._unknown_claims:
+                if self._holds_unknown_claims.is_set():
                     self._release_unknown_claims()
                 steps = self.store.claim_steps(
                     cfg.pod_id, cfg.queues, cfg.batch, incarnation=cfg.incarnation
                 )
+            except ClaimInterrupted as exc:
+                # Part of the claim committed: run those steps. The failed
+                # part may have committed too, unseen: release it after them.
+                log.warning("%s", exc)
+                self._holds_unknown_claims.set()
+                self.history.claim_unknown()
+                steps = exc.steps
             except StoreError as exc:
                 log.warning("claim failed: %s", exc)
                 # Unless the statement surely never ran (a fault injected
                 # before it), the claim may have committed without us.
                 if not isinstance(exc, InjectedFault) or exc.took_effect:
-                    self._unknown_claims = True
+                    self._holds_unknown_claims.set()
+                    self.history.claim_unknown()
                 self.stopping.wait(min(1.0, idle * 4))
                 idle = min(_IDLE_POLL_S[1], idle * 2)
                 continue
@@ -193,6 +221,7 @@ class Pod:
                 idle = min(_IDLE_POLL_S[1], idle * 2)
                 continue
             idle = _IDLE_POLL_S[0]
+            self.history.claimed(steps)
             self._notify("on_claimed", steps)
             self._write_back(self._run_batch(steps))
 
@@ -202,8 +231,16 @@ class Pod:
         A claim whose reply was lost committed steps to this pod that it never
         saw; nobody else would take them while this pod stays alive.
         """
-        released = self.store.release_claims_of(self.config.pod_id, self.config.incarnation)
-        self._unknown_claims = False
+        # Cleared first: a thread that sets it meanwhile is then not lost.
+        self._holds_unknown_claims.clear()
+        try:
+            released = self.store.release_claims_of(self.config.pod_id, self.config.incarnation)
+        except StoreError:
+            self._holds_unknown_claims.set()
+            self.history.append({"type": "write", "op": "release_all", "reply": "unknown"})
+            raise
+        self.history.append({"type": "write", "op": "release_all", "reply": "accepted",
+                             "ids": released})
         if released:
             log.warning("released %d steps claimed or held without a reply (%s)",
                         len(released), ", ".join(map(str, released[:10])))
@@ -211,6 +248,7 @@ class Pod:
     def _run_batch(self, steps: list[ClaimedStep]) -> _BatchOutcome:
         """Run a batch on the pool; on stop, wait at most the grace period."""
         outcome = _BatchOutcome()
+        started = time.time()
         lanes = [steps[i :: self.config.concurrency] for i in range(self.config.concurrency)]
         futures: list[Future[None]] = [
             self._pool.submit(self._run_lane, lane, outcome) for lane in lanes if lane
@@ -237,6 +275,9 @@ class Pod:
                 outcome.unstarted.extend(
                     (s.id, s.claim_token) for s in steps if s.id not in finished
                 )
+        with outcome.lock:
+            self.history.ran(started, time.time(), [c[0] for c in outcome.completed],
+                             [f[0] for f in outcome.failed])
         return outcome
 
     def _run_lane(self, lane: list[ClaimedStep], outcome: _BatchOutcome) -> None:
@@ -256,7 +297,8 @@ class Pod:
                 result = workload.run(
                     step.payload, step_id=step.id, attempt=step.attempts, seed=self.config.seed
                 )
-                json.dumps(result)  # a result the store cannot hold fails the step, not the pod
+                # A result the store cannot hold fails its step, not its batch.
+                check_storable(result, f"step {step.id}'s result")
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, ConfigError):
@@ -284,53 +326,109 @@ class Pod:
                 self._abandoned += [(i, t) for i, t, _ in outcome.failed]
                 self._abandoned += outcome.cancelled + outcome.unstarted
             return
-        self._write("complete", self.store.complete_many, outcome.completed)
-        self._write("fail", self.store.fail_many, outcome.failed)
+        refused = self._write("complete", self.store.complete_many, outcome.completed)
+        # A completion the store refused for what it carries (not for being
+        # unreachable) fails its step, spending an attempt: released, it
+        # would be claimed and refused again for ever.
+        self._write("fail", self.store.fail_many, outcome.failed + [
+            (item[0], item[1], f"the store refused the result: {error}")
+            for item, error in refused
+        ])
         self._write("release", self.store.release_many, outcome.unstarted)
         for step_id, token in outcome.cancelled:
             try:
-                self._retry(functools.partial(self.store.acknowledge_cancel, step_id, token))
+                acked = self._retry(
+                    functools.partial(self.store.acknowledge_cancel, step_id, token))
             except StoreError as exc:
                 log.warning("could not acknowledge the cancel of step %d: %s", step_id, exc)
-                self._unknown_claims = True  # the step is still ours: release it
+                self.history.wrote("cancel", [(step_id, token)], None)
+                self._holds_unknown_claims.set()  # the step is still ours: release it
+            else:
+                self.history.wrote("cancel", [(step_id, token)],
+                                   {step_id} if acked == WriteOutcome.ACCEPTED else set())
             self._cancel_requested.discard((step_id, token))
 
-    def _write(self, kind: str, write: Callable[[Any], Any], items: list[Any]) -> None:
+    def _write(
+        self, kind: str, write: Callable[[Any], Any], items: list[Any]
+    ) -> list[tuple[Any, StoreError]]:
+        """Write ``items``, fenced by token; return the completions refused for their content.
+
+        A batch that fails for something other than the store being away
+        (a value the server refuses, say) is written again one item at a
+        time, so one bad item cannot hold its batch-mates back. What cannot
+        be written is kept, to be released before the next claim.
+        """
         if not items:
-            return
+            return []
         try:
             accepted = self._retry(lambda: write(items))
-        except StoreError as exc:
+        except StoreUnavailable as exc:
+            self.history.wrote(kind, items, None)
             log.warning("could not %s %d steps (%s); they are released before the next claim",
                         kind, len(items), exc)
-            # Their tokens go back by a fenced release (refused, and recorded,
-            # if the steps were requeued meanwhile); release_claims_of gives
-            # back any the store still has as ours before the next claim.
-            with self._lock:
-                self._abandoned += [(item[0], item[1]) for item in items]
-            self._unknown_claims = True
-            return
+            self._abandon(items)
+            return []
+        except StoreError as exc:
+            self.history.wrote(kind, items, None)
+            if len(items) > 1:
+                refused: list[tuple[Any, StoreError]] = []
+                for item in items:
+                    refused += self._write(kind, write, [item])
+                return refused
+            log.warning("could not %s step %d: %s", kind, items[0][0], exc)
+            if kind == "complete":
+                return [(items[0], exc)]
+            self._abandon(items)
+            return []
+        self.history.wrote(kind, items, set(accepted))
         rejected = len(items) - len(accepted)
         if rejected:
             log.info("%d %s writes refused: lease lost (steps were requeued)", rejected, kind)
         self._notify("on_write", kind, len(accepted), rejected)
+        return []
+
+    def _abandon(self, items: list[Any]) -> None:
+        """Keep the tokens of writes given up, and release the steps before the next claim."""
+        # Their tokens go back by a fenced release (refused, and recorded,
+        # if the steps were requeued meanwhile); release_claims_of gives
+        # back any the store still has as ours before the next claim.
+        with self._lock:
+            self._abandoned += [(item[0], item[1]) for item in items]
+        self._holds_unknown_claims.set()
 
     def _retry(self, call: Callable[[], T]) -> T:
         """Retry a store call on transient errors, for at most one lease period."""
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(StoreUnavailable),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=0.5),
+            wait=(tenacity.wait_exponential(multiplier=0.05, max=0.5)
+                  + tenacity.wait_random(0, 0.05)),
             stop=tenacity.stop_after_delay(self.config.timings.lease_s),
             reraise=True,
         )
         return retrying(call)
 
     def _release_abandoned(self) -> None:
+        """Give back, by token, the steps whose outcome was dropped or given up.
+
+        The tokens are kept until the store has taken them back: if the
+        release fails they are still ours to release, and the pod is marked
+        as holding claims (release_claims_of before its next claim).
+        """
         with self._lock:
-            items, self._abandoned = self._abandoned, []
-        if items:
+            items = list(self._abandoned)
+        if not items:
+            return
+        try:
             released = self.store.release_many(items)
-            log.info("released %d of %d steps dropped while fenced", len(released), len(items))
+        except StoreError:
+            self.history.wrote("release", items, None)
+            self._holds_unknown_claims.set()
+            raise
+        self.history.wrote("release", items, released)
+        with self._lock:
+            done = set(items)
+            self._abandoned = [item for item in self._abandoned if item not in done]
+        log.info("released %d of %d steps dropped while fenced", len(released), len(items))
 
     # -- heartbeat --------------------------------------------------------
 
@@ -354,6 +452,14 @@ class Pod:
                 self._set_fenced(True)
                 try:
                     self.register()
+                except PodIdInUse as exc:
+                    # Another process took the id while we were dead: we
+                    # are fenced for good (the claim and the heartbeat
+                    # check the incarnation); leave.
+                    log.warning("cannot rejoin: %s", exc)
+                    self.superseded.set()
+                    self.stopping.set()
+                    return
                 except StoreError as exc:
                     log.warning("rejoin failed: %s", exc)
                     continue

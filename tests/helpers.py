@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,3 +113,26 @@ def wait_lease_loss_logged(log_path: Path, timeout: float) -> None:
         return "lost the leader lease" in text or "leader action refused" in text
 
     wait_until(logged, timeout, what=f"{log_path.stem} to notice it lost the lease")
+
+
+class Trickle(threading.Thread):
+    """Submits ``total`` steps one at a time at ``rate`` per second (its own store).
+
+    A load below the fleet's capacity: claims come back short of a full
+    batch, which takes paths a bulk submit never does.
+    """
+
+    def __init__(self, config: StoreConfig, total: int, rate: float, workload: str) -> None:
+        super().__init__(name="trickle", daemon=True)
+        self.config, self.total, self.rate, self.workload = config, total, rate, workload
+        self.submitted = 0
+
+    def run(self) -> None:
+        from fleetsim.store import StepSpec
+
+        start = time.monotonic()
+        with Store(self.config) as store:
+            while self.submitted < self.total:
+                store.submit_many([StepSpec("default", {"workload": self.workload})])
+                self.submitted += 1
+                time.sleep(max(0.0, start + self.submitted / self.rate - time.monotonic()))

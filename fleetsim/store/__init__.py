@@ -16,6 +16,7 @@ from fleetsim.store.records import (
 from fleetsim.store.schema import SCHEMA_VERSION, STEP_STATUSES
 from fleetsim.store.store import LeaderTransaction, Store, StoreConfig
 from fleetsim.store.url import redact, validate_url
+from fleetsim.store.values import check_storable, storable_text
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -34,6 +35,8 @@ __all__ = [
     "Store",
     "StoreConfig",
     "WriteOutcome",
+    "check_storable",
     "redact",
+    "storable_text",
     "validate_url",
 ]

@@ -138,6 +138,7 @@ WITH picked AS (
                                   FOR KEY SHARE))
        AND s.available_at <= statement_timestamp()
        AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
+                                          AND p.incarnation = :incarnation
                       -- Recovery marks the pod dead only when no claim holds
                       -- this lock, so its later sweep sees every claim.
                          FOR SHARE)
@@ -171,6 +172,7 @@ WITH picked AS (
        AND s.queue = :queue
        AND s.available_at <= statement_timestamp()
        AND EXISTS (SELECT 1 FROM pods p WHERE p.id = :pod AND p.status = 'alive'
+                                          AND p.incarnation = :incarnation
                       -- Recovery marks the pod dead only when no claim holds
                       -- this lock, so its later sweep sees every claim.
                          FOR SHARE)
@@ -234,8 +236,11 @@ WITH input AS (
       FROM input
      WHERE s.id = ANY(ARRAY(SELECT id FROM input))
        AND s.id = input.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
-    -- A completion keeps the claim's fields: they are the attempt's.
-    RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
+    -- A completion keeps the claim's fields: they are the attempt's. The
+    -- history records the token the writer sent (equal to the row's while
+    -- the fence holds; a broken fence shows as a token ended twice).
+    RETURNING s.id, input.token AS claim_token, s.claimed_by AS pod, s.claim_incarnation,
+              s.claimed_at
 ), """ + _FINISH.format(ended="done", outcome="'completed'") + """, repeated AS (
     -- A retry of an accepted completion (its reply was lost) is accepted again,
     -- changing nothing. Looked up by primary key, one input row at a time,
@@ -273,7 +278,7 @@ WITH input AS (
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
        AND s.id = held.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
-    RETURNING s.id, s.claim_token, s.status,
+    RETURNING s.id, input.token AS claim_token, s.status,
               extract(epoch FROM s.available_at - statement_timestamp()) AS retry_in,
               held.claimed_by AS pod, held.claim_incarnation, held.claimed_at
 ), """ + _FINISH.format(ended="failed", outcome="'failed'") + ""","""
@@ -298,8 +303,8 @@ WITH input AS (
       FROM input JOIN held ON held.id = input.id
      WHERE s.id = ANY(ARRAY(SELECT id FROM held))
        AND s.id = held.id AND s.claim_token = input.token AND """ + _IS_CLAIMED + """
-    RETURNING s.id, s.claim_token, held.claimed_by AS pod, held.claim_incarnation,
-              held.claimed_at
+    RETURNING s.id, input.token AS claim_token, held.claimed_by AS pod,
+              held.claim_incarnation, held.claimed_at
 ), """ + _FINISH.format(ended="released", outcome="'released'") + ""","""
     + _REJECT.format(done="released")
     + "SELECT id FROM released"
@@ -340,7 +345,8 @@ WITH acked AS (
     UPDATE steps s SET status = 'cancelled', finished_at = statement_timestamp(),
                        cancel_requested = false, limited_claim = false
      WHERE s.id = :id AND s.claim_token = :token AND """ + _IS_CLAIMED + """
-    RETURNING s.id, s.claim_token, s.claimed_by AS pod, s.claim_incarnation, s.claimed_at
+    RETURNING s.id, CAST(:token AS bigint) AS claim_token, s.claimed_by AS pod,
+              s.claim_incarnation, s.claimed_at
 ), """
     + _FINISH.format(ended="acked", outcome="'cancelled'")
     + """
@@ -397,9 +403,26 @@ STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
 
 # A (re)registering pod holds no work from before: whatever its id still has
 # claimed is requeued now, spending an attempt, as recovery would.
+#
+# One live process per pod id. A registration is refused (no row returned)
+# while another process owns the id: its row is alive, its heartbeat younger
+# than :live_within, and it is not this very process (same incarnation, pid
+# and host: a retry of our own registration whose reply was lost). A higher
+# incarnation takes over (a restart by a supervisor that saw the old process
+# die): the old incarnation is fenced, because the heartbeat, the claim and
+# release_claims_of all check the incarnation, and its claims are revoked
+# here. The condition sits in ON CONFLICT's WHERE, which PostgreSQL checks
+# against the row as locked, so two registrations racing for a new id
+# cannot both win. Every registration is appended to pod_registrations.
 REGISTER_POD = (
     """
-WITH pod AS (
+WITH owner AS (
+    SELECT incarnation, status = 'alive' AND heartbeat_at > statement_timestamp()
+               - make_interval(secs => CAST(:live_within AS float8)) AS live
+      -- The row as of the statement's start (not locked: the upsert below
+      -- locks and re-checks it), for the record of what was replaced.
+      FROM pods WHERE id = :pod
+), pod AS (
     INSERT INTO pods (id, incarnation, pid, host, status, started_at, heartbeat_at)
     VALUES (:pod, :incarnation, :pid, :host, 'alive', statement_timestamp(),
             statement_timestamp())
@@ -407,7 +430,19 @@ WITH pod AS (
        SET incarnation = EXCLUDED.incarnation, pid = EXCLUDED.pid, host = EXCLUDED.host,
            status = 'alive', started_at = EXCLUDED.started_at,
            heartbeat_at = EXCLUDED.heartbeat_at, died_at = NULL, swept_at = NULL
+     WHERE NOT (pods.status = 'alive'
+                AND pods.heartbeat_at > statement_timestamp()
+                    - make_interval(secs => CAST(:live_within AS float8))
+                AND pods.incarnation >= EXCLUDED.incarnation
+                AND (pods.incarnation, pods.pid, pods.host)
+                    IS DISTINCT FROM (EXCLUDED.incarnation, EXCLUDED.pid, EXCLUDED.host))
     RETURNING id
+), registered AS (
+    INSERT INTO pod_registrations (pod_id, incarnation, pid, host, registered_at,
+                                   replaced_incarnation)
+    SELECT :pod, :incarnation, :pid, :host, statement_timestamp(),
+           (SELECT incarnation FROM owner WHERE live AND incarnation <> :incarnation)
+     WHERE EXISTS (SELECT 1 FROM pod)
 ), orphans AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
@@ -422,13 +457,18 @@ WITH pod AS (
     + """,
            claimed_by = NULL, cancel_requested = false, limited_claim = false,
            error = 'pod ' || :pod || ' restarted while holding this step'
-     WHERE s.status = 'claimed' AND s.claimed_by = :pod
+     WHERE s.status = 'claimed' AND s.claimed_by = :pod AND EXISTS (SELECT 1 FROM pod)
     RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
               s.claimed_at
 ), """
     + _FINISH.format(ended="orphans", outcome="'lease_lost'")
     + """
-SELECT count(*) FROM orphans
+SELECT EXISTS (SELECT 1 FROM pod) AS registered,
+       (SELECT count(*) FROM orphans) AS requeued,
+       p.incarnation, p.pid, p.host,
+       extract(epoch FROM statement_timestamp() - p.heartbeat_at) AS heartbeat_age_s
+  FROM (SELECT 1) AS one
+  LEFT JOIN pods p ON p.id = :pod
 """
 )
 

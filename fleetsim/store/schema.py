@@ -7,7 +7,7 @@ new ``SCHEMA_VERSION`` and a note in that document.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Statuses a step moves through. 'failed' means "the last attempt failed and
 # a retry is scheduled at available_at"; it is claimable like 'queued' once
@@ -170,6 +170,20 @@ DDL: tuple[str, ...] = (
         swept_at      timestamptz
     )
     """,
+    # Every registration of a pod id, append-only: which process (incarnation,
+    # pid, host) held the id from when, and which live incarnation it
+    # replaced, if any. The pods row shows only the latest; the checker needs
+    # them all to tell a real claimer from an invented one.
+    """
+    CREATE TABLE IF NOT EXISTS pod_registrations (
+        pod_id                text NOT NULL,
+        incarnation           integer NOT NULL,
+        pid                   integer,
+        host                  text,
+        registered_at         timestamptz NOT NULL,
+        replaced_incarnation  integer
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS leader_lease (
         id           integer PRIMARY KEY CHECK (id = 1),
@@ -220,7 +234,7 @@ DDL: tuple[str, ...] = (
      GROUP BY q.name
     """,
     """
-    INSERT INTO fleetsim_schema (version) VALUES (3) ON CONFLICT (version) DO NOTHING
+    INSERT INTO fleetsim_schema (version) VALUES (4) ON CONFLICT (version) DO NOTHING
     """,
 )
 
@@ -289,5 +303,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                           WHERE concurrency_limit IS NOT NULL OR strict_fifo)
         """,
         "ALTER TABLE pods ADD COLUMN IF NOT EXISTS swept_at timestamptz",
+    ),
+    # 3 -> 4: pod registrations are recorded (pod_registrations, created by
+    # DDL); the pods known so far are their own first registration.
+    3: (
+        """
+        CREATE TABLE IF NOT EXISTS pod_registrations (
+            pod_id                text NOT NULL,
+            incarnation           integer NOT NULL,
+            pid                   integer,
+            host                  text,
+            registered_at         timestamptz NOT NULL,
+            replaced_incarnation  integer
+        )
+        """,
+        """
+        INSERT INTO pod_registrations (pod_id, incarnation, pid, host, registered_at)
+        SELECT id, incarnation, pid, host, started_at FROM pods
+        """,
     ),
 }

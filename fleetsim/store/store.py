@@ -26,9 +26,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from fleetsim.errors import (
+    ClaimInterrupted,
     ConfigError,
     InjectedFault,
     NotLeader,
+    PodIdInUse,
     QueueFull,
     SchemaMismatch,
     StoreError,
@@ -50,6 +52,7 @@ from fleetsim.store.records import (
 )
 from fleetsim.store.schema import DDL, MIGRATIONS, SCHEMA_VERSION, STEP_STATUSES
 from fleetsim.store.url import redact, validate_schema_name, validate_url
+from fleetsim.store.values import check_storable, storable_text
 
 # How long a cached list of "special" queues (limited or strict FIFO) is
 # trusted. A stale list never breaks a limit: the fast path excludes those
@@ -403,6 +406,7 @@ class Store:
             return []
         for spec in specs:
             _check_spec(spec)
+            check_storable(spec.payload, "a step's payload")
         if len(specs) >= _COPY_MIN_STEPS and not any(s.idempotency_key for s in specs):
             copied = self._submit_by_copy(specs)
             if copied is not None:
@@ -533,10 +537,21 @@ class Store:
         )
         claimed = _claimed_steps(rows)
         if len(claimed) < batch:
-            for name in sorted(self._special(queue_list)):
-                claimed += self._claim_locked(name, pod_id, batch - len(claimed), incarnation)
-                if len(claimed) >= batch:
-                    break
+            try:
+                for name in sorted(self._special(queue_list)):
+                    claimed += self._claim_locked(
+                        name, pod_id, batch - len(claimed), incarnation
+                    )
+                    if len(claimed) >= batch:
+                        break
+            except StoreError as exc:
+                # The steps claimed so far are committed to this pod: a
+                # claim is one unit for its caller, so they are handed over
+                # with the error rather than dropped with it (nobody would
+                # recover them while the pod stays alive).
+                if claimed:
+                    raise ClaimInterrupted(claimed, exc) from exc
+                raise
         return claimed
 
     def _special(self, names: list[str]) -> set[str]:
@@ -588,6 +603,8 @@ class Store:
         payload = [{"id": i, "token": t, "result": r} for i, t, r in items]
         if not payload:
             return set()
+        for item in payload:
+            check_storable(item["result"], f"step {item['id']}'s result")
         return {int(row[0]) for row in self._hot(_COMPLETE, items=_to_json(payload))}
 
     def fail(self, step_id: int, claim_token: int, error: str) -> FailOutcome:
@@ -598,7 +615,7 @@ class Store:
 
     def fail_many(self, items: Iterable[tuple[int, int, str]]) -> dict[int, FailOutcome]:
         """Fail several steps in one round trip; return the outcome of each accepted one."""
-        payload = [{"id": i, "token": t, "error": e[:4000]} for i, t, e in items]
+        payload = [{"id": i, "token": t, "error": storable_text(e[:4000])} for i, t, e in items]
         if not payload:
             return {}
         retry = self.config.retry
@@ -685,19 +702,31 @@ class Store:
 
     def register_pod(
         self, pod_id: str, *, incarnation: int = 0, pid: int | None = None,
-        host: str | None = None,
+        host: str | None = None, live_within_s: float = 3.0,
     ) -> int:
-        """Register (or re-register) a pod as alive.
+        """Register (or re-register) a pod as alive; return how many steps were requeued.
 
         Whatever the id still had claimed from before is requeued, spending an
-        attempt: a (re)starting pod holds no work. Returns how many.
+        attempt: a (re)starting pod holds no work. Raises PodIdInUse if another
+        process owns the id: its row is alive with a heartbeat younger than
+        ``live_within_s`` (pass the fleet's dead-after) and it has the same or
+        a higher incarnation. A higher incarnation takes the id over, fencing
+        the old one (the restart of a pod its supervisor saw die).
         """
         retry = self.config.retry
-        rows = self._rows(
+        row = self._rows(
             q.REGISTER_POD, pod=pod_id, incarnation=incarnation, pid=pid, host=host,
+            live_within=live_within_s,
             retry_base=retry.base_s, retry_cap=retry.cap_s, retry_jitter=retry.jitter,
-        )
-        return int(rows[0][0])
+        )[0]
+        if not row.registered:
+            raise PodIdInUse(
+                f"pod id {pod_id!r} is in use by a live process (incarnation"
+                f" {row.incarnation}, pid {row.pid or '?'} on {row.host or '?'},"
+                f" heartbeat {float(row.heartbeat_age_s):.1f}s ago): choose another id,"
+                f" stop that process, or wait {live_within_s:g}s after it died"
+            )
+        return int(row.requeued)
 
     def heartbeat(self, pod_id: str, incarnation: int = 0) -> Heartbeat:
         """Record a heartbeat in database time; learn of cancel requests.

@@ -11,7 +11,7 @@ from chaos.scenario import list_scenarios
 from fleetsim.checker import check
 from fleetsim.coordinator import Coordinator, FleetSpec
 from fleetsim.store import StepSpec, StoreConfig
-from tests.helpers import wait_drained, wait_until
+from tests.helpers import Trickle, wait_drained, wait_until
 
 SEED = 7
 SCENARIOS = {s.name: s for s in list_scenarios()}
@@ -43,10 +43,20 @@ def test_shipped_scenario_end_to_end(name: str, store_config: StoreConfig, pg_ur
     try:
         store = fleet.store
         assert store is not None
-        # Enough work to outlast the scenario: ~pods*40 steps/s at sleep:20.
-        total = int(pods * 40 * scenario.duration_s * 0.8)
-        store.submit_many([StepSpec("default", {"workload": "sleep:20"})] * total)
+        rate = scenario.workload.rate
+        submitter = None
+        if rate:
+            # A trickle: one step at a time at the scenario's rate, while it runs.
+            workload = scenario.workload.workload or "sleep:5"
+            total = int(rate * (scenario.duration_s - 2))
+            submitter = Trickle(store_config, total, rate, workload)
+        else:
+            # Enough work to outlast the scenario: ~pods*40 steps/s at sleep:20.
+            total = int(pods * 40 * scenario.duration_s * 0.8)
+            store.submit_many([StepSpec("default", {"workload": "sleep:20"})] * total)
         started = fleet.run_scenario(name, SEED)
+        if submitter is not None:
+            submitter.start()
         assert started["seed"] == SEED
         assert fleet.scenario is not None
 
@@ -55,6 +65,9 @@ def test_shipped_scenario_end_to_end(name: str, store_config: StoreConfig, pg_ur
             return fleet.scenario.done.is_set()
 
         wait_until(finished, scenario.duration_s + 60, interval=0.2, what="the scenario")
+        if submitter is not None:
+            submitter.join(30)
+            assert submitter.submitted == total
 
         wait_drained(fleet, store, total, 120)
         report = check(store, final=True)

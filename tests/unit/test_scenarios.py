@@ -33,6 +33,7 @@ SHIPPED = {
     "store-restart",
     "mixed",
     "lost-replies",
+    "trickle-storage-faults",
 }
 PODS = [f"pod-{i}" for i in range(1, 6)]
 

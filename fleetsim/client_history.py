@@ -1,0 +1,261 @@
+"""Client histories: what each pod and submitter invoked and was told, in its own words.
+
+The store records what it did; a bug in the store can forge that record.
+Each client therefore keeps its own, Jepsen-style, outside the store: one
+JSON-lines file per pod incarnation (``pod-<id>.<incarnation>.jsonl``) and
+one per submitting process (``submit-<host>-<pid>.jsonl``), in the run
+directory's ``history/<schema>/`` folder. The checker cross-examines the two
+(:mod:`fleetsim.crosscheck`).
+
+Records are appended to a list by the working thread (no I/O, no JSON
+encoding there) and written by a flusher thread at least every
+``FLUSH_S`` seconds and at close: a SIGKILLed client loses at most its
+last unflushed half second, which the checker tolerates (claim tokens only
+grow, so "missing" is judged only below the highest token a file shows).
+
+Record types (``t`` is the client's wall clock, for people; the checker
+never compares it with database time):
+
+=========== ===============================================================
+``open``    ``role`` (pod or submit), ``pod``, ``incarnation``, ``pid``, ``host``
+``claim``   ``steps``: ``[[step_id, token], ...]`` handed to the pod
+``claim?``  a claim failed and may have committed unseen
+``ran``     ``start``, ``end``, ``ok``/``failed``: ``[step_id, ...]`` of one batch
+``write``   ``op`` (complete, fail, release, cancel), ``sent``:
+            ``[[step_id, token], ...]`` (complete: ``[step_id, token,
+            result_digest]``), ``reply``: ``accepted`` with ``ids`` (the ids
+            accepted; the others were refused) or ``unknown`` (an error: it
+            may or may not have landed)
+``submit``  ``queue``, ``ids``: the step ids a submit was told
+``close``   the client stopped cleanly: the file is complete
+=========== ===============================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fleetsim.errors import ConfigError
+
+FLUSH_S = 0.5
+FORMAT_VERSION = 1
+
+
+def history_dir(run_dir: Path, schema: str) -> Path:
+    """Where the client histories of ``schema``'s fleet live in a run directory."""
+    return run_dir / "history" / schema
+
+
+def result_digest(result: Any) -> str:
+    """A short digest of a step result, the same for a value and its JSON round trip."""
+    text = json.dumps(result, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ClientHistory:
+    """An append-only JSON-lines history of one client, written in the background."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot write the client history {path}: {exc.strerror}") from None
+        self._pending: deque[dict[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._closed = False
+        self.append({"type": "open", "v": FORMAT_VERSION, **header})
+        self._flusher = threading.Thread(target=self._flush_loop, name="history", daemon=True)
+        self._flusher.start()
+
+    @classmethod
+    def for_pod(cls, directory: Path, pod_id: str, incarnation: int) -> ClientHistory:
+        """The history of one pod incarnation."""
+        return cls(directory / f"pod-{_safe(pod_id)}.{incarnation}.jsonl", {
+            "role": "pod", "pod": pod_id, "incarnation": incarnation,
+            "pid": os.getpid(), "host": socket.gethostname(),
+        })
+
+    @classmethod
+    def for_submitter(cls, directory: Path) -> ClientHistory:
+        """The history of this process's submits."""
+        host = socket.gethostname()
+        return cls(directory / f"submit-{_safe(host)}-{os.getpid()}.jsonl", {
+            "role": "submit", "pid": os.getpid(), "host": host,
+        })
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Queue ``record`` (stamped with the wall clock); never blocks on I/O."""
+        record["t"] = time.time()
+        # deque.append and popleft are thread-safe: no lock on the hot path.
+        self._pending.append(record)
+
+    # -- what clients record ----------------------------------------------
+
+    def claimed(self, steps: Sequence[Any]) -> None:
+        """Steps (ClaimedStep) handed to the pod by a claim."""
+        self.append({"type": "claim", "steps": [[s.id, s.claim_token] for s in steps]})
+
+    def claim_unknown(self) -> None:
+        """A claim failed in a way that may have committed steps unseen."""
+        self.append({"type": "claim?"})
+
+    def ran(self, start: float, end: float, ok: list[int], failed: list[int]) -> None:
+        """A batch ran: which steps' workloads returned and which raised."""
+        self.append({"type": "ran", "start": start, "end": end, "ok": ok, "failed": failed})
+
+    def wrote(self, op: str, sent: list[Any], accepted: set[int] | None) -> None:
+        """A fenced write of ``sent`` items and its reply (None: unknown, an error)."""
+        if op == "complete":
+            # The digest is computed by the flusher (a result can be large).
+            items: list[Any] = [[i[0], i[1], _Digest(i[2])] for i in sent]
+        else:
+            items = [[i[0], i[1]] for i in sent]
+        record: dict[str, Any] = {"type": "write", "op": op, "sent": items}
+        if accepted is None:
+            record["reply"] = "unknown"
+        else:
+            record["reply"] = "accepted"
+            record["ids"] = sorted(accepted)
+        self.append(record)
+
+    def submitted(self, queue: str, ids: Sequence[int]) -> None:
+        """A submit that was told these step ids."""
+        self.append({"type": "submit", "queue": queue, "ids": list(ids)})
+
+    # -- writing ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what is queued."""
+        with self._lock:
+            pending = []
+            while True:
+                try:
+                    pending.append(self._pending.popleft())
+                except IndexError:
+                    break
+            if not pending or self._file.closed:
+                return
+            lines = [json.dumps(r, separators=(",", ":"), default=_encode) for r in pending]
+            try:
+                self._file.write("\n".join(lines) + "\n")
+                self._file.flush()
+            except (OSError, ValueError):
+                pass  # evidence is best effort: a full disk must not stop the pod
+
+    def close(self) -> None:
+        """Record a clean stop, flush and close (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.append({"type": "close"})
+        self._stop.set()
+        self._flusher.join(timeout=2 * FLUSH_S)
+        self.flush()
+        with self._lock:
+            self._file.close()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            self.flush()
+
+
+class _Digest:
+    """A result whose digest the flusher computes (kept off the claim loop)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, _Digest):
+        try:
+            return result_digest(value.value)
+        except (TypeError, ValueError):
+            return None
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# -- reading ------------------------------------------------------------------
+
+
+@dataclass
+class ClientLog:
+    """One client's history as read back."""
+
+    path: Path
+    role: str
+    pod: str | None = None
+    incarnation: int | None = None
+    complete: bool = False  # ends with a close record
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0  # unreadable lines (a torn last line after a SIGKILL)
+
+
+def read_histories(directory: Path) -> list[ClientLog]:
+    """Every client history in ``directory`` (none if it does not exist)."""
+    if not directory.is_dir():
+        return []
+    return [_read(path) for path in sorted(directory.glob("*.jsonl"))]
+
+
+def _read(path: Path) -> ClientLog:
+    log = ClientLog(path, role="unknown")
+    for record in _records(path, log):
+        if record.get("type") == "open":
+            log.role = str(record.get("role", "unknown"))
+            log.pod = record.get("pod")
+            log.incarnation = record.get("incarnation")
+        elif record.get("type") == "close":
+            log.complete = True
+        else:
+            log.records.append(record)
+    return log
+
+
+def _records(path: Path, log: ClientLog) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.bad_lines += 1
+                continue
+            if isinstance(record, dict):
+                yield record
+            else:
+                log.bad_lines += 1
+
+
+class NullHistory(ClientHistory):
+    """A client that keeps no history (an external fleet, a benchmark's reference)."""
+
+    def __init__(self) -> None:  # no file, no flusher
+        self.path = Path(os.devnull)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Drop ``record``."""
+
+    def flush(self) -> None:
+        """Nothing to write."""
+
+    def close(self) -> None:
+        """Nothing to close."""
