@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from fleetsim.crosscheck import CLIENT_INVARIANTS, cross_examine
 from fleetsim.store import Store
 from fleetsim.store.checks import INVARIANTS, Finding, check_history
 
 __all__ = [
+    "CLIENT_INVARIANTS",
     "EXIT_INVALID",
     "EXIT_UNKNOWN",
     "EXIT_VALID",
@@ -104,15 +107,22 @@ class CheckReport:
         ]
         if self.valid is None:
             lines.append(f"  {self.counts.get('in_flight', 0)} steps still in flight")
-        for name in INVARIANTS:
+        for name in (*INVARIANTS, *CLIENT_INVARIANTS):
+            if name not in totals and name in CLIENT_INVARIANTS:
+                continue  # skipped: no client histories
             n = totals.get(name, 0)
-            lines.append(f"  {name:<21} {'ok' if n == 0 else f'{n} violation(s)'}")
+            lines.append(f"  {name:<24} {'ok' if n == 0 else f'{n} violation(s)'}")
+        if self.counts.get("skipped_checks"):
+            lines.append("  skipped (no client histories): "
+                         + ", ".join(CLIENT_INVARIANTS))
+        lines.extend(f"  note: {note}" for note in self.counts.get("notes", []))
         lines.extend(f"  - {v.message}" for v in self.violations)
         return "\n".join(lines)
 
 
 def check(
-    store: Store, *, final: bool = False, max_witnesses: int = DEFAULT_MAX_WITNESSES
+    store: Store, *, final: bool = False, max_witnesses: int = DEFAULT_MAX_WITNESSES,
+    client_histories: Path | None = None,
 ) -> CheckReport:
     """Check the history recorded in ``store`` against every invariant.
 
@@ -124,6 +134,13 @@ def check(
     """
     facts = check_history(store, final=final, limit=max(1, max_witnesses))
     violations = [Violation(f.invariant, _message(f), f.witness) for f in facts.findings]
+    # The clients' own histories, where there are any: evidence from outside the store.
+    exam = cross_examine(store, client_histories, limit=max(1, max_witnesses))
+    violations += [Violation(f.invariant, f.message, f.witness) for f in exam.findings]
+    facts.counts["violations"].update(exam.totals if not exam.skipped else {})
+    facts.counts["clients"] = exam.counts
+    facts.counts["skipped_checks"] = exam.skipped
+    facts.counts["notes"] = exam.notes
     valid: bool | None
     if violations:
         valid = False

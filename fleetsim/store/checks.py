@@ -656,7 +656,7 @@ def _stale_finding(r: dict[str, Any]) -> Finding:
         )
     if r["revoked_at"] is not None:
         witness.update(revoked_at=plain(r["revoked_at"]), revoked_in_term=r["revoked_term"])
-    if r["superseded"]:
+    if r["superseded"] and r["newer_claim_token"] is not None:
         kind = "superseded"
     elif r["revoked_at"] is not None:
         kind = "revoked"
