@@ -17,6 +17,7 @@ code  meaning
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -1072,6 +1073,88 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
         fail(str(exc), EXIT_UNKNOWN)
     emit(report.as_dict(), as_json, lambda: click.echo(report.summary()))
     sys.exit(report.exit_code)
+
+
+@cli.command()
+@option("--mutants", default="all", metavar="all|NAME,...",
+        help="Which store mutants to run (`fleetsim selftest --list` names them).")
+@option("--controls/--no-controls", default=False,
+        help="Also run each mutant's trial on the real store: it must come out valid.")
+@option("--list", "list_only", is_flag=True, help="List the mutants and their trials.")
+@store_option
+@option("--seed", type=int, default=0, help="Seed for the trials' random targets.")
+@json_option
+@click.pass_context
+def selftest(ctx: click.Context, mutants: str, controls: bool, list_only: bool,
+             store: str | None, seed: int, as_json: bool) -> None:
+    """Prove the checker: run broken stores (mutants) under chaos; each must be caught.
+
+    Each mutant is one hot statement with one guard removed. Its trial is a
+    real fleet whose pods run the broken statement, under the load and
+    faults that should expose it, judged by `fleetsim check --final` with
+    the pods' client histories. Exit 0 iff every mutant is killed (or
+    documented as equivalent) and every control is valid. Without --store,
+    an embedded PostgreSQL runs in a temporary folder.
+    """
+    from fleetsim.selftest.mutants import MUTANTS, parse_mutants
+    from fleetsim.selftest.runner import TRIALS, run_selftest
+
+    try:
+        chosen = parse_mutants(mutants)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if list_only:
+        listing = [{"mutant": m.name, "statement": m.statement, "breaks": m.description,
+                    "trial": TRIALS[m.name].description, "equivalent": m.equivalent}
+                   for m in MUTANTS.values()]
+        def lines() -> None:
+            for m in listing:
+                click.echo(f"{m['mutant']:<24} {m['statement']:<12} {m['breaks']}")
+
+        emit(listing, as_json, lines)
+        return
+    say = (lambda _: None) if as_json else (lambda line: click.echo(line, err=True))
+    with _selftest_store(store) as url:
+        results = run_selftest(url, chosen, controls=controls, seed=seed, say=say)
+    bad = [r for r in results if (r.killed is False and not r.note)
+           or (r.killed is None and r.verdict != "valid")]
+    data = {"results": [r.as_dict() for r in results], "passed": not bad}
+
+    def table() -> None:
+        click.echo(f"{'mutant':<24} {'verdict':<8} {'result':<10} {'secs':>5}  caught by")
+        for r in results:
+            outcome = ("control" if r.killed is None else "killed" if r.killed
+                       else "equivalent" if r.note else "SURVIVED")
+            caught = ", ".join(f"{k} {v}" for k, v in r.violations.items()) or r.note[:60]
+            click.echo(f"{r.mutant:<24} {r.verdict:<8} {outcome:<10} {r.seconds:>5g}  {caught}")
+        killed = sum(1 for r in results if r.killed)
+        mutated = sum(1 for r in results if r.killed is not None)
+        click.echo(f"{killed}/{mutated} mutants killed" + ("" if not bad else
+                   f"; {len(bad)} row(s) failed the self-test"))
+
+    emit(data, as_json, table)
+    sys.exit(EXIT_FAILURE if bad else EXIT_OK)
+
+
+@contextlib.contextmanager
+def _selftest_store(url: str | None) -> Iterator[str]:
+    """The given store URL, or an embedded PostgreSQL in a temporary folder."""
+    if url:
+        yield url
+        return
+    import shutil
+    import tempfile
+
+    from fleetsim.store.embedded import EmbeddedPostgres
+
+    base = Path(tempfile.mkdtemp(prefix="fleetsim-selftest-pg-"))
+    os.chmod(base, 0o755)
+    server = EmbeddedPostgres(base / "data")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @cli.group()

@@ -1,0 +1,234 @@
+"""``fleetsim selftest``: run each mutant under the chaos that should expose it.
+
+A trial is a real fleet (pods on the broken store, spawned as self-test pod
+processes), a load and a timed list of faults; it ends with the checker's
+final verdict over the store's history and the pods' client histories. A
+mutant is *killed* when the verdict is invalid. The same trial on the real
+store (``control``) must stay valid, or the trial proves nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetsim.config import FleetTimings
+from fleetsim.coordinator import Coordinator, FleetSpec
+from fleetsim.errors import FleetsimError
+from fleetsim.selftest.mutants import MUTANTS, Mutant
+from fleetsim.store import StepSpec, Store, StoreConfig
+
+# Timed faults: (seconds after the load starts, action, target, parameters).
+Fault = tuple[float, str, str | None, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The fleet, load and faults that should expose one mutant."""
+
+    description: str
+    pods: int = 4
+    batch: int = 5
+    workload: str = "sleep:20"
+    steps: int = 1500
+    restart: bool = False
+    timings: FleetTimings = field(default_factory=FleetTimings)
+    faults: tuple[Fault, ...] = ()
+    drain_s: float = 40.0  # how long the load may take to finish once the faults end
+
+
+_FAST = FleetTimings(heartbeat_s=0.25, lease_s=2.0, renew_s=0.5, dead_after_s=2.0,
+                     recovery_s=0.25, grace_s=2.0)
+# A pod declared dead long before its own watchdog (lease) fences it.
+_DEAD_EARLY = FleetTimings(heartbeat_s=0.25, lease_s=4.0, renew_s=1.0, dead_after_s=1.5,
+                           recovery_s=0.25, grace_s=2.0)
+# A pod fenced by its own watchdog (lease) long before it is declared dead.
+_FENCE_EARLY = FleetTimings(heartbeat_s=0.25, lease_s=1.5, renew_s=0.5, dead_after_s=8.0,
+                            recovery_s=0.25, grace_s=2.0)
+
+TRIALS: dict[str, Trial] = {
+    "complete-without-token": Trial(
+        "2.5 s of latency on every statement of one pod, three times: its heartbeats"
+        " fall past the dead threshold while its completions are on their way, so"
+        " they arrive after its steps were requeued and claimed again",
+        pods=4, batch=4, workload="sleep:250", steps=500, timings=_DEAD_EARLY,
+        faults=tuple((1.0 + 7.0 * i, "storage-fault", f"pod-{i + 1}",
+                      {"latency_ms": 2500.0, "for": 6.0}) for i in range(3)),
+    ),
+    "claim-without-lock": Trial(
+        "5 pods claim 5,000 no-op steps in batches of 20 at once",
+        pods=5, batch=20, workload="noop", steps=5000,
+    ),
+    "recover-without-term": Trial(
+        "the leader's statements fail 70% of the time (its renewals fail, its term runs out"
+        " while it still believes it leads) while pods are killed for it to recover",
+        pods=6, batch=5, workload="sleep:10", steps=3000, timings=_FAST,
+        faults=((0.5, "storage-fault", "leader", {"error_rate": 0.7, "for": 9.0}),
+                *((1.5 + 1.5 * i, "kill", "random", {}) for i in range(5))),
+    ),
+    "renew-without-expiry": Trial(
+        "pause the leader past its lease, twice",
+        pods=4, batch=5, workload="sleep:20", steps=1500, timings=_FAST,
+        faults=((1.0, "pause", "leader", {"for": 3.0}), (6.0, "pause", "leader", {"for": 3.0})),
+    ),
+    "requeue-without-attempt": Trial(
+        "kill two pods holding steps (no restart): recovery requeues their steps",
+        pods=5, batch=10, workload="sleep:10", steps=2000, timings=_FAST,
+        faults=((1.0, "kill", "random", {}), (2.5, "kill", "random", {})),
+    ),
+    "release-leaves-claimed": Trial(
+        "pause pods past their lease but not past the dead threshold: they fence"
+        " themselves and release their batches by token",
+        pods=4, batch=10, workload="sleep:20", steps=2000, timings=_FENCE_EARLY,
+        faults=tuple((1.0 + 4.0 * i, "pause", "random", {"for": 2.5}) for i in range(3)),
+    ),
+}
+
+
+@dataclass
+class TrialResult:
+    """One row of the self-test table."""
+
+    mutant: str  # or "control" for the real store
+    trial: str
+    verdict: str
+    killed: bool | None  # None for a control
+    violations: dict[str, int]
+    seconds: float
+    faults_applied: int
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dict(self.__dict__)
+
+
+class _MutantCoordinator(Coordinator):
+    """A coordinator whose pods run on a broken store."""
+
+    def __init__(self, spec: FleetSpec, mutant: str | None) -> None:
+        super().__init__(spec)
+        self.mutant = mutant
+
+    def pod_command(self, pod_id: str, incarnation: int) -> list[str]:
+        """The usual pod command, through the self-test entry point when mutated."""
+        cmd = super().pod_command(pod_id, incarnation)
+        if self.mutant is None:
+            return cmd
+        head = [sys.executable, "-m", "fleetsim", "pod"]
+        assert cmd[:4] == head
+        return [sys.executable, "-m", "fleetsim.selftest.pod", "--mutant", self.mutant,
+                *cmd[4:]]
+
+
+def run_trial(store_url: str, mutant: Mutant | None, trial: Trial, *, seed: int = 0,
+              say: Callable[[str], None] = lambda _: None) -> TrialResult:
+    """Run ``trial`` on a fleet whose pods run ``mutant`` (None: the real store)."""
+    from fleetsim.checker import check
+
+    name = mutant.name if mutant is not None else "control"
+    schema = f"selftest_{uuid.uuid4().hex[:10]}"
+    run_dir = Path(tempfile.mkdtemp(prefix="fleetsim-selftest-"))
+    started = time.monotonic()
+    applied = 0
+    fleet = _MutantCoordinator(FleetSpec(
+        run_dir=run_dir, pods=trial.pods, batch=trial.batch, workload=trial.workload,
+        store_url=store_url, schema=schema, seed=seed, restart=trial.restart,
+        timings=trial.timings, fault_proxy=False,
+    ), mutant.name if mutant is not None else None)
+    admin = Store(StoreConfig(store_url, schema=schema))
+    try:
+        fleet.start()
+        assert fleet.store is not None
+        fleet.store.submit_many([StepSpec("default", {})] * trial.steps)
+        applied = _apply_faults(fleet, trial.faults, say)
+        _drain(fleet, admin, trial.steps, trial.drain_s)
+        fleet.stop(grace_s=2.0)
+        report = check(admin, final=True, client_histories=fleet.client_history_dir)
+        totals = {k: v for k, v in report.counts["violations"].items() if v}
+        verdict = report.verdict
+    except Exception as exc:  # a row of the table, not the end of the self-test
+        fleet.stop(grace_s=1.0)
+        return TrialResult(name, trial.description, "error", None, {},
+                           round(time.monotonic() - started, 1), applied,
+                           f"{type(exc).__name__}: {exc}")
+    finally:
+        admin.drop_schema()
+        admin.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    killed = None if mutant is None else verdict == "invalid"
+    return TrialResult(name, trial.description, verdict, killed, totals,
+                       round(time.monotonic() - started, 1), applied)
+
+
+def _apply_faults(fleet: Coordinator, faults: tuple[Fault, ...],
+                  say: Callable[[str], None]) -> int:
+    """Apply the faults at their times (supervising the fleet meanwhile); return how many."""
+    start = time.monotonic()
+    applied = 0
+    for at, action, target, params in faults:
+        while time.monotonic() < start + at:
+            fleet.poll()
+            fleet.stopping.wait(0.05)
+        assert fleet.injector is not None
+        try:
+            fleet.injector.apply(action, target, params)
+            applied += 1
+        except FleetsimError as exc:  # a random target that just died, no leader yet
+            say(f"  fault {action} {target}: {exc}")
+    # Let the last fault run its course.
+    longest = max((p.get("for", 0.0) for _, _, _, p in faults), default=0.0)
+    until = time.monotonic() + float(longest)
+    while time.monotonic() < until:
+        fleet.poll()
+        fleet.stopping.wait(0.05)
+    return applied
+
+
+def _drain(fleet: Coordinator, store: Store, total: int, timeout_s: float) -> None:
+    """Supervise until every step ended or ``timeout_s`` passed (a mutant may lose some)."""
+    deadline = time.monotonic() + timeout_s
+    done = threading.Event()
+    while time.monotonic() < deadline and not done.is_set():
+        fleet.poll()
+        try:
+            counts = store.status_counts()
+        except FleetsimError:
+            counts = {}
+        if counts.get("completed", 0) + counts.get("dead", 0) + counts.get("cancelled", 0) \
+                >= total:
+            return
+        done.wait(0.2)
+
+
+def run_selftest(store_url: str, mutants: list[Mutant], *, controls: bool = False,
+                 seed: int = 0, say: Callable[[str], None] = lambda _: None
+                 ) -> list[TrialResult]:
+    """Run each mutant's trial (and, with ``controls``, the same trial on the real store)."""
+    results = []
+    for mutant in mutants:
+        trial = TRIALS[mutant.name]
+        if controls:
+            say(f"control for {mutant.name}: {trial.description}")
+            results.append(run_trial(store_url, None, trial, seed=seed, say=say))
+        say(f"mutant {mutant.name}: {mutant.description}")
+        result = run_trial(store_url, mutant, trial, seed=seed, say=say)
+        if not result.killed and mutant.equivalent:
+            result.note = f"equivalent: {mutant.equivalent}"
+        results.append(result)
+        say(f"  {result.verdict} in {result.seconds:g}s: "
+            + ("killed" if result.killed else "SURVIVED")
+            + (f" ({', '.join(f'{k} {v}' for k, v in result.violations.items())})"
+               if result.violations else ""))
+    return results
+
+
+__all__ = ["MUTANTS", "TRIALS", "Trial", "TrialResult", "run_selftest", "run_trial"]
