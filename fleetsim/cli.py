@@ -202,11 +202,18 @@ def timings_from(params: dict[str, Any]) -> FleetTimings:
     )
 
 
-def check_workload(spec: str) -> None:
-    """Validate a workload spec (importing a user handler) before anything starts."""
-    from pods.workloads import parse_workload  # the CLI is the glue; core never imports pods
+def check_workload(spec: str, handlers: tuple[str, ...] = ()) -> None:
+    """Validate a workload spec and handlers (importing them) before anything starts."""
+    from pods.workloads import WorkloadCache, parse_workload  # the CLI is the glue
 
-    parse_workload(spec)
+    WorkloadCache(parse_workload(spec), handlers)
+
+
+handler_option = option(
+    "--handler", "handlers", multiple=True, metavar="MODULE:FUNCTION",
+    help="Another handler a step may name in its payload's `workload` (repeatable). Pods run "
+    "only the built-ins, --workload and these; a step naming anything else fails.",
+)
 
 
 # -- init -------------------------------------------------------------------
@@ -254,6 +261,7 @@ def fleet_options(f: F) -> F:
         option("--batch", type=int, default=50, help="Steps a pod claims per round trip."),
         option("--workload", default="noop",
                help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function."),
+        handler_option,
         option("--queue", "queues", multiple=True, default=("default",),
                help="Queue(s) the pods claim from."),
         store_option,
@@ -292,7 +300,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
     """
     from fleetsim.coordinator import Coordinator, FleetSpec
 
-    check_workload(params["workload"])
+    check_workload(params["workload"], tuple(params["handlers"]))
     spec = FleetSpec(
         run_dir=ctx.obj["run_dir"].path, pods=params["pods"],
         concurrency=params["concurrency"], batch=params["batch"],
@@ -301,6 +309,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         restart=params["restart"], timings=timings_from(params), steps=params["steps"],
         rate=params["rate"], fault_proxy=params["fault_proxy"],
         bus_host=params["bus_host"], bus_keys=params["bus_keys"],
+        handlers=tuple(params["handlers"]),
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -391,6 +400,8 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv += [f"--{name.replace('_', '-')}", str(params[name])]
     for queue in params["queues"]:
         argv += ["--queue", queue]
+    for handler in params["handlers"]:
+        argv += ["--handler", handler]
     argv.append("--restart" if params["restart"] else "--no-restart")
     argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
     argv += ["--bus-host", params["bus_host"]]
@@ -496,6 +507,7 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
            as_json: bool) -> None:
     """Submit steps to the fleet's store."""
     if workload:
+        _check_fleet_allows(ctx, workload, store)  # before importing anything it names
         check_workload(workload)
     payload = {"workload": workload} if workload else {}
     specs = [
@@ -515,6 +527,29 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
         f"submitted step {ids[0]} to queue {queue!r}"))
 
 
+def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) -> None:
+    """Refuse a handler the running fleet's pods were not started with (when we can tell)."""
+    from pods.workloads import WorkloadNotAllowed, is_handler, not_allowed_message
+
+    if not is_handler(workload):
+        return  # built-ins run everywhere
+    try:
+        data = ctx.obj["run_dir"].read()
+    except FleetNotRunning:
+        data = {}
+    handlers = data.get("handlers") if isinstance(data, dict) else None
+    fleet_store = data.get("store_url") if isinstance(data, dict) else None
+    if isinstance(handlers, list) and (not store or store == fleet_store):
+        allowed = frozenset([str(data.get("workload")), *map(str, handlers)])
+        if workload.strip() not in allowed:
+            raise WorkloadNotAllowed(not_allowed_message(workload.strip(), allowed)
+                                     .replace("this pod", "this fleet's pods")
+                                     + "; restart the fleet with --handler " + workload.strip())
+        return
+    click.echo(f"warning: pods run {workload} only if they were started with "
+               f"--workload/--handler {workload}; elsewhere its steps fail", err=True)
+
+
 # -- pod ----------------------------------------------------------------------
 
 
@@ -532,6 +567,7 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
 @option("--schema", default="fleetsim", help="PostgreSQL schema of the fleet's tables.")
 @option("--workload", default="noop",
         help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function.")
+@handler_option
 @option("--concurrency", type=int, default=1, help="Steps this pod runs at once.")
 @option("--batch", type=int, default=50, help="Steps claimed per round trip.")
 @option("--queue", "queues", multiple=True, default=("default",), help="Queue(s) to claim.")
@@ -563,11 +599,12 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
             store=StoreConfig(url, schema=params["schema"], application_name=pod_id,
                               pool_size=params["concurrency"] + 3),
             incarnation=params["incarnation"], queues=tuple(params["queues"]),
-            workload=params["workload"], concurrency=params["concurrency"],
+            workload=params["workload"], handlers=tuple(params["handlers"]),
+            concurrency=params["concurrency"],
             batch=params["batch"], seed=params["seed"], timings=timings_from(params),
             join=params["join"],
         )
-        check_workload(config.workload)
+        check_workload(config.workload, config.handlers)
     except ConfigError as exc:
         fail(str(exc), PodExit.BAD_CONFIG)
     from chaos.storage_faults import StorageFaultInjector
@@ -632,7 +669,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
     def say(line: str) -> None:
         click.echo(line, err=True)
 
-    check_workload(params["workload"])
+    check_workload(params["workload"], tuple(params["handlers"]))
     schema = params["schema"] or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:4]}"
     scenario = params["scenario"]
     if scenario:
@@ -647,6 +684,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         store_url=params["store"], schema=schema, seed=params["seed"],
         restart=bool(scenario), timings=timings_from(params),
         fault_proxy=bool(scenario) if fault_proxy is None else fault_proxy,
+        handlers=tuple(params["handlers"]),
     )
     coordinator = Coordinator(spec, echo=say)
     coordinator.install_signal_handlers()

@@ -44,6 +44,7 @@ class FleetSpec:
     concurrency: int = 1
     batch: int = 50
     workload: str = "noop"
+    handlers: tuple[str, ...] = ()  # more handlers steps may name (pods' --handler)
     queues: tuple[str, ...] = ("default",)
     store_url: str | None = None  # None: an embedded PostgreSQL in the run directory
     schema: str = "fleetsim"
@@ -324,6 +325,8 @@ class Coordinator:
         ]
         for queue in spec.queues:
             cmd += ["--queue", queue]
+        for handler in spec.handlers:
+            cmd += ["--handler", handler]
         if self.bus is not None and self.bus.endpoints is not None:
             cmd += ["--join", self.bus.endpoints.control,
                     "--metrics-endpoint", self.bus.endpoints.metrics]
@@ -507,6 +510,7 @@ class Coordinator:
             "pgdata": str(self.run_dir.pgdata) if self.embedded is not None else None,
             "timings": self.spec.timings.to_dict(),
             "workload": self.spec.workload,
+            "handlers": list(self.spec.handlers),
             "queues": list(self.spec.queues),
             "restart": self.spec.restart,
             "pods": pods,
