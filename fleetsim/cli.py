@@ -563,6 +563,9 @@ def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) ->
         help="The coordinator's metrics endpoint (`bus.metrics` in run.json).")
 @option("--bus-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="CURVE key directory, when the coordinator's bus requires keys.")
+@option("--bus-secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="The fleet's bus secret (`bus.secret` in its run directory, mode 0600); needed "
+        "with --join (default: the run directory's).")
 @store_option
 @option("--schema", default="fleetsim", help="PostgreSQL schema of the fleet's tables.")
 @option("--workload", default="noop",
@@ -626,9 +629,11 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
             from fleetsim.bus.security import load_client_keys
 
             client_keys = load_client_keys(params["bus_keys"])
+        secret = _pod_bus_secret(ctx, params["bus_secret_file"])
         worker.metrics_enabled = bool(params["metrics_endpoint"])
         worker.bus = PodBusClient(endpoints, pod_id, config.incarnation,
                                   handler=worker.handle_command, keys=client_keys,
+                                  secret=secret,
                                   heartbeat_interval_s=config.timings.heartbeat_s * 2)
     worker.install_signal_handlers()
     code = worker.run()
@@ -636,6 +641,26 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
     if code == PodExit.STORE_UNREACHABLE:
         fail(f"cannot reach the store at {redact(url)}", code)
     sys.exit(int(code))
+
+
+def _pod_bus_secret(ctx: click.Context, path: Path | None) -> bytes:
+    """The bus secret a joining pod signs with: --bus-secret-file, else the run directory's."""
+    from fleetsim.bus.security import BUS_SECRET_FILE, load_secret
+
+    if path is None:
+        path = ctx.obj["run_dir"].path / BUS_SECRET_FILE
+        if not path.exists():
+            fail("--join needs the fleet's bus secret: give --bus-secret-file (the fleet's "
+                 f"{BUS_SECRET_FILE}, or FLEETSIM_BUS_SECRET_FILE)", EXIT_USAGE)
+    return load_secret(path)
+
+
+def fleet_bus_secret(run_dir: RunDir, data: dict[str, Any]) -> bytes:
+    """The running fleet's bus secret (ConfigError if this user cannot read it)."""
+    from fleetsim.bus.security import BUS_SECRET_FILE, load_secret
+
+    path = data.get("bus_secret_file")
+    return load_secret(path if isinstance(path, str) else run_dir.path / BUS_SECRET_FILE)
 
 
 # -- run ----------------------------------------------------------------------
@@ -839,7 +864,8 @@ def chaos_request(ctx: click.Context, action: str, target: str | None,
         from fleetsim.bus.security import load_client_keys
 
         client_keys = load_client_keys(data["bus_keys"])
-    with ControlClient(endpoint, keys=client_keys, timeout_s=timeout) as client:
+    secret = fleet_bus_secret(ctx.obj["run_dir"], data)
+    with ControlClient(endpoint, keys=client_keys, timeout_s=timeout, secret=secret) as client:
         reply = client.request(ChaosRequest(action, target, params), timeout_s=timeout)
     if isinstance(reply, Error):
         fail(reply.message, EXIT_USAGE if reply.code == "bad-request" else EXIT_FAILURE)

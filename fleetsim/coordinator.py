@@ -99,6 +99,7 @@ class Coordinator:
         self._lock = threading.RLock()
         self._submitter: threading.Thread | None = None
         self.bus: Any = None  # fleetsim.bus_service.BusService
+        self.bus_secret_file: Path | None = None  # the fleet's bus secret (0600)
         self.proxies: Any = None  # chaos.proxy_process.ProxyControl
         self.proxy_process: subprocess.Popen[bytes] | None = None
         self.pod_urls: dict[str, str] = {}
@@ -161,6 +162,7 @@ class Coordinator:
         self.echo(f"store: {redact(url)} (schema {spec.schema})")
 
     def _start_bus(self) -> None:
+        from fleetsim.bus.security import BUS_SECRET_FILE, create_secret
         from fleetsim.bus_service import BusService
 
         keys = None
@@ -168,11 +170,14 @@ class Coordinator:
             from fleetsim.bus.security import load_server_keys
 
             keys = load_server_keys(self.spec.bus_keys)
+        # A fresh secret per fleet: every bus message must be signed with it.
+        self.bus_secret_file = self.run_dir.path / BUS_SECRET_FILE
+        secret = create_secret(self.bus_secret_file)
         self.bus = BusService(
             on_chaos=self.chaos,
             on_status=self.status,
             on_down=self.stopping.set,
-            host=self.spec.bus_host, keys=keys,
+            host=self.spec.bus_host, keys=keys, secret=secret,
         )
         endpoints = self.bus.start_and_wait()
         self.echo(f"bus: control {endpoints.control}, cli {endpoints.cli}")
@@ -307,6 +312,7 @@ class Coordinator:
             "pid": os.getpid(),
             "bus_pods": self.bus.connected_pods() if self.bus else [],
             "malformed_messages": self.bus.malformed if self.bus else 0,
+            "refused_messages": self.bus.refused if self.bus else 0,
         }
         return data
 
@@ -327,9 +333,11 @@ class Coordinator:
             cmd += ["--queue", queue]
         for handler in spec.handlers:
             cmd += ["--handler", handler]
-        if self.bus is not None and self.bus.endpoints is not None:
+        if (self.bus is not None and self.bus.endpoints is not None
+                and self.bus_secret_file is not None):
             cmd += ["--join", self.bus.endpoints.control,
-                    "--metrics-endpoint", self.bus.endpoints.metrics]
+                    "--metrics-endpoint", self.bus.endpoints.metrics,
+                    "--bus-secret-file", str(self.bus_secret_file.resolve())]
             if spec.bus_keys is not None:
                 cmd += ["--bus-keys", str(spec.bus_keys.resolve())]
         return cmd
@@ -515,6 +523,8 @@ class Coordinator:
             "restart": self.spec.restart,
             "pods": pods,
             "bus": self.bus.endpoints.to_dict() if self.bus and self.bus.endpoints else None,
+            "bus_secret_file": (str(self.bus_secret_file.resolve())
+                                if self.bus_secret_file is not None else None),
             "proxy_pid": self.proxy_process.pid if self.proxy_process else None,
             "bus_keys": str(self.spec.bus_keys.resolve()) if self.spec.bus_keys else None,
         })
