@@ -12,6 +12,11 @@ def touch(payload: dict[str, Any]) -> dict[str, Any]:
     return {"touched": payload["path"]}
 
 
+def ok(payload: dict[str, Any]) -> dict[str, Any]:
+    """Succeed, echoing the payload's keys."""
+    return {"keys": sorted(payload)}
+
+
 def touch_other(payload: dict[str, Any]) -> dict[str, Any]:
     """The same, but never given to a pod at start: it must never run."""
     Path(payload["path"]).touch()

@@ -15,6 +15,7 @@ from tests.integration.test_cli import fleetsim
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLER = "tests.workload_handlers:touch"
+OK = "tests.workload_handlers:ok"
 
 
 @pytest.mark.timeout(180)
@@ -25,19 +26,27 @@ def test_detached_fleet_secret_handlers_and_refusals(
     env = {"FLEETSIM_STORE": store_config.url, "FLEETSIM_SCHEMA": store_config.schema or "",
            "PYTHONPATH": str(REPO)}
     up = fleetsim(run_dir, "up", "--pods", "2", "--detach", "--no-fault-proxy",
-                  "--handler", HANDLER, env=env, timeout=120)
+                  "--handler", HANDLER, "--handler", OK, env=env, timeout=120)
     assert up.returncode == 0, up.stderr
     try:
         data = json.loads((run_dir / "run.json").read_text())
-        assert data["handlers"] == [HANDLER]
+        assert data["handlers"] == [HANDLER, OK]
         secret_file = Path(data["bus_secret_file"])
         assert secret_file == (run_dir / "bus.secret").resolve()
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
 
         # submit: a handler the pods were started with is accepted, another refused.
-        ok = fleetsim(run_dir, "submit", "--workload", HANDLER, "--max-attempts", "1",
+        ok = fleetsim(run_dir, "submit", "--workload", OK, "--max-attempts", "1", "--json",
                       env=env)
         assert ok.returncode == 0, ok.stderr
+        step_id = json.loads(ok.stdout)["first_id"]
+
+        def finished() -> str | None:
+            step = store.get_step(step_id)
+            return step.status if step and step.status in ("completed", "dead") else None
+
+        # The spawned pods were started with both handlers: the step runs.
+        assert wait_until(finished, 30, what="the handler step") == "completed"
         refused = fleetsim(run_dir, "submit", "--workload", "subprocess:call", env=env)
         assert refused.returncode == 2
         assert "not allowed" in refused.stderr and "--handler subprocess:call" in refused.stderr
