@@ -52,6 +52,12 @@ def test_detached_fleet_secret_handlers_and_refusals(
         assert "not allowed" in refused.stderr and "--handler subprocess:call" in refused.stderr
         assert "Traceback" not in refused.stderr
 
+        # Without a run.json for the store, submit cannot tell: it warns.
+        unknown = fleetsim(tmp_path / "no-fleet", "submit", "--workload", OK, "--store",
+                           store_config.url, "--schema", store_config.schema or "", env=env)
+        assert unknown.returncode == 0, unknown.stderr
+        assert "warning: pods run" in unknown.stderr
+
         # The CLI signs with the run directory's secret: chaos works.
         victim = next(p for p in data["pods"] if p["id"] == "pod-1")
         kill = fleetsim(run_dir, "chaos", "kill", "pod-1", "--json", env=env)
