@@ -5,6 +5,10 @@ threads talk to it through thread-safe methods: :meth:`BusService.send_command`
 (waits for the pod's reply) and :meth:`BusService.publish`. Requests from the
 CLI that take time (chaos actions) run on a small worker pool, so a slow
 action never stalls heartbeats or other commands.
+
+Given the fleet's bus ``secret``, the bus accepts only messages signed with
+it (CLI requests, pod hellos and heartbeats, metrics); the rest are refused
+and counted in :attr:`BusService.refused`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class BusService(threading.Thread):
         on_down: Callable[[], None],
         host: str = "127.0.0.1",
         keys: Any = None,
+        secret: bytes | None = None,
     ) -> None:
         super().__init__(name="bus", daemon=True)
         self._on_chaos = on_chaos
@@ -59,6 +64,7 @@ class BusService(threading.Thread):
         self._on_down = on_down
         self._host = host
         self._keys = keys
+        self._secret = secret
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
@@ -71,6 +77,7 @@ class BusService(threading.Thread):
         self.heard: dict[str, float] = {}  # pod id -> when we last heard from it (monotonic)
         self.metrics: dict[str, dict[str, Any]] = {}  # pod id -> latest snapshot
         self.malformed = 0
+        self.refused = 0  # messages not signed with the bus secret
 
     def start_and_wait(self, timeout_s: float = 10.0) -> BusEndpoints:
         """Start the thread; return the bound endpoints once listening."""
@@ -126,7 +133,7 @@ class BusService(threading.Thread):
 
     def run(self) -> None:
         try:
-            bus = CoordinatorBus(self._host, keys=self._keys)
+            bus = CoordinatorBus(self._host, keys=self._keys, secret=self._secret)
         except BaseException as exc:  # reported by start_and_wait
             self._error = exc
             self._ready.set()
@@ -144,6 +151,7 @@ class BusService(threading.Thread):
                         break
                     action(bus)
                 self.malformed = bus.malformed
+                self.refused = bus.refused
         finally:
             bus.close()
 

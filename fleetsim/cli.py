@@ -203,11 +203,18 @@ def timings_from(params: dict[str, Any]) -> FleetTimings:
     )
 
 
-def check_workload(spec: str) -> None:
-    """Validate a workload spec (importing a user handler) before anything starts."""
-    from pods.workloads import parse_workload  # the CLI is the glue; core never imports pods
+def check_workload(spec: str, handlers: tuple[str, ...] = ()) -> None:
+    """Validate a workload spec and handlers (importing them) before anything starts."""
+    from pods.workloads import WorkloadCache, parse_workload  # the CLI is the glue
 
-    parse_workload(spec)
+    WorkloadCache(parse_workload(spec), handlers)
+
+
+handler_option = option(
+    "--handler", "handlers", multiple=True, metavar="MODULE:FUNCTION",
+    help="Another handler a step may name in its payload's `workload` (repeatable). Pods run "
+    "only the built-ins, --workload and these; a step naming anything else fails.",
+)
 
 
 # -- init -------------------------------------------------------------------
@@ -255,6 +262,7 @@ def fleet_options(f: F) -> F:
         option("--batch", type=int, default=50, help="Steps a pod claims per round trip."),
         option("--workload", default="noop",
                help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function."),
+        handler_option,
         option("--queue", "queues", multiple=True, default=("default",),
                help="Queue(s) the pods claim from."),
         store_option,
@@ -293,7 +301,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
     """
     from fleetsim.coordinator import Coordinator, FleetSpec
 
-    check_workload(params["workload"])
+    check_workload(params["workload"], tuple(params["handlers"]))
     spec = FleetSpec(
         run_dir=ctx.obj["run_dir"].path, pods=params["pods"],
         concurrency=params["concurrency"], batch=params["batch"],
@@ -302,6 +310,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         restart=params["restart"], timings=timings_from(params), steps=params["steps"],
         rate=params["rate"], fault_proxy=params["fault_proxy"],
         bus_host=params["bus_host"], bus_keys=params["bus_keys"],
+        handlers=tuple(params["handlers"]),
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -392,6 +401,8 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv += [f"--{name.replace('_', '-')}", str(params[name])]
     for queue in params["queues"]:
         argv += ["--queue", queue]
+    for handler in params["handlers"]:
+        argv += ["--handler", handler]
     argv.append("--restart" if params["restart"] else "--no-restart")
     argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
     argv += ["--bus-host", params["bus_host"]]
@@ -497,6 +508,7 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None, pri
            as_json: bool) -> None:
     """Submit steps to the fleet's store."""
     if workload:
+        _check_fleet_allows(ctx, workload, store)  # before importing anything it names
         check_workload(workload)
     payload = {"workload": workload} if workload else {}
     specs = [
@@ -536,6 +548,29 @@ def _submit_history(ctx: click.Context, store: Store) -> Any:
         return NullHistory()
 
 
+def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) -> None:
+    """Refuse a handler the running fleet's pods were not started with (when we can tell)."""
+    from pods.workloads import WorkloadNotAllowed, is_handler, not_allowed_message
+
+    if not is_handler(workload):
+        return  # built-ins run everywhere
+    try:
+        data = ctx.obj["run_dir"].read()
+    except FleetNotRunning:
+        data = {}
+    handlers = data.get("handlers") if isinstance(data, dict) else None
+    fleet_store = data.get("store_url") if isinstance(data, dict) else None
+    if isinstance(handlers, list) and (not store or store == fleet_store):
+        allowed = frozenset([str(data.get("workload")), *map(str, handlers)])
+        if workload.strip() not in allowed:
+            raise WorkloadNotAllowed(not_allowed_message(workload.strip(), allowed)
+                                     .replace("this pod", "this fleet's pods")
+                                     + "; restart the fleet with --handler " + workload.strip())
+        return
+    click.echo(f"warning: pods run {workload} only if they were started with "
+               f"--workload/--handler {workload}; elsewhere its steps fail", err=True)
+
+
 # -- pod ----------------------------------------------------------------------
 
 
@@ -549,10 +584,14 @@ def _submit_history(ctx: click.Context, store: Store) -> Any:
         help="The coordinator's metrics endpoint (`bus.metrics` in run.json).")
 @option("--bus-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="CURVE key directory, when the coordinator's bus requires keys.")
+@option("--bus-secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="The fleet's bus secret (`bus.secret` in its run directory, mode 0600); needed "
+        "with --join (default: the run directory's).")
 @store_option
 @option("--schema", default="fleetsim", help="PostgreSQL schema of the fleet's tables.")
 @option("--workload", default="noop",
         help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function.")
+@handler_option
 @option("--concurrency", type=int, default=1, help="Steps this pod runs at once.")
 @option("--batch", type=int, default=50, help="Steps claimed per round trip.")
 @option("--queue", "queues", multiple=True, default=("default",), help="Queue(s) to claim.")
@@ -588,11 +627,12 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
             store=StoreConfig(url, schema=params["schema"], application_name=pod_id,
                               pool_size=params["concurrency"] + 3),
             incarnation=params["incarnation"], queues=tuple(params["queues"]),
-            workload=params["workload"], concurrency=params["concurrency"],
+            workload=params["workload"], handlers=tuple(params["handlers"]),
+            concurrency=params["concurrency"],
             batch=params["batch"], seed=params["seed"], timings=timings_from(params),
             join=params["join"],
         )
-        check_workload(config.workload)
+        check_workload(config.workload, config.handlers)
     except ConfigError as exc:
         fail(str(exc), PodExit.BAD_CONFIG)
     from chaos.storage_faults import StorageFaultInjector
@@ -622,9 +662,11 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
             from fleetsim.bus.security import load_client_keys
 
             client_keys = load_client_keys(params["bus_keys"])
+        secret = _pod_bus_secret(ctx, params["bus_secret_file"])
         worker.metrics_enabled = bool(params["metrics_endpoint"])
         worker.bus = PodBusClient(endpoints, pod_id, config.incarnation,
                                   handler=worker.handle_command, keys=client_keys,
+                                  secret=secret,
                                   heartbeat_interval_s=config.timings.heartbeat_s * 2)
     worker.install_signal_handlers()
     code = worker.run()
@@ -634,6 +676,26 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
     if code == PodExit.ID_IN_USE:
         fail(worker.id_in_use or f"pod id {pod_id!r} is in use", code)
     sys.exit(int(code))
+
+
+def _pod_bus_secret(ctx: click.Context, path: Path | None) -> bytes:
+    """The bus secret a joining pod signs with: --bus-secret-file, else the run directory's."""
+    from fleetsim.bus.security import BUS_SECRET_FILE, load_secret
+
+    if path is None:
+        path = ctx.obj["run_dir"].path / BUS_SECRET_FILE
+        if not path.exists():
+            fail("--join needs the fleet's bus secret: give --bus-secret-file (the fleet's "
+                 f"{BUS_SECRET_FILE}, or FLEETSIM_BUS_SECRET_FILE)", EXIT_USAGE)
+    return load_secret(path)
+
+
+def fleet_bus_secret(run_dir: RunDir, data: dict[str, Any]) -> bytes:
+    """The running fleet's bus secret (ConfigError if this user cannot read it)."""
+    from fleetsim.bus.security import BUS_SECRET_FILE, load_secret
+
+    path = data.get("bus_secret_file")
+    return load_secret(path if isinstance(path, str) else run_dir.path / BUS_SECRET_FILE)
 
 
 # -- run ----------------------------------------------------------------------
@@ -667,7 +729,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
     def say(line: str) -> None:
         click.echo(line, err=True)
 
-    check_workload(params["workload"])
+    check_workload(params["workload"], tuple(params["handlers"]))
     schema = params["schema"] or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:4]}"
     scenario = params["scenario"]
     if scenario:
@@ -682,6 +744,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         store_url=params["store"], schema=schema, seed=params["seed"],
         restart=bool(scenario), timings=timings_from(params),
         fault_proxy=bool(scenario) if fault_proxy is None else fault_proxy,
+        handlers=tuple(params["handlers"]),
     )
     coordinator = Coordinator(spec, echo=say)
     coordinator.install_signal_handlers()
@@ -837,7 +900,8 @@ def chaos_request(ctx: click.Context, action: str, target: str | None,
         from fleetsim.bus.security import load_client_keys
 
         client_keys = load_client_keys(data["bus_keys"])
-    with ControlClient(endpoint, keys=client_keys, timeout_s=timeout) as client:
+    secret = fleet_bus_secret(ctx.obj["run_dir"], data)
+    with ControlClient(endpoint, keys=client_keys, timeout_s=timeout, secret=secret) as client:
         reply = client.request(ChaosRequest(action, target, params), timeout_s=timeout)
     if isinstance(reply, Error):
         fail(reply.message, EXIT_USAGE if reply.code == "bad-request" else EXIT_FAILURE)

@@ -45,6 +45,7 @@ class FleetSpec:
     concurrency: int = 1
     batch: int = 50
     workload: str = "noop"
+    handlers: tuple[str, ...] = ()  # more handlers steps may name (pods' --handler)
     queues: tuple[str, ...] = ("default",)
     store_url: str | None = None  # None: an embedded PostgreSQL in the run directory
     schema: str = "fleetsim"
@@ -100,6 +101,7 @@ class Coordinator:
         self._submitter: threading.Thread | None = None
         self._submit_history: ClientHistory = NullHistory()
         self.bus: Any = None  # fleetsim.bus_service.BusService
+        self.bus_secret_file: Path | None = None  # the fleet's bus secret (0600)
         self.proxies: Any = None  # chaos.proxy_process.ProxyControl
         self.proxy_process: subprocess.Popen[bytes] | None = None
         self.pod_urls: dict[str, str] = {}
@@ -180,6 +182,7 @@ class Coordinator:
             folder.rename(folder.with_name(f"{folder.name}.old-{int(time.time())}"))
 
     def _start_bus(self) -> None:
+        from fleetsim.bus.security import BUS_SECRET_FILE, create_secret
         from fleetsim.bus_service import BusService
 
         keys = None
@@ -187,11 +190,14 @@ class Coordinator:
             from fleetsim.bus.security import load_server_keys
 
             keys = load_server_keys(self.spec.bus_keys)
+        # A fresh secret per fleet: every bus message must be signed with it.
+        self.bus_secret_file = self.run_dir.path / BUS_SECRET_FILE
+        secret = create_secret(self.bus_secret_file)
         self.bus = BusService(
             on_chaos=self.chaos,
             on_status=self.status,
             on_down=self.stopping.set,
-            host=self.spec.bus_host, keys=keys,
+            host=self.spec.bus_host, keys=keys, secret=secret,
         )
         endpoints = self.bus.start_and_wait()
         self.echo(f"bus: control {endpoints.control}, cli {endpoints.cli}")
@@ -326,6 +332,7 @@ class Coordinator:
             "pid": os.getpid(),
             "bus_pods": self.bus.connected_pods() if self.bus else [],
             "malformed_messages": self.bus.malformed if self.bus else 0,
+            "refused_messages": self.bus.refused if self.bus else 0,
         }
         return data
 
@@ -345,9 +352,13 @@ class Coordinator:
         for queue in spec.queues:
             cmd += ["--queue", queue]
         cmd += ["--client-history", str(self.client_history_dir)]
-        if self.bus is not None and self.bus.endpoints is not None:
+        for handler in spec.handlers:
+            cmd += ["--handler", handler]
+        if (self.bus is not None and self.bus.endpoints is not None
+                and self.bus_secret_file is not None):
             cmd += ["--join", self.bus.endpoints.control,
-                    "--metrics-endpoint", self.bus.endpoints.metrics]
+                    "--metrics-endpoint", self.bus.endpoints.metrics,
+                    "--bus-secret-file", str(self.bus_secret_file.resolve())]
             if spec.bus_keys is not None:
                 cmd += ["--bus-keys", str(spec.bus_keys.resolve())]
         return cmd
@@ -532,10 +543,13 @@ class Coordinator:
             "pgdata": str(self.run_dir.pgdata) if self.embedded is not None else None,
             "timings": self.spec.timings.to_dict(),
             "workload": self.spec.workload,
+            "handlers": list(self.spec.handlers),
             "queues": list(self.spec.queues),
             "restart": self.spec.restart,
             "pods": pods,
             "bus": self.bus.endpoints.to_dict() if self.bus and self.bus.endpoints else None,
+            "bus_secret_file": (str(self.bus_secret_file.resolve())
+                                if self.bus_secret_file is not None else None),
             "proxy_pid": self.proxy_process.pid if self.proxy_process else None,
             "bus_keys": str(self.spec.bus_keys.resolve()) if self.spec.bus_keys else None,
         })

@@ -21,6 +21,7 @@ class PodConfig:
     incarnation: int = 0
     queues: tuple[str, ...] = ("default",)
     workload: str = "noop"
+    handlers: tuple[str, ...] = ()  # more module:function handlers steps may name
     concurrency: int = 1
     batch: int = 50
     seed: int = 0

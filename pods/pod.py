@@ -81,7 +81,7 @@ class Pod:
         self.store = store
         self.counters = CountingHook()
         self.hooks: list[PodHook] = [self.counters, *hooks]
-        self.workloads = WorkloadCache(parse_workload(config.workload))
+        self.workloads = WorkloadCache(parse_workload(config.workload), config.handlers)
         self.stopping = threading.Event()  # graceful stop requested
         self.fenced = threading.Event()  # must not act on claimed steps
         self.superseded = threading.Event()  # a newer incarnation exists

@@ -2,9 +2,15 @@
 
 A workload spec is one of ``noop``, ``sleep:<ms>``, ``cpu:<ms>``,
 ``fail:<probability>`` or a user handler ``module:function`` that takes the
-step's payload (a dict) and returns a JSON-serialisable result. A step may
-name its own workload in ``payload["workload"]``; otherwise the pod's default
-runs.
+step's payload (a dict) and returns a JSON-serialisable result.
+
+A step may name its own workload in ``payload["workload"]``; otherwise the
+pod's default runs. A payload only *selects* among what the pod allows: the
+built-in workloads and the handlers the pod was started with (its
+``--workload`` and every ``--handler``), imported once at start. A payload
+naming any other ``module:function`` fails its step with
+:class:`WorkloadNotAllowed` and nothing is imported: whoever can submit a
+step must not be able to run code on the pods.
 """
 
 from __future__ import annotations
@@ -23,10 +29,15 @@ Handler = Callable[[dict[str, Any]], Any]
 
 _BUILTIN = re.compile(r"^(noop|sleep|cpu|fail)(?::(.*))?$")
 _HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_MAX_CACHED = 256
 
 
 class StepFailed(Exception):
     """A workload's deliberate failure (the ``fail:`` workload)."""
+
+
+class WorkloadNotAllowed(ConfigError):
+    """A step named a handler this pod was not started with."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,17 @@ class Workload:
         return self.handler(payload)
 
 
-def parse_workload(spec: str) -> Workload:
-    """Parse and validate a workload spec; raise ConfigError with a one-line reason."""
+def is_handler(spec: str) -> bool:
+    """Whether ``spec`` names a user handler (``module:function``), not a built-in."""
+    return bool(_HANDLER.match(spec.strip()))
+
+
+def parse_workload(spec: str, *, allowed: frozenset[str] | None = None) -> Workload:
+    """Parse and validate a workload spec; raise ConfigError with a one-line reason.
+
+    With ``allowed``, a handler outside it raises :class:`WorkloadNotAllowed`
+    before anything is imported; built-ins are always allowed.
+    """
     spec = spec.strip()
     match = _BUILTIN.match(spec)
     if match:
@@ -84,6 +104,8 @@ def parse_workload(spec: str) -> Workload:
             raise ConfigError(f"invalid workload {spec!r}: milliseconds must be in [0, 3600000]")
         return Workload(spec, kind, amount)
     if _HANDLER.match(spec):
+        if allowed is not None and spec not in allowed:
+            raise WorkloadNotAllowed(not_allowed_message(spec, allowed))
         return Workload(spec, "handler", handler=_import_handler(spec))
     raise ConfigError(
         f"unknown workload {spec!r}: use noop, sleep:<ms>, cpu:<ms>, fail:<p> or module:function"
@@ -104,20 +126,47 @@ def _import_handler(spec: str) -> Handler:
     return handler  # type: ignore[no-any-return]
 
 
-class WorkloadCache:
-    """Parses each distinct spec once (steps may name their own workload)."""
+def not_allowed_message(spec: str, allowed: frozenset[str]) -> str:
+    """The one-line reason a step naming ``spec`` is refused."""
+    started_with = ", ".join(sorted(allowed)) or "none"
+    return (
+        f"workload {spec!r} is not allowed on this pod: a step may name a built-in "
+        f"(noop, sleep:<ms>, cpu:<ms>, fail:<p>) or a handler the pod was started with "
+        f"(--workload/--handler; this pod's: {started_with})"
+    )
 
-    def __init__(self, default: Workload) -> None:
+
+class WorkloadCache:
+    """The pod's allowed workloads; parses each distinct spec a step names once.
+
+    ``handlers`` (besides ``default``) are imported here, at start, so a bad
+    one stops the pod before it claims anything.
+    """
+
+    def __init__(self, default: Workload, handlers: tuple[str, ...] = ()) -> None:
         self.default = default
         self._cache: dict[str, Workload] = {default.spec: default}
+        for spec in handlers:
+            workload = parse_workload(spec)
+            if workload.kind != "handler":
+                raise ConfigError(f"--handler {spec!r}: give a module:function (built-in "
+                                  "workloads are always allowed)")
+            self._cache.setdefault(workload.spec, workload)
+        self.allowed = frozenset(w.spec for w in self._cache.values() if w.kind == "handler")
+        """The handlers (``module:function``) steps may name."""
 
     def for_payload(self, payload: dict[str, Any]) -> Workload:
-        """The workload a step asks for, or the pod's default."""
+        """The workload a step asks for, or the pod's default.
+
+        Raises ConfigError (failing the step, spending an attempt) for a bad
+        spec, WorkloadNotAllowed for a handler the pod was not started with.
+        """
         spec = payload.get("workload") if isinstance(payload, dict) else None
         if not isinstance(spec, str):
             return self.default
         workload = self._cache.get(spec)
         if workload is None:
-            workload = parse_workload(spec)  # raises ConfigError: fails the step
-            self._cache[spec] = workload
+            workload = parse_workload(spec, allowed=self.allowed)
+            if len(self._cache) < _MAX_CACHED:  # payloads choose specs: bound the memory
+                self._cache[spec] = workload
         return workload

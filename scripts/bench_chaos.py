@@ -482,7 +482,10 @@ def bench_latency(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         # No psutil scans in this process while timing (bench_fleet's ProcWatch).
         bench.watch.remove_root(fleet.coordinator_pid)
         endpoints = json.loads((fleet.run_dir / "run.json").read_text())["bus"]
-        with ControlClient(endpoints["cli"], timeout_s=10) as client:
+        from fleetsim.bus.security import BUS_SECRET_FILE, load_secret
+
+        secret = load_secret(fleet.run_dir / BUS_SECRET_FILE)  # the bus refuses unsigned requests
+        with ControlClient(endpoints["cli"], timeout_s=10, secret=secret) as client:
             client.request(Ping(), timeout_s=10)  # connect outside the timing
             fleet.wait_stable(pods=5)
             out["baseline_ping"] = percentiles(time_requests(client, Ping, args.requests))

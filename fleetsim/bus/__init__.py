@@ -3,7 +3,8 @@
 - :mod:`~fleetsim.bus.messages` — every message type, ``encode``/``decode``.
 - :mod:`~fleetsim.bus.backpressure` — bounded queues with an overflow policy.
 - :mod:`~fleetsim.bus.endpoints` — the four endpoints and safe binding.
-- :mod:`~fleetsim.bus.security` — CURVE keys and client authentication.
+- :mod:`~fleetsim.bus.security` — the per-fleet bus secret, CURVE keys and client
+  authentication.
 - :mod:`~fleetsim.bus.server` — :class:`CoordinatorBus`, the bound side.
 - :mod:`~fleetsim.bus.client` — :class:`PodBusClient`, :class:`ControlClient`,
   :class:`EventSubscriber`, the connecting side.
@@ -56,25 +57,30 @@ from fleetsim.bus.messages import (
     SetStorageFault,
     Shutdown,
     StatusRequest,
+    Unauthenticated,
     decode,
     encode,
     peek_request_id,
 )
 from fleetsim.bus.security import (
+    BUS_SECRET_FILE,
     ClientAuthenticator,
     ClientKeys,
     KeyFiles,
     ServerKeys,
     configure_client_socket,
     configure_server_socket,
+    create_secret,
     generate_keys,
     key_files,
     load_client_keys,
+    load_secret,
     load_server_keys,
 )
 from fleetsim.bus.server import Channel, CoordinatorBus, Inbound
 
 __all__ = [
+    "BUS_SECRET_FILE",
     "CHAOS_ACTIONS",
     "LOOPBACK_HOST",
     "MAX_FRAME_SIZE",
@@ -117,17 +123,20 @@ __all__ = [
     "SetStorageFault",
     "Shutdown",
     "StatusRequest",
+    "Unauthenticated",
     "bind_to_port",
     "bind_to_random_port",
     "check_bind_host",
     "configure_client_socket",
     "configure_server_socket",
+    "create_secret",
     "decode",
     "encode",
     "generate_keys",
     "is_loopback",
     "key_files",
     "load_client_keys",
+    "load_secret",
     "load_server_keys",
     "peek_request_id",
     "unsupported_command",

@@ -54,6 +54,7 @@ from fleetsim.bus.messages import (
     SetStorageFault,
     Shutdown,
     StatusRequest,
+    Unauthenticated,
     decode,
     encode,
 )
@@ -97,6 +98,8 @@ class PodBusStats:
     metrics_dropped: int = 0
     """Snapshots lost to a full PUSH pipe (the coalescing queue counts its own)."""
     malformed: int = 0
+    refused: int = 0
+    """Inbound frames not signed with the bus secret (dropped unanswered)."""
     control_dropped: int = 0
     """Control messages not sent because the DEALER's queue was full."""
 
@@ -122,8 +125,12 @@ class PodBusClient:
         metrics_hwm: int = 4,
         host: str | None = None,
         pid: int | None = None,
+        secret: bytes | None = None,
     ) -> None:
         """Prepare the client; no socket is opened until :meth:`start`.
+
+        With ``secret`` (the fleet's bus secret) everything sent is signed and
+        commands not signed with it are refused.
 
         ``liveness`` heartbeat intervals without hearing from the coordinator
         trigger a reconnect; each further silent reconnect doubles the window,
@@ -142,6 +149,7 @@ class PodBusClient:
         self.stats = PodBusStats()
         self._handler = handler
         self._keys = keys
+        self._secret = secret
         self._metrics_hwm = metrics_hwm
         self._host = host if host is not None else socket_module.gethostname()
         self._pid = pid if pid is not None else os.getpid()
@@ -324,7 +332,7 @@ class PodBusClient:
         if message.request_id == 0 and not isinstance(message, _REPLIES):
             message = dataclasses.replace(message, request_id=next(self._request_ids))
         try:
-            control.send(encode(message), zmq.NOBLOCK)
+            control.send(encode(message, secret=self._secret), zmq.NOBLOCK)
         except zmq.Again:
             self.stats.control_dropped += 1
 
@@ -348,7 +356,7 @@ class PodBusClient:
     def _flush_metrics(self, push: zmq.Socket[bytes]) -> None:
         for snapshot in self._metrics.drain():
             try:
-                push.send(encode(snapshot), zmq.NOBLOCK)
+                push.send(encode(snapshot, secret=self._secret), zmq.NOBLOCK)
             except zmq.Again:  # the coordinator is behind: the next snapshot supersedes this
                 self.stats.metrics_dropped += 1
             else:
@@ -364,17 +372,23 @@ class PodBusClient:
                 return heard
             if deaf:
                 continue
-            heard = True
-            self._heard_at = time.monotonic()
             if len(frames) != 1:
                 self.stats.malformed += 1
                 continue
             try:
-                message = decode(frames[0])
+                message = decode(frames[0], secret=self._secret)
+            except Unauthenticated as exc:
+                # Not our coordinator (or another fleet's): not even a sign of life.
+                self.stats.refused += 1
+                if self.stats.refused == 1:
+                    log.warning("refused a control message: %s", exc)
+                continue
             except ProtocolError as exc:
                 self.stats.malformed += 1
                 log.debug("malformed control frame: %s", exc)
                 continue
+            heard = True
+            self._heard_at = time.monotonic()
             self._dispatch(control, message)
 
     def _dispatch(self, control: zmq.Socket[bytes], message: Message) -> None:
@@ -417,12 +431,22 @@ class ControlClient:
     """
 
     def __init__(
-        self, endpoint: str, *, keys: ClientKeys | None = None, timeout_s: float = 5.0
+        self,
+        endpoint: str,
+        *,
+        keys: ClientKeys | None = None,
+        timeout_s: float = 5.0,
+        secret: bytes | None = None,
     ) -> None:
-        """Prepare a client of ``endpoint`` (a BusEndpoints.cli string); connects lazily."""
+        """Prepare a client of ``endpoint`` (a BusEndpoints.cli string); connects lazily.
+
+        With ``secret`` (the fleet's bus secret) requests are signed and only
+        signed replies are believed (an unsigned refusal is passed on as is).
+        """
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._keys = keys
+        self._secret = secret
         self._request_ids = itertools.count(1)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
@@ -449,7 +473,10 @@ class ControlClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         request_id = next(self._request_ids)
         socket = self._connected_socket()
-        socket.send(encode(dataclasses.replace(message, request_id=request_id)), zmq.NOBLOCK)
+        socket.send(
+            encode(dataclasses.replace(message, request_id=request_id), secret=self._secret),
+            zmq.NOBLOCK,
+        )
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -463,7 +490,7 @@ class ControlClient:
             if len(frames) != 1:
                 continue
             try:
-                reply = decode(frames[0])
+                reply = self._decode_reply(frames[0])
                 if not isinstance(reply, _REPLIES):
                     raise ProtocolError(f"the coordinator answered {reply.kind!r}, not a reply")
             except ProtocolError:
@@ -474,6 +501,20 @@ class ControlClient:
                 isinstance(reply, Error) and reply.request_id == 0
             ):
                 return reply
+
+    def _decode_reply(self, frame: bytes) -> Message:
+        try:
+            return decode(frame, secret=self._secret)
+        except Unauthenticated:
+            # A coordinator with another secret can only tell us it refused:
+            # believing that much is harmless, and says what went wrong.
+            reply = decode(frame)
+            if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHORIZED:
+                return reply
+            raise ProtocolError(
+                "the coordinator's reply is not signed with this client's bus secret"
+                " (is the secret file this fleet's?)"
+            ) from None
 
     def _connected_socket(self) -> zmq.Socket[bytes]:
         if self._socket is None:
@@ -507,11 +548,21 @@ class EventSubscriber:
     """
 
     def __init__(
-        self, endpoint: str, topics: Iterable[str] = ("",), *, keys: ClientKeys | None = None
+        self,
+        endpoint: str,
+        topics: Iterable[str] = ("",),
+        *,
+        keys: ClientKeys | None = None,
+        secret: bytes | None = None,
     ) -> None:
-        """Connect to ``endpoint`` (a BusEndpoints.events string) and subscribe."""
+        """Connect to ``endpoint`` (a BusEndpoints.events string) and subscribe.
+
+        With ``secret``, events not signed with it are dropped (and counted
+        in :attr:`malformed`).
+        """
         self.endpoint = endpoint
         self.malformed = 0
+        self._secret = secret
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -537,7 +588,7 @@ class EventSubscriber:
                 return None
             frames = self._socket.recv_multipart()
             try:
-                event = decode(frames[-1]) if len(frames) == 2 else None
+                event = decode(frames[-1], secret=self._secret) if len(frames) == 2 else None
             except ProtocolError:
                 event = None
             if isinstance(event, Event):

@@ -3,7 +3,17 @@
 A message is a frozen dataclass with a ``kind`` class attribute. On the wire
 it is one compact UTF-8 JSON object::
 
-    {"v": 1, "kind": "hello", "id": 7, "body": {"pod_id": "pod-1", ...}}
+    {"v": 3, "kind": "hello", "id": 7, "body": {"pod_id": "pod-1", ...}, "mac": "9f2c..."}
+
+``mac`` signs the message with the fleet's bus secret (see
+:mod:`fleetsim.bus.security`): the hex HMAC-SHA256, keyed with the secret,
+of the exact bytes of the frame without it (the same JSON object ending at
+``body``'s closing brace, then ``}``). It is always the last field, so the
+receiver checks it on the bytes it received, before parsing anything else.
+:func:`encode` adds it when given a ``secret``; :func:`decode` given a
+``secret`` refuses (:class:`Unauthenticated`) a frame whose ``mac`` is
+missing or wrong, compared with :func:`hmac.compare_digest`. The secret
+itself never travels.
 
 ``id`` is the request id: a requester numbers its requests (1, 2, 3, ...)
 and every reply (:class:`Ok` or :class:`Error`) carries the id of the
@@ -33,8 +43,11 @@ reason, and nothing else escapes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import math
+import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,8 +56,15 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from fleetsim.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
-"""Version of the wire format; both ends must speak the same one."""
+PROTOCOL_VERSION = 3
+"""Version of the wire format; both ends must speak the same one (3: signed frames)."""
+
+_MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}')
+_MAC_SUFFIX_LEN = len(b',"mac":""}') + 64
+
+
+class Unauthenticated(ProtocolError):
+    """A message not signed with this fleet's bus secret."""
 
 MAX_FRAME_SIZE = 64 * 1024
 """Default largest frame :func:`decode` accepts and :func:`encode` produces."""
@@ -76,6 +96,8 @@ class ErrorCode(StrEnum):
     """A well-formed request that cannot be carried out as asked."""
     UNSUPPORTED = "unsupported"
     """The receiver does not implement this command."""
+    UNAUTHORIZED = "unauthorized"
+    """The request was not signed with the fleet's bus secret."""
     INTERNAL = "internal"
     """The receiver failed while handling the request."""
 
@@ -349,8 +371,37 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 _ENVELOPE_KEYS = frozenset({"v", "kind", "id", "body"})
 
 
-def encode(msg: Message, *, max_size: int = MAX_FRAME_SIZE) -> bytes:
-    """Serialise ``msg`` to one frame; ProtocolError if it is not JSON-safe or too big."""
+def sign(frame: bytes, secret: bytes) -> bytes:
+    """``frame`` (an unsigned encoded message) with its ``mac`` field appended."""
+    mac = hmac.new(secret, frame, hashlib.sha256).hexdigest().encode()
+    return frame[:-1] + b',"mac":"' + mac + b'"}'
+
+
+def verify(frame: bytes, secret: bytes | None) -> bytes:
+    """The unsigned frame inside ``frame``; Unauthenticated if ``secret`` does not sign it.
+
+    With ``secret`` None nothing is checked: a ``mac`` is only stripped.
+    """
+    match = _MAC_SUFFIX.fullmatch(frame[-_MAC_SUFFIX_LEN:]) if isinstance(frame, bytes) else None
+    if match is None:
+        if secret is not None:
+            raise Unauthenticated("message is not signed with the fleet's bus secret")
+        return frame
+    unsigned = frame[:-_MAC_SUFFIX_LEN] + b"}"
+    if secret is not None:
+        expected = hmac.new(secret, unsigned, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(expected, match.group(1)):
+            raise Unauthenticated("message is signed with another secret than the fleet's")
+    return unsigned
+
+
+def encode(
+    msg: Message, *, max_size: int = MAX_FRAME_SIZE, secret: bytes | None = None
+) -> bytes:
+    """Serialise ``msg`` to one frame (signed with ``secret`` if given).
+
+    ProtocolError if it is not JSON-safe or too big.
+    """
     body = {f.name: getattr(msg, f.name) for f in _body_fields(type(msg))}
     envelope = {"v": PROTOCOL_VERSION, "kind": msg.kind, "id": msg.request_id, "body": body}
     try:
@@ -358,14 +409,24 @@ def encode(msg: Message, *, max_size: int = MAX_FRAME_SIZE) -> bytes:
         frame = text.encode("utf-8")  # fails on lone surrogates
     except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"cannot encode {msg.kind!r}: {exc}") from exc
+    if secret is not None:
+        frame = sign(frame, secret)
     if len(frame) > max_size:
         raise ProtocolError(f"{msg.kind!r} message is {len(frame)} bytes, over {max_size}")
     return frame
 
 
-def decode(frame: bytes, *, max_size: int = MAX_FRAME_SIZE) -> Message:
-    """Parse and validate one frame; raise ProtocolError (only) if it is not a valid message."""
-    envelope = _parse_object(frame, max_size)
+def decode(
+    frame: bytes, *, max_size: int = MAX_FRAME_SIZE, secret: bytes | None = None
+) -> Message:
+    """Parse and validate one frame; raise ProtocolError (only) if it is not a valid message.
+
+    With ``secret``, a frame it does not sign raises :class:`Unauthenticated`
+    (a ProtocolError) before anything in it is parsed.
+    """
+    _require(isinstance(frame, bytes | bytearray | memoryview), "frame is not bytes")
+    _require(len(frame) <= max_size, f"frame of {len(frame)} bytes is over {max_size}")
+    envelope = _parse_object(verify(bytes(frame), secret), max_size)
     extra = envelope.keys() - _ENVELOPE_KEYS
     if extra:
         raise ProtocolError(f"unknown envelope field {min(extra)!r}")
@@ -408,6 +469,15 @@ def peek_request_id(frame: bytes, *, max_size: int = MAX_FRAME_SIZE) -> int:
     except ProtocolError:
         return 0
     return request_id if type(request_id) is int and request_id >= 0 else 0
+
+
+def peek_kind(frame: bytes, *, max_size: int = MAX_FRAME_SIZE) -> str:
+    """Best-effort ``kind`` of a frame that may not decode ("" if unknown)."""
+    try:
+        kind = _parse_object(frame, max_size).get("kind")
+    except ProtocolError:
+        return ""
+    return kind if isinstance(kind, str) else ""
 
 
 def _parse_object(frame: bytes, max_size: int) -> dict[str, Any]:
@@ -539,7 +609,11 @@ __all__ = [
     "SetStorageFault",
     "Shutdown",
     "StatusRequest",
+    "Unauthenticated",
     "decode",
     "encode",
+    "peek_kind",
     "peek_request_id",
+    "sign",
+    "verify",
 ]

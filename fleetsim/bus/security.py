@@ -1,4 +1,15 @@
-"""CURVE encryption and client authentication for the bus.
+"""The bus's two locks: the per-fleet secret (always) and CURVE (when keys are configured).
+
+**The bus secret.** ``fleetsim up`` creates a fresh random secret for each
+fleet, :func:`create_secret`, in ``RUN_DIR/bus.secret`` (mode 0600, so only
+the user who started the fleet can read it). Every message on every channel
+is signed with it (HMAC-SHA256, see :mod:`fleetsim.bus.messages`) and every
+receiver refuses what it does not sign, so a local process of another user
+(or of the same user without the file) cannot command the fleet. Remote pods
+get it with ``fleetsim pod --bus-secret-file`` (:func:`load_secret`).
+
+**CURVE** (below) adds encryption and key-based client admission, and is
+required to bind beyond loopback.
 
 ``fleetsim keys generate`` calls :func:`generate_keys`, which writes::
 
@@ -23,7 +34,10 @@ messages are silently never delivered, so requests time out.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +46,10 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from fleetsim.errors import ConfigError
+
+BUS_SECRET_FILE = "bus.secret"
+"""The secret's file name in the run directory."""
+_SECRET_MIN_LENGTH = 32
 
 SERVER_NAME = "server"
 CLIENT_NAME = "client"
@@ -66,6 +84,45 @@ class ClientKeys:
     public: bytes
     secret: bytes
     server_public: bytes
+
+
+def create_secret(path: str | os.PathLike[str]) -> bytes:
+    """Write a fresh random bus secret to ``path`` (mode 0600, atomically) and return it."""
+    target = Path(path)
+    secret = secrets.token_hex(32).encode()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".bus-", suffix=".secret")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the bus secret in {target.parent}: "
+                          f"{exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:  # mkstemp created it 0600
+            out.write(secret + b"\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return secret
+
+
+def load_secret(path: str | os.PathLike[str]) -> bytes:
+    """Read a bus secret (ConfigError, one line, if missing, unreadable, too short or shared).
+
+    A file that other users may read is refused, as ssh refuses such a key.
+    """
+    source = Path(path)
+    try:
+        mode = source.stat().st_mode
+        secret = source.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the bus secret {source}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"the bus secret {source} is accessible to other users "
+                          f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it")
+    if len(secret) < _SECRET_MIN_LENGTH or b"\n" in secret:
+        raise ConfigError(f"{source} is not a bus secret (one line of at least "
+                          f"{_SECRET_MIN_LENGTH} characters)")
+    return secret
 
 
 def key_files(directory: str | os.PathLike[str]) -> KeyFiles:
@@ -187,14 +244,17 @@ class ClientAuthenticator:
 
 __all__ = [
     "AUTHORIZED_CLIENTS_DIR",
+    "BUS_SECRET_FILE",
     "ClientAuthenticator",
     "ClientKeys",
     "KeyFiles",
     "ServerKeys",
     "configure_client_socket",
     "configure_server_socket",
+    "create_secret",
     "generate_keys",
     "key_files",
     "load_client_keys",
+    "load_secret",
     "load_server_keys",
 ]

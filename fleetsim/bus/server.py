@@ -17,6 +17,12 @@ at most one bounded batch. Bad input never raises: an undecodable request is
 answered with ``Error(code="protocol")`` when it has a reply address, and
 every malformed frame is counted in :attr:`CoordinatorBus.malformed`.
 
+With a ``secret`` (the fleet's bus secret; ``fleetsim up`` always gives
+one), every inbound frame must be signed with it: one that is not is
+refused before it is parsed, counted in :attr:`CoordinatorBus.refused`, and
+answered with ``Error(code="unauthorized")`` when it has a reply address.
+Everything the coordinator sends is signed too.
+
 Pods judge the coordinator's liveness by its answers: reply ``Ok`` to every
 Hello and PodHeartbeat (or ``Error(code="unknown-pod")`` to a heartbeat from
 a pod you have no record of, which makes it say Hello again).
@@ -50,8 +56,10 @@ from fleetsim.bus.messages import (
     Ping,
     PodHeartbeat,
     StatusRequest,
+    Unauthenticated,
     decode,
     encode,
+    peek_kind,
     peek_request_id,
 )
 from fleetsim.bus.security import ClientAuthenticator, ServerKeys, configure_server_socket
@@ -105,11 +113,16 @@ class CoordinatorBus:
         max_metrics_per_poll: int = 64,
         max_frame_size: int = MAX_FRAME_SIZE,
         receive_hwm: int = 1000,
+        secret: bytes | None = None,
     ) -> None:
         """Bind all four sockets on ``host`` (free ports unless ``ports`` names some).
 
         A non-loopback ``host`` requires ``keys`` (ConfigError otherwise).
+        With ``secret``, only frames signed with it are accepted.
         """
+        self._secret = secret
+        self.refused = 0
+        """Frames refused because they were not signed with the bus secret."""
         self.max_requests_per_poll = max_requests_per_poll
         self.max_metrics_per_poll = max_metrics_per_poll
         self.max_frame_size = max_frame_size
@@ -207,7 +220,21 @@ class CoordinatorBus:
             self.malformed += 1
             return None
         try:
-            message = decode(payload, max_size=self.max_frame_size)
+            message = decode(payload, max_size=self.max_frame_size, secret=self._secret)
+        except Unauthenticated as exc:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("refused %d unsigned %s message(s): %s", self.refused, channel, exc)
+            # Never answer a reply: two ends with different secrets would
+            # refuse each other's refusals for ever.
+            if route and peek_kind(payload) not in (Ok.kind, Error.kind):
+                self._send_reply(
+                    channel,
+                    route,
+                    Error(ErrorCode.UNAUTHORIZED, f"refused: {exc}",
+                          request_id=peek_request_id(payload)),
+                )
+            return None
         except ProtocolError as exc:
             self.malformed += 1
             log.debug("malformed %s frame: %s", channel, exc)
@@ -245,7 +272,7 @@ class CoordinatorBus:
     def _send_reply(self, channel: Channel, route: tuple[bytes, ...], reply: Message) -> bool:
         socket = self._cli if channel == "cli" else self._control
         try:
-            socket.send_multipart([*route, encode(reply)], zmq.NOBLOCK)
+            socket.send_multipart([*route, encode(reply, secret=self._secret)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
             self.unroutable += 1
             log.debug("reply to %r dropped: %s", route[0], exc)
@@ -259,7 +286,7 @@ class CoordinatorBus:
         Raises BusError if the pod is not connected or not reading.
         """
         request_id = next(self._command_ids)
-        frame = encode(dataclasses.replace(command, request_id=request_id))
+        frame = encode(dataclasses.replace(command, request_id=request_id), secret=self._secret)
         try:
             self._control.send_multipart([pod, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -272,7 +299,9 @@ class CoordinatorBus:
     def publish(self, event: Event) -> None:
         """Publish ``event`` to subscribers of its topic (never blocks; slow ones lose it)."""
         with contextlib.suppress(zmq.Again):
-            self._events.send_multipart([event.topic.encode(), encode(event)], zmq.NOBLOCK)
+            self._events.send_multipart(
+                [event.topic.encode(), encode(event, secret=self._secret)], zmq.NOBLOCK
+            )
 
     def close(self) -> None:
         """Close every socket at once (pending messages are discarded) and the context."""

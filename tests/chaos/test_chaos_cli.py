@@ -124,7 +124,8 @@ def test_a_pod_joining_from_elsewhere_takes_work_and_chaos(detached, store: Stor
     remote = subprocess.Popen(
         [sys.executable, "-m", "fleetsim", "pod", "--id", "remote-1",
          "--schema", store_config.schema or "fleetsim", "--join", data["bus"]["control"],
-         "--metrics-endpoint", data["bus"]["metrics"], "--batch", "5"],
+         "--metrics-endpoint", data["bus"]["metrics"], "--batch", "5",
+         "--bus-secret-file", data["bus_secret_file"]],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

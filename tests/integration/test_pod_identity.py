@@ -18,7 +18,7 @@ from tests.helpers import rows, wait_until
 @pytest.mark.timeout(30)
 def test_a_second_process_cannot_register_a_live_pod_id(store: Store) -> None:
     store.register_pod("pod-1", incarnation=0, pid=100, host="a")
-    with pytest.raises(PodIdInUse, match="pod-1.*pid 100 on a"):
+    with pytest.raises(PodIdInUse, match=r"pod-1.*pid 100 on a"):
         store.register_pod("pod-1", incarnation=0, pid=200, host="b")
     # Nothing of the first owner changed.
     assert rows(store, "SELECT pid, host FROM pods")[0] == (100, "a")

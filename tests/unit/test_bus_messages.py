@@ -117,14 +117,14 @@ def test_wire_format(msg: m.Message) -> None:
     frame = m.encode(msg)
     envelope = json.loads(frame.decode("utf-8"))
     assert frame == json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
-    assert envelope["v"] == m.PROTOCOL_VERSION == 2
+    assert envelope["v"] == m.PROTOCOL_VERSION == 3
     assert envelope["kind"] == msg.kind
     assert envelope["id"] == msg.request_id
     assert set(envelope["body"]) == {f.name for f in dataclasses.fields(msg)} - {"request_id"}
 
 
 def test_ints_are_widened_to_float_and_error_codes_to_str() -> None:
-    frame = _frame({"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": 5}})
+    frame = _frame({"v": 3, "kind": "shutdown", "id": 0, "body": {"grace_s": 5}})
     msg = m.decode(frame)
     assert isinstance(msg, m.Shutdown)
     assert type(msg.grace_s) is float
@@ -149,15 +149,15 @@ VALID = _envelope(EXAMPLES[4])  # a Shutdown
         (b"", "empty"),
         (b"x" * (m.MAX_FRAME_SIZE + 1), "over"),
         (b"\xff\xfe{}", "UTF-8"),
-        (b'{"v": 2, "kind": "ping"', "JSON"),
+        (b'{"v": 3, "kind": "ping"', "JSON"),
         (b"[" * 60_000, "JSON"),  # deeper than the recursion limit
         (b"\xef\xbb\xbf{}", "JSON"),  # BOM
         (b"[1, 2]", "object"),
         (b'"ping"', "object"),
-        (b'{"v": 2, "v": 2, "kind": "ping", "id": 0, "body": {}}', "duplicate"),
-        (b'{"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": NaN}}', "NaN"),
-        (b'{"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": Infinity}}', "Infinity"),
-        (b'{"v": 2, "kind": "shutdown", "id": 0, "body": {"grace_s": 1e999}}', "grace_s"),
+        (b'{"v": 3, "v": 3, "kind": "ping", "id": 0, "body": {}}', "duplicate"),
+        (b'{"v": 3, "kind": "shutdown", "id": 0, "body": {"grace_s": NaN}}', "NaN"),
+        (b'{"v": 3, "kind": "shutdown", "id": 0, "body": {"grace_s": Infinity}}', "Infinity"),
+        (b'{"v": 3, "kind": "shutdown", "id": 0, "body": {"grace_s": 1e999}}', "grace_s"),
         (_frame({**VALID, "v": 1}), "version"),  # an older peer
         (_frame({**VALID, "v": "2"}), "version"),
         (_frame({**VALID, "v": True}), "version"),

@@ -43,7 +43,7 @@ def garbage_frames(rng: random.Random) -> list[list[bytes]]:
         [b"{}"],
         [b"null"],
         [b"[" * 5000],
-        [b'{"v": 2, "kind": "status_request", "id": 1, "body": {}, "x": 1}'],
+        [b'{"v": 3, "kind": "status_request", "id": 1, "body": {}, "x": 1}'],
         [json.dumps({**envelope, "v": 99}).encode()],
         [json.dumps({**envelope, "kind": "rm -rf"}).encode()],
         [b"x" * (MAX_FRAME_SIZE - 1)],  # under zmq's limit, still not JSON
