@@ -1198,9 +1198,9 @@ def queue_list(ctx: click.Context, store: str | None, schema: str | None,
 
 @queue.command("set")
 @click.argument("name")
-@option("--concurrency-limit", type=click.IntRange(min=0), default=None,
+@option("--concurrency-limit", type=click.IntRange(0, 2**31 - 1), default=None,
         help="At most this many claimed at once across the fleet (0: no limit).")
-@option("--max-length", type=click.IntRange(min=0), default=None,
+@option("--max-length", type=click.IntRange(0, 2**31 - 1), default=None,
         help="Reject submits beyond this many waiting steps (0: no limit).")
 @option("--strict-fifo/--no-strict-fifo", default=None, help="Claim in submission order.")
 @option("--pause/--resume", "paused", default=None, help="Stop or restart claims.")
@@ -1211,24 +1211,26 @@ def queue_list(ctx: click.Context, store: str | None, schema: str | None,
 def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
               max_length: int | None, strict_fifo: bool | None, paused: bool | None,
               store: str | None, schema: str | None, as_json: bool) -> None:
-    """Create or change a queue's settings (unchanged unless given)."""
-    from dataclasses import asdict, replace
+    """Create or change a queue's settings (unchanged unless given).
 
-    from fleetsim.store import QueueConfig
+    Only the settings given are written, in one transaction: a concurrent
+    `queue set` of other settings is never undone.
+    """
+    from dataclasses import asdict
 
+    from fleetsim.store.queue_settings import change_queue
+
+    changes: dict[str, Any] = {}
+    if concurrency_limit is not None:
+        changes["concurrency_limit"] = concurrency_limit or None
+    if max_length is not None:
+        changes["max_length"] = max_length or None
+    if strict_fifo is not None:
+        changes["strict_fifo"] = strict_fifo
+    if paused is not None:
+        changes["paused"] = paused
     with open_store(ctx, store, schema) as s:
-        current = s.queues().get(name, QueueConfig(name))
-        changes: dict[str, Any] = {}
-        if concurrency_limit is not None:
-            changes["concurrency_limit"] = concurrency_limit or None
-        if max_length is not None:
-            changes["max_length"] = max_length or None
-        if strict_fifo is not None:
-            changes["strict_fifo"] = strict_fifo
-        if paused is not None:
-            changes["paused"] = paused
-        updated = replace(current, **changes)
-        s.configure_queue(updated)
+        updated = change_queue(s, name, **changes)
     emit(asdict(updated), as_json, lambda: click.echo(
         f"queue {name}: limit {updated.concurrency_limit or '-'}, max length "
         f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "
