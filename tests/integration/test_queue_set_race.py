@@ -46,14 +46,20 @@ def cli_env(store_config: StoreConfig) -> dict[str, str]:
 
 
 def waiting_on_a_lock(config: StoreConfig) -> int:
-    """How many CLI sessions wait on a row lock (the queue row held below)."""
+    """How many CLI sessions wait on a lock while holding one on this test's queues table.
+
+    The table's oid is this schema's own: sessions of other tests on the same
+    server (CLI sessions share the application name) are not counted.
+    """
     conn = psycopg2.connect(config.url)
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name = 'fleetsim-cli' AND wait_event_type = 'Lock'"
-                "   AND query ILIKE '%queues%'",
+                "SELECT count(DISTINCT a.pid) FROM pg_stat_activity a"
+                "  JOIN pg_locks l ON l.pid = a.pid"
+                " WHERE a.application_name = 'fleetsim-cli' AND a.wait_event_type = 'Lock'"
+                "   AND l.relation = to_regclass(%s)",
+                (f"{config.schema}.queues",),
             )
             return int(cur.fetchone()[0])
     finally:
