@@ -281,7 +281,18 @@ class FaultInjector:
 
 
 def _duration(value: Any) -> float | None:
-    return None if value in (None, "", 0) else parse_duration(value)
+    """A fault's ``for``: None (until healed) or a duration longer than zero.
+
+    Zero is refused rather than read as "for ever": ``--for 0s`` is never
+    meant to outlast the fleet.
+    """
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ConfigError(f"--for must be longer than zero, got {value!r} (leave it out to "
+                          "last until `chaos heal`)")
+    return seconds
 
 
 def _signal(pid: int, sig: int) -> None:

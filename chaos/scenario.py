@@ -140,6 +140,10 @@ _TARGET_HINT: Final = (
 #: Upper bound on a schedule's length: a typo such as every = "1ms" over an
 #: hour would otherwise plan millions of faults.
 MAX_EVENTS: Final = 10_000
+#: Arrays and tables nested deeper than this are refused. A valid scenario
+#: nests three levels ([[fault]] in the file); deep nesting is only ever a
+#: mistake or an attack, and Python's TOML parser recurses once per level.
+MAX_NESTING: Final = 16
 
 _US = 1_000_000  # schedules are computed in integer microseconds: no float drift
 
@@ -452,6 +456,16 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib recurses per nested array or inline table; thousands of
+        # levels exhaust the stack before anything could check them.
+        raise ConfigError(
+            f"{source}: invalid scenario: nested too deeply (at most {MAX_NESTING} levels)"
+        ) from None
+    if _nesting(data) > MAX_NESTING:
+        raise ConfigError(
+            f"{source}: invalid scenario: nested too deeply (at most {MAX_NESTING} levels)"
+        )
     top = _Fields(source, "", data)
     top.reject_unknown(_TOP_KEYS, {"faults": "unknown key (did you mean [[fault]]?)"})
 
@@ -486,6 +500,26 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
         workload=workload,
         source=source,
     )
+
+
+def _nesting(value: object) -> int:
+    """How deeply arrays and tables nest in ``value`` (iterative: no recursion limit)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _parse_workload(source: str, raw: object) -> WorkloadHints:

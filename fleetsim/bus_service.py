@@ -9,6 +9,12 @@ action never stalls heartbeats or other commands.
 Given the fleet's bus ``secret``, the bus accepts only messages signed with
 it (CLI requests, pod hellos and heartbeats, metrics); the rest are refused
 and counted in :attr:`BusService.refused`.
+
+Its bookkeeping stays bounded over a fleet that runs for weeks: a pod not
+heard from for ``forget_after_s`` is forgotten (pods started by hand get a
+new id at every restart), and a command whose caller stopped waiting is
+dropped from the pending table. A forgotten pod that comes back is refused
+once as unknown and says Hello again.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ log = logging.getLogger("fleetsim.bus_service")
 ChaosHandler = Callable[[ChaosRequest], dict[str, Any]]
 StatusHandler = Callable[[], dict[str, Any]]
 
+#: How often the bus thread sweeps its tables.
+_SWEEP_EVERY_S = 0.5
+
 
 class BusService(threading.Thread):
     """Runs the coordinator's side of the bus until :meth:`stop`."""
@@ -57,6 +66,7 @@ class BusService(threading.Thread):
         host: str = "127.0.0.1",
         keys: Any = None,
         secret: bytes | None = None,
+        forget_after_s: float = 600.0,
     ) -> None:
         super().__init__(name="bus", daemon=True)
         self._on_chaos = on_chaos
@@ -69,7 +79,10 @@ class BusService(threading.Thread):
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._outbox: queue.SimpleQueue[Callable[[CoordinatorBus], None]] = queue.SimpleQueue()
-        self._pending: dict[int, Future[Ok | Error]] = {}
+        # request id -> (the caller's future, when the caller stops waiting)
+        self._pending: dict[int, tuple[Future[Ok | Error], float]] = {}
+        self._forget_after_s = forget_after_s
+        self._seen: dict[str, float] = {}  # pod id -> last message of any kind (monotonic)
         self._lock = threading.Lock()
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="chaos")
         self.endpoints: BusEndpoints | None = None
@@ -101,20 +114,24 @@ class BusService(threading.Thread):
         if identity is None:
             raise BusError(f"{pod_id} is not connected to the control bus")
         future: Future[Ok | Error] = Future()
+        give_up_at = time.monotonic() + timeout_s
 
         def send(bus: CoordinatorBus) -> None:
+            if future.done():  # the caller gave up before it was sent
+                return
             try:
                 request_id = bus.send_command(identity, command)
             except BusError as exc:
                 future.set_exception(exc)
                 return
             with self._lock:
-                self._pending[request_id] = future
+                self._pending[request_id] = (future, give_up_at)
 
         self._outbox.put(send)
         try:
             return future.result(timeout=timeout_s)
         except TimeoutError:
+            future.cancel()  # the sweep drops it from the pending table
             raise BusTimeout(f"{pod_id} did not answer {command.kind!r} within "
                              f"{timeout_s:g}s") from None
 
@@ -140,10 +157,14 @@ class BusService(threading.Thread):
             return
         self.endpoints = bus.endpoints
         self._ready.set()
+        next_sweep = time.monotonic() + _SWEEP_EVERY_S
         try:
             while not self._stopping.is_set():
                 for inbound in bus.poll(50):
                     self._handle(bus, inbound)
+                if time.monotonic() >= next_sweep:
+                    self._sweep(time.monotonic())
+                    next_sweep = time.monotonic() + _SWEEP_EVERY_S
                 while True:
                     try:
                         action = self._outbox.get_nowait()
@@ -155,8 +176,28 @@ class BusService(threading.Thread):
         finally:
             bus.close()
 
+    def _sweep(self, now: float) -> None:
+        """Forget pods silent for ``forget_after_s`` and requests nobody waits for."""
+        with self._lock:
+            gone = [p for p, t in self._seen.items() if now - t > self._forget_after_s]
+            for pod_id in gone:
+                for table in (self._seen, self.pods, self.heard, self.metrics):
+                    table.pop(pod_id, None)
+            # A reply may still come a little after the caller's deadline; it is
+            # then dropped as unmatched, as any late reply is.
+            expired = [rid for rid, (future, give_up_at) in self._pending.items()
+                       if future.done() or now > give_up_at + 1.0]
+            for request_id in expired:
+                future, _ = self._pending.pop(request_id)
+                future.cancel()
+        if gone:
+            log.info("forgot %d pod(s) silent for over %gs", len(gone), self._forget_after_s)
+
     def _handle(self, bus: CoordinatorBus, inbound: Inbound) -> None:
         message = inbound.message
+        if isinstance(message, Hello | PodHeartbeat | Metrics):
+            with self._lock:
+                self._seen[message.pod_id] = time.monotonic()
         if inbound.channel == "metrics":
             if isinstance(message, Metrics):
                 self.metrics[message.pod_id] = {
@@ -179,9 +220,9 @@ class BusService(threading.Thread):
                     ErrorCode.UNKNOWN_POD, "say hello first"))
             elif isinstance(message, Ok | Error):
                 with self._lock:
-                    future = self._pending.pop(message.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(message)
+                    entry = self._pending.pop(message.request_id, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(message)
             return
         # The CLI channel.
         if isinstance(message, Ping):

@@ -910,6 +910,13 @@ def chaos_request(ctx: click.Context, action: str, target: str | None,
     return result
 
 
+def check_fault_duration(duration: float | None) -> None:
+    """Refuse ``--for 0``: a fault lasts until healed only when --for is left out."""
+    if duration is not None and duration <= 0:
+        fail("--for must be longer than zero (leave --for out to last until "
+             "`chaos heal`)", EXIT_USAGE)
+
+
 def describe_chaos(result: dict[str, Any]) -> str:
     """One line saying what a chaos action did."""
     action = result.get("action", "?")
@@ -949,12 +956,14 @@ def chaos_kill(ctx: click.Context, pod: str | None, pick_random: bool, as_json: 
 @chaos.command("pause")
 @click.argument("pod")
 @option("--for", "duration", type=DURATION, default=None,
-              help="Resume (SIGCONT) after this long; default: until `chaos resume`.")
+              help="Resume (SIGCONT) after this long (must be longer than zero); without "
+              "--for the pod stays paused until `chaos resume` or `chaos heal`.")
 @chaos_options
 @click.pass_context
 def chaos_pause(ctx: click.Context, pod: str, duration: float | None, as_json: bool,
                 timeout: float) -> None:
     """SIGSTOP a pod (an id, `leader` or `random`), e.g. to freeze a leader past its lease."""
+    check_fault_duration(duration)
     chaos_request(ctx, "pause", pod, {"for": duration}, as_json, timeout)
 
 
@@ -974,13 +983,15 @@ def chaos_resume(ctx: click.Context, pod: str, as_json: bool, timeout: float) ->
 @option("--mode", type=click.Choice(["blackhole", "reset"]), default="blackhole",
               show_default=True, help="blackhole: packets vanish; reset: connections refused.")
 @option("--for", "duration", type=DURATION, default=None,
-              help="Heal after this long; default: until `chaos heal` (a bus partition "
-              "lasts 10 s unless given, and ends by itself).")
+              help="Heal after this long (must be longer than zero); without --for the "
+              "partition lasts until `chaos heal` (a bus partition lasts 10 s unless "
+              "given, and ends by itself).")
 @chaos_options
 @click.pass_context
 def chaos_partition(ctx: click.Context, pod: str, where: str, mode: str,
                     duration: float | None, as_json: bool, timeout: float) -> None:
     """Partition a pod (an id, `leader` or `random`) from the store and/or the bus."""
+    check_fault_duration(duration)
     chaos_request(ctx, "partition", pod, {"from": where, "mode": mode, "for": duration},
                   as_json, timeout)
 
@@ -1006,7 +1017,8 @@ def chaos_heal(ctx: click.Context, pod: str | None, as_json: bool, timeout: floa
               help="Share of statements that take effect but whose reply is lost"
                    " (the connection drops after them).")
 @option("--for", "duration", type=DURATION, default=None,
-              help="End after this long; default: until `chaos heal`.")
+              help="End after this long (must be longer than zero); without --for the "
+              "fault lasts until `chaos heal`.")
 @chaos_options
 @click.pass_context
 def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, error_rate: float,
@@ -1015,6 +1027,7 @@ def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, err
     """Errors, latency, disconnects and lost replies on a pod's store statements."""
     if bool(pod) == all_pods:
         fail("name a POD or give --all", EXIT_USAGE)
+    check_fault_duration(duration)
     chaos_request(ctx, "storage-fault", "all" if all_pods else pod, {
         "error_rate": error_rate, "latency_ms": latency * 1000.0,
         "disconnect_rate": disconnect_rate, "reply_loss_rate": reply_loss_rate,
@@ -1232,18 +1245,21 @@ def history() -> None:
 @option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
               show_default=True, help="Jepsen-style invoke/ok/fail/info records, one a line.")
 @option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here instead of standard output.")
+              help="Write here instead of standard output (its folder must exist).")
 @click.pass_context
 def history_export(ctx: click.Context, store: str | None, schema: str | None, fmt: str,
                    output: Path | None) -> None:
     """Export the history (process = pod incarnation; f = claim/complete/fail/elect/...)."""
-    from fleetsim.history import export_history
+    from fleetsim.history import check_output, export_history, open_output
 
+    if output is not None:
+        check_output(output)  # before the store: a typo in -o fails at once
     with open_store(ctx, store, schema) as s:
         if output is None:
             count = export_history(s, sys.stdout, format=fmt)
         else:
-            with open(output, "w") as out:
+            # Opened (truncated) only once the store answered.
+            with open_output(output) as out:
                 count = export_history(s, out, format=fmt)
     click.echo(f"{count} records", err=True)
 
@@ -1269,9 +1285,12 @@ def keys_generate(ctx: click.Context, directory: Path | None, force: bool,
     Then `fleetsim up --bus-host 0.0.0.0 --bus-keys DIR`; pods and CLI commands
     on other hosts need a copy of DIR (the client keys and the server's public key).
     """
-    from fleetsim.bus.security import generate_keys
+    from fleetsim.bus.security import generate_keys, key_files
 
     target = directory or ctx.obj["run_dir"].ensure().path / "keys"
+    if key_files(target).server_secret.exists() and not force:
+        # Checked here so the advice names this command's option.
+        fail(f"CURVE keys already exist in {target} (use --force to replace them)", EXIT_USAGE)
     files = generate_keys(target, overwrite=force)
     emit({"directory": str(files.directory)}, as_json,
          lambda: click.echo(f"keys written to {files.directory}"))
@@ -1288,14 +1307,52 @@ def keys_generate(ctx: click.Context, directory: Path | None, force: bool,
 @click.pass_context
 def cancel(ctx: click.Context, step_ids: tuple[int, ...], store: str | None,
            schema: str | None, as_json: bool) -> None:
-    """Cancel steps: at once if waiting, cooperatively if claimed (the pod sees it)."""
+    """Cancel steps: at once if waiting, cooperatively if claimed (the pod sees it).
+
+    Every id is processed and reported: cancelled, cancel_requested, unknown,
+    or the status of a step that had already ended. Exit 1 if any id is unknown.
+    """
+    results: dict[int, str] = {}
+    error: FleetsimError | None = None
     with open_store(ctx, store, schema) as s:
-        results = {step_id: s.cancel(step_id) for step_id in step_ids}
+        for step_id in step_ids:
+            try:
+                results[step_id] = _cancel_one(s, step_id)
+            except FleetsimError as exc:  # e.g. the store went away: say what was done
+                error = exc
+                break
+    for step_id in step_ids:
+        results.setdefault(step_id, "not_attempted")
+    unknown = [str(step_id) for step_id, outcome in results.items() if outcome == "unknown"]
+
     def text() -> None:
         for step_id, outcome in results.items():
-            click.echo(f"step {step_id}: {outcome}")
+            shown = {"unknown": "unknown (no such step)", "cancelled": "cancelled",
+                     "cancel_requested": "cancel_requested",
+                     "not_attempted": "not attempted"}.get(outcome, f"already {outcome}")
+            click.echo(f"step {step_id}: {shown}")
 
     emit({str(k): v for k, v in results.items()}, as_json, text)
+    if error is not None:
+        fail(str(error), exit_code_for(error))
+    if unknown:
+        fail(f"no step with id{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+
+
+def _cancel_one(store: Store, step_id: int) -> str:
+    """One id's outcome: the store's, or ``unknown`` if no step has that id."""
+    from fleetsim.errors import StoreError
+
+    if not 1 <= step_id < 2**63:  # ids are positive bigints
+        return "unknown"
+    try:
+        return store.cancel(step_id)
+    except StoreUnavailable:
+        raise
+    except StoreError:
+        if store.get_step(step_id) is None:
+            return "unknown"
+        raise
 
 
 @cli.group()
@@ -1331,9 +1388,9 @@ def queue_list(ctx: click.Context, store: str | None, schema: str | None,
 
 @queue.command("set")
 @click.argument("name")
-@option("--concurrency-limit", type=click.IntRange(min=0), default=None,
+@option("--concurrency-limit", type=click.IntRange(0, 2**31 - 1), default=None,
         help="At most this many claimed at once across the fleet (0: no limit).")
-@option("--max-length", type=click.IntRange(min=0), default=None,
+@option("--max-length", type=click.IntRange(0, 2**31 - 1), default=None,
         help="Reject submits beyond this many waiting steps (0: no limit).")
 @option("--strict-fifo/--no-strict-fifo", default=None, help="Claim in submission order.")
 @option("--pause/--resume", "paused", default=None, help="Stop or restart claims.")
@@ -1344,24 +1401,26 @@ def queue_list(ctx: click.Context, store: str | None, schema: str | None,
 def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
               max_length: int | None, strict_fifo: bool | None, paused: bool | None,
               store: str | None, schema: str | None, as_json: bool) -> None:
-    """Create or change a queue's settings (unchanged unless given)."""
-    from dataclasses import asdict, replace
+    """Create or change a queue's settings (unchanged unless given).
 
-    from fleetsim.store import QueueConfig
+    Only the settings given are written, in one transaction: a concurrent
+    `queue set` of other settings is never undone.
+    """
+    from dataclasses import asdict
 
+    from fleetsim.store.queue_settings import change_queue
+
+    changes: dict[str, Any] = {}
+    if concurrency_limit is not None:
+        changes["concurrency_limit"] = concurrency_limit or None
+    if max_length is not None:
+        changes["max_length"] = max_length or None
+    if strict_fifo is not None:
+        changes["strict_fifo"] = strict_fifo
+    if paused is not None:
+        changes["paused"] = paused
     with open_store(ctx, store, schema) as s:
-        current = s.queues().get(name, QueueConfig(name))
-        changes: dict[str, Any] = {}
-        if concurrency_limit is not None:
-            changes["concurrency_limit"] = concurrency_limit or None
-        if max_length is not None:
-            changes["max_length"] = max_length or None
-        if strict_fifo is not None:
-            changes["strict_fifo"] = strict_fifo
-        if paused is not None:
-            changes["paused"] = paused
-        updated = replace(current, **changes)
-        s.configure_queue(updated)
+        updated = change_queue(s, name, **changes)
     emit(asdict(updated), as_json, lambda: click.echo(
         f"queue {name}: limit {updated.concurrency_limit or '-'}, max length "
         f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "

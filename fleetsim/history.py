@@ -20,13 +20,14 @@ whose incarnation the history no longer holds).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TextIO
 
 from fleetsim.errors import ConfigError
 from fleetsim.store import Store
 from fleetsim.store.checks import iter_history
 
-__all__ = ["FORMATS", "export_history"]
+__all__ = ["FORMATS", "check_output", "export_history", "open_output"]
 
 FORMATS = ("jsonl",)
 
@@ -46,3 +47,26 @@ def export_history(store: Store, out: TextIO, format: str = "jsonl") -> int:
         out.write("\n")
         index += 1
     return index
+
+
+
+def check_output(path: Path) -> None:
+    """Raise ConfigError (one line) if ``path``'s folder is missing or not a folder.
+
+    The folder is not created: a missing one is more often a typo than a
+    wish, and a typo should not leave folders behind.
+    """
+    folder = path.parent
+    if not folder.exists():
+        raise ConfigError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {path}: {folder} is not a folder")
+
+
+def open_output(path: Path) -> TextIO:
+    """Open ``path`` to write an export to, or raise ConfigError in one line."""
+    check_output(path)
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None

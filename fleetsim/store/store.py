@@ -968,8 +968,29 @@ def _check_queue_name(name: str) -> None:
         raise ConfigError("a queue name must be 1 to 200 characters")
 
 
+#: The longest idempotency key, in bytes of UTF-8. The unique index on the
+#: keys cannot hold an entry past about 2.7 kB (a third of a page); a fixed,
+#: documented limit well below it fails the same way for every key.
+MAX_IDEMPOTENCY_KEY_BYTES = 512
+
+
 def _check_spec(spec: StepSpec) -> None:
     _check_queue_name(spec.queue)
+    key = spec.idempotency_key
+    if key is not None:
+        if not isinstance(key, str):
+            raise ConfigError("an idempotency key must be text")
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate (e.g. undecodable argv bytes)
+            raise ConfigError("an idempotency key must be valid UTF-8 text") from None
+        if size > MAX_IDEMPOTENCY_KEY_BYTES:
+            raise ConfigError(
+                f"idempotency key too long: {size} bytes of UTF-8, at most "
+                f"{MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            )
+        if "\x00" in key:
+            raise ConfigError("an idempotency key cannot contain a NUL character")
     if spec.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     if not isinstance(spec.payload, dict):

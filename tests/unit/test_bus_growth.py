@@ -1,0 +1,95 @@
+"""The coordinator's bus bookkeeping stays bounded over a long fleet (issue 10, suspected).
+
+A pod started by hand (`fleetsim pod --join`) has the default id
+``pod-<host>-<pid>``: every restart is a new id. The coordinator's bus
+thread kept, per pod id, its routing identity, when it was last heard and
+its latest metrics, and never forgot any; and a command whose pod never
+answered stayed in its pending table after the caller gave up. Both grew
+without bound. Real sockets, real pod bus clients, no mocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fleetsim.bus import PodBusClient, SetStorageFault
+from fleetsim.bus_service import BusService
+from fleetsim.errors import BusTimeout
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def service() -> Iterator[BusService]:
+    bus = BusService(on_chaos=lambda _r: {}, on_status=dict, on_down=lambda: None,
+                     forget_after_s=1.0)
+    bus.start_and_wait()
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
+def join(service: BusService, pod_id: str, incarnation: int = 0) -> PodBusClient:
+    assert service.endpoints is not None
+    client = PodBusClient(service.endpoints, pod_id, incarnation, heartbeat_interval_s=0.1)
+    client.start()
+    client.send_metrics({"completed": 1.0}, {"claimed": 0.0})
+    wait_until(lambda: pod_id in service.connected_pods(), 10, what=f"{pod_id} on the bus")
+    return client
+
+
+def test_pods_gone_for_long_are_forgotten_and_live_ones_kept(service: BusService) -> None:
+    steady = join(service, "pod-steady")
+    try:
+        for n in range(40):  # 40 incarnations of hand-started pods, each a new id
+            join(service, f"pod-host-{1000 + n}").close()
+        wait_until(lambda: "pod-host-1039" in service.metrics, 10, what="the last metrics")
+
+        def only_steady_left() -> bool:
+            with service._lock:
+                return (set(service.pods) == set(service.heard) == {"pod-steady"}
+                        and set(service.metrics) <= {"pod-steady"})
+
+        wait_until(only_steady_left, 15, what="the gone pods to be forgotten")
+        # The live pod, heard all along, is still known and reachable.
+        assert service.connected_pods() == ["pod-steady"]
+    finally:
+        steady.close()
+
+
+def test_a_forgotten_pod_that_comes_back_is_known_again(service: BusService) -> None:
+    client = join(service, "pod-away")
+    try:
+        client.partition(3.0)  # silent for longer than forget_after_s
+        wait_until(lambda: "pod-away" not in service.pods, 10, what="pod-away forgotten")
+        # Its next heartbeat is refused as unknown; it says Hello again.
+        wait_until(lambda: "pod-away" in service.connected_pods(), 15,
+                   what="pod-away back on the bus")
+    finally:
+        client.close()
+
+
+def test_commands_nobody_answers_do_not_stay_pending() -> None:
+    # Default settings: the pod stays known while deaf; only its requests expire.
+    service = BusService(on_chaos=lambda _r: {}, on_status=dict, on_down=lambda: None)
+    service.start_and_wait()
+    client = join(service, "pod-deaf")
+    try:
+        client.partition(30.0)  # drops the commands: no reply will ever come
+        fault = SetStorageFault(error_rate=0.0, latency_ms=0.0, disconnect_rate=0.0,
+                                duration_s=1.0)
+        for _ in range(25):
+            with pytest.raises(BusTimeout):
+                service.send_command("pod-deaf", fault, timeout_s=0.05)
+        started = time.monotonic()
+        wait_until(lambda: len(service._pending) == 0, 10,
+                   what="the pending table to drop what timed out")
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+        service.stop()
