@@ -422,6 +422,9 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
     with open(log_path, "ab") as out:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    from fleetsim.rundir import ProcessRecord
+
+    run_dir.record_child(ProcessRecord.of("coordinator", "coordinator", child.pid, argv))
     deadline = time.monotonic() + 120
     while True:
         code = child.poll()
@@ -432,8 +435,8 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
                  code if code in (EXIT_USAGE, EXIT_STORE) else EXIT_FAILURE)
         try:
             data = run_dir.read()
-        except FleetNotRunning:
-            data = {}
+        except (FleetNotRunning, ConfigError):
+            data = {}  # not written yet (or a stale one the coordinator replaces)
         if data.get("state") == "ready" and data.get("coordinator_pid") == child.pid:
             break
         if time.monotonic() > deadline:
@@ -454,13 +457,35 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         help="How long to wait for a clean stop.")
 @click.pass_context
 def down(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Stop the fleet that `up` started, embedded store included."""
+    """Stop the fleet that `up` started, embedded store included.
+
+    Also stops what a coordinator that died left behind (pods, the fault
+    proxy, the embedded server), found in the run directory's record of
+    every process the fleet spawned. Signals only processes whose pid,
+    create time and command line still match that record.
+    """
     from fleetsim.coordinator import stop_detached_fleet
 
     result = stop_detached_fleet(ctx.obj["run_dir"], timeout_s=timeout)
-    emit({"stopped": True, **result}, as_json, lambda: click.echo(
-        "fleet stopped" + (f" (killed leftover pods: {', '.join(result['killed'])})"
-                           if result["killed"] else "")))
+    emit({"stopped": True, **result}, as_json, lambda: click.echo(describe_down(result)))
+
+
+def describe_down(result: dict[str, Any]) -> str:
+    """The one-line summary of `down`."""
+    leftovers = []
+    if result["killed"]:
+        leftovers.append(f"leftover pods: {', '.join(result['killed'])}")
+    if result["proxy_stopped"]:
+        leftovers.append("leftover fault proxy")
+    if result["store_stopped"] and result["coordinator"] not in ("stopped", "killed"):
+        leftovers.append("leftover embedded PostgreSQL")
+    if result["coordinator"] in ("stopped", "killed") or leftovers:
+        line = "fleet stopped" + (f" (stopped {'; '.join(leftovers)})" if leftovers else "")
+    else:
+        line = "no fleet process was running; forgot the run file"
+    if result["stale_run_file"]:
+        line = f"{result['stale_run_file']}\n{line}"
+    return line
 
 
 # -- status / submit ------------------------------------------------------------

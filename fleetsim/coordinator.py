@@ -24,8 +24,13 @@ from typing import IO, Any
 
 from fleetsim.client_history import ClientHistory, NullHistory, history_dir
 from fleetsim.config import FleetTimings
-from fleetsim.errors import ConfigError, FleetsimError
-from fleetsim.rundir import RunDir, pid_alive
+from fleetsim.errors import ConfigError, FleetNotRunning, FleetsimError
+from fleetsim.rundir import (
+    ProcessRecord,
+    RunDir,
+    coordinator_record,
+    stop_processes,
+)
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
 from fleetsim.store.url import host_port, with_host_port
 
@@ -107,25 +112,25 @@ class Coordinator:
         self.pod_urls: dict[str, str] = {}
         self.injector: Any = None  # chaos.injector.FaultInjector
         self.scenario: Any = None  # chaos.runner.ScenarioRunner, the latest
+        self._self_record: ProcessRecord | None = None  # this process, in children.json
 
     # -- start ------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the store and the pods; return once every pod is ready."""
+        """Start the store and the pods; return once every pod is ready.
+
+        Refuses (ConfigError, before starting anything) while processes an
+        earlier fleet of this run directory started still run, and (once the
+        store is up) while live pods heartbeat in the schema.
+        """
         spec = self.spec
         self.run_dir.ensure()
-        try:
-            existing = self.run_dir.read()
-        except FleetsimError:
-            existing = {}
-        pid = existing.get("coordinator_pid")
-        if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
-            raise ConfigError(
-                f"a fleet is already running in {self.run_dir.path} (coordinator pid {pid});"
-                " stop it with `fleetsim down` or use another --run-dir"
-            )
+        self._refuse_if_running()
+        self._self_record = ProcessRecord.of("coordinator", "coordinator", os.getpid())
+        self.run_dir.record_child(self._self_record)
         try:
             self._start_store()
+            self._refuse_live_schema()
             self._start_bus()
             if spec.fault_proxy:
                 self._start_proxies()
@@ -148,6 +153,44 @@ class Coordinator:
             self.stop(grace_s=2.0)
             raise
 
+    def _refuse_if_running(self) -> None:
+        """ConfigError if a fleet (or what is left of one) runs in this run directory."""
+        try:
+            existing = self.run_dir.read()
+        except FleetsimError:
+            existing = {}  # none, or unreadable: a stale file this start replaces
+        coordinator = coordinator_record(existing) if existing else None
+        me = os.getpid()
+        if coordinator is not None and coordinator.pid != me and coordinator.is_running():
+            raise ConfigError(
+                f"a fleet is already running in {self.run_dir.path} (coordinator pid "
+                f"{coordinator.pid}); stop it with `fleetsim down` or use another --run-dir"
+            )
+        left = [c for c in self.run_dir.live_children() if c.pid != me]
+        if left:
+            raise ConfigError(
+                f"processes an earlier fleet started in {self.run_dir.path} still run "
+                f"({describe_processes(left)}); stop them with `fleetsim down` "
+                "(nothing was started)"
+            )
+
+    def _refuse_live_schema(self) -> None:
+        """ConfigError if pods heartbeat in our schema: a live fleet uses it."""
+        assert self.store is not None and self.store_url is not None
+        dead_after = self.spec.timings.dead_after_s
+        live = sorted(
+            (p["id"] for p in self.store.pods()
+             if p["state"] == "alive" and p["heartbeat_age_s"] < dead_after),
+            key=pod_sort_key,
+        )
+        if live:
+            shown = ", ".join(live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
+            raise ConfigError(
+                f"schema {self.spec.schema} of {redact(self.store_url)} is in use by a live "
+                f"fleet (pods {shown} heartbeat within {dead_after:g}s): stop it with "
+                "`fleetsim down` in its run directory, or use another --schema"
+            )
+
     def _start_store(self) -> None:
         spec = self.spec
         if spec.store_url:
@@ -155,6 +198,8 @@ class Coordinator:
         else:
             from fleetsim.store.embedded import EmbeddedPostgres
 
+            # Recorded before it starts: `down` must find it if we die half-way.
+            self.run_dir.record_child(ProcessRecord.store(self.run_dir.pgdata))
             self.embedded = EmbeddedPostgres(self.run_dir.pgdata)
             self.echo(f"store: starting embedded PostgreSQL in {self.run_dir.pgdata}")
             url = self.embedded.start()
@@ -212,11 +257,11 @@ class Coordinator:
                               " use --no-fault-proxy")
         ready = self.run_dir.path / "proxy.json"
         ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "chaos.proxy_process", "--ready-file", str(ready)]
         with open(self.run_dir.logs / "proxy.log", "ab") as out:
-            self.proxy_process = subprocess.Popen(
-                [sys.executable, "-m", "chaos.proxy_process", "--ready-file", str(ready)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+            self.proxy_process = spawn_recorded(
+                self.run_dir, "proxy", "fault-proxy", argv,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + 15
         while not ready.exists():
@@ -370,12 +415,13 @@ class Coordinator:
         # Never on the command line, where `ps` would show a password.
         env["FLEETSIM_STORE"] = self._pod_store_url(pod_id)
         env["PYTHONUNBUFFERED"] = "1"
+        argv = self.pod_command(pod_id, incarnation)
         out: IO[bytes]
         with open(log_path, "ab") as out:
-            process = subprocess.Popen(
-                self.pod_command(pod_id, incarnation),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
+            # Recorded before it runs (not when ready): `down` must find it if we die now.
+            process = spawn_recorded(
+                self.run_dir, "pod", pod_id, argv,
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         pod = PodProcess(pod_id, incarnation, process, log_path, time.monotonic())
         with self._lock:
@@ -520,6 +566,12 @@ class Coordinator:
             self.echo("store: stopping embedded PostgreSQL")
             self.embedded.stop()
         self.run_dir.remove_run_file()
+        stopped = [ProcessRecord.store(self.run_dir.pgdata)] if self.embedded is not None else []
+        if self._self_record is not None:
+            stopped.append(self._self_record)
+        # Forgets what stopped; whatever still runs stays recorded for `down`.
+        with contextlib.suppress(FleetsimError):
+            self.run_dir.forget_children(stopped)
 
     # -- state ------------------------------------------------------------
 
@@ -537,6 +589,7 @@ class Coordinator:
             "version": 1,
             "state": state,
             "coordinator_pid": os.getpid(),
+            "coordinator": self._self_record.to_dict() if self._self_record else None,
             "store_url": self.store_url,
             "schema": self.spec.schema,
             "embedded": self.embedded is not None,
@@ -553,6 +606,37 @@ class Coordinator:
             "proxy_pid": self.proxy_process.pid if self.proxy_process else None,
             "bus_keys": str(self.spec.bus_keys.resolve()) if self.spec.bus_keys else None,
         })
+
+
+# Holds a spawned child until its parent has recorded it, then becomes the
+# child (exec keeps the pid and the start time). If the parent dies first,
+# the read sees end of file and the child exits without ever running.
+_SPAWN_GATE = 'read -r _ || exit 0; exec "$0" "$@" </dev/null'
+
+
+def spawn_recorded(run_dir: RunDir, kind: str, name: str, argv: list[str],
+                   **popen: Any) -> subprocess.Popen[bytes]:
+    """Spawn ``argv`` and record it in ``children.json`` before it starts running.
+
+    A coordinator SIGKILLed at any moment of a spawn leaves either a child
+    that is recorded, or none: ``/bin/sh`` waits on a pipe for the go-ahead
+    sent once the record is written, then execs ``argv`` (whose command line
+    is the one recorded).
+    """
+    process = subprocess.Popen(["/bin/sh", "-c", _SPAWN_GATE, *argv],
+                               stdin=subprocess.PIPE, **popen)
+    assert process.stdin is not None
+    try:
+        run_dir.record_child(ProcessRecord.of(kind, name, process.pid, argv))
+        process.stdin.write(b"go\n")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+    return process
 
 
 def pod_sort_key(pod_id: str) -> tuple[str, int]:
@@ -579,48 +663,95 @@ def last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
+def describe_processes(records: list[ProcessRecord]) -> str:
+    """``coordinator pid 12, embedded PostgreSQL, pod-1 pid 14`` for messages."""
+    return ", ".join(r.name if r.pid is None else f"{r.name} pid {r.pid}" for r in records)
+
+
 def stop_detached_fleet(run_dir: RunDir, timeout_s: float = 60.0) -> dict[str, Any]:
-    """Stop the fleet of another process (`fleetsim down`); kill leftovers if needed."""
-    data = run_dir.read()
-    pid = data.get("coordinator_pid")
-    stopped: dict[str, Any] = {"coordinator_pid": pid, "killed": []}
-    if isinstance(pid, int) and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    # A coordinator that crashed (or never answered) leaves pods and maybe the
-    # embedded server: clean up after it from run.json.
-    for pod in data.get("pods", []):
-        ppid = pod.get("pid")
-        if isinstance(ppid, int) and pid_alive(ppid) and _is_ours(ppid, "pod"):
-            os.kill(ppid, signal.SIGKILL)
-            stopped["killed"].append(pod.get("id"))
-    proxy_pid = data.get("proxy_pid")
-    if isinstance(proxy_pid, int) and pid_alive(proxy_pid) and _is_ours(proxy_pid, "proxy"):
-        os.kill(proxy_pid, signal.SIGKILL)
-        stopped["killed"].append("fault-proxy")
-    if data.get("embedded") and data.get("pgdata"):
-        from fleetsim.store.embedded import EmbeddedPostgres
+    """Stop the fleet of another process (`fleetsim down`); stop its leftovers too.
 
-        server = EmbeddedPostgres(Path(data["pgdata"]))
-        if server.is_running():
-            server.stop()
+    Signals only processes recorded at spawn whose create time and command
+    line still match (:meth:`ProcessRecord.is_running`): a coordinator pid
+    in ``run.json`` that is some other process now is left alone, and said
+    so. Then every recorded child still running (pods spawned before the
+    coordinator died, the fault proxy, pods of an earlier ``up``) gets
+    SIGTERM, then SIGKILL after the grace period; the embedded server is
+    stopped cleanly (``pg_ctl stop -m fast``).
+    """
+    invalid: str | None = None
+    data: dict[str, Any] | None
+    try:
+        data = run_dir.read()
+    except FleetNotRunning:
+        data = None
+    except ConfigError as exc:
+        data, invalid = None, str(exc)
+    result: dict[str, Any] = {
+        "coordinator_pid": data["coordinator_pid"] if data else None,
+        "coordinator": None, "killed": [], "proxy_stopped": False, "store_stopped": False,
+        "stale_run_file": None,
+    }
+    try:
+        children = run_dir.children()
+    except ConfigError as exc:
+        if data is None:
+            raise ConfigError(f"{exc}; nothing was signalled") from None
+        children = []
+    if data is None and not any(c.is_running() for c in children):
+        if invalid is not None:
+            raise ConfigError(f"{invalid}; nothing was signalled (remove it if no fleet runs)")
+        raise FleetNotRunning(f"no fleet in {run_dir.path} (start one with `fleetsim up`)")
+
+    if data is not None:
+        coordinator = coordinator_record(data)
+        if coordinator is not None and coordinator.signal(signal.SIGTERM):
+            result["coordinator"] = "stopped"
+            deadline = time.monotonic() + timeout_s
+            while coordinator.is_running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if coordinator.signal(signal.SIGKILL):
+                log.warning("the coordinator did not stop within %.0fs: killed it", timeout_s)
+                result["coordinator"] = "killed"
+        elif psutil_pid_exists(data["coordinator_pid"]):
+            result["coordinator"] = "stale"
+            result["stale_run_file"] = (
+                f"{run_dir.run_file} is stale: its coordinator pid {data['coordinator_pid']} "
+                "is not this fleet's coordinator; nothing was signalled for it")
+        else:
+            result["coordinator"] = "gone"
+    elif invalid is not None:
+        result["stale_run_file"] = f"{invalid}; ignored it"
+
+    # What the coordinator did not stop (it crashed, or died while starting).
+    grace = 10.0
+    if data is not None and isinstance(data.get("timings"), dict):
+        value = data["timings"].get("grace_s")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            grace = float(value)
+    with contextlib.suppress(ConfigError):
+        children = run_dir.children()  # again: the coordinator may have forgotten some
+    others = [c for c in children if c.kind in ("pod", "proxy", "coordinator")]
+    stopped = stop_processes(others, grace_s=min(grace + 2.0, max(timeout_s, 1.0)))
+    result["killed"] = [r.name for r in stopped if r.kind == "pod"]
+    result["proxy_stopped"] = any(r.kind == "proxy" for r in stopped)
+    for record in children:
+        if record.kind == "store" and record.is_running():
+            from fleetsim.store.embedded import EmbeddedPostgres
+
+            assert record.pgdata is not None
+            EmbeddedPostgres(Path(record.pgdata)).stop()
+            result["store_stopped"] = True
+    run_dir.forget_children([c for c in children if not c.is_running()])
     run_dir.remove_run_file()
-    return stopped
+    return result
 
 
-def _is_ours(pid: int, kind: str) -> bool:
-    """Whether ``pid`` is still a fleetsim pod / fault proxy (pids get reused)."""
+def psutil_pid_exists(pid: int) -> bool:
+    """Whether some process has ``pid`` (whatever it is)."""
     import psutil
 
-    try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return False
-    if kind == "pod":
-        return "fleetsim pod" in cmdline
-    return "chaos.proxy_process" in cmdline
+    return bool(psutil.pid_exists(pid))
 
 
 __all__ = [
