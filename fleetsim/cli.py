@@ -1123,6 +1123,74 @@ def chaos_run(ctx: click.Context, scenario: str, seed: int | None, wait: bool, a
     fail(f"the scenario did not finish in time; see {log_path}")
 
 
+@chaos.command("fuzz")
+@option("--seed", type=int, default=0, help="The campaign's seed: case N is drawn from it.")
+@option("--runs", type=click.IntRange(1, 100_000), default=5, help="How many cases.")
+@option("--duration", type=DURATION, default=12.0,
+        help="Length of each case's fault window (the load drains after it).")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Where failing cases go (default: <run dir>/fuzz).")
+@option("--shrink/--no-shrink", default=True, help="Shrink a failing case (re-runs it).")
+@option("--store-restart/--no-store-restart", default=None,
+        help="Include store restarts (default: only on the embedded store).")
+@option("--replay", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None, help="Run one case file written by an earlier campaign.")
+@store_option
+@json_option
+@click.pass_context
+def chaos_fuzz(ctx: click.Context, seed: int, runs: int, duration: float, out: Path | None,
+               shrink: bool, store_restart: bool | None, replay: Path | None,
+               store: str | None, as_json: bool) -> None:
+    """Random fault schedules crossed with random loads, each judged by `check --final`.
+
+    Faults: kill, kill-leader, pause, partition from the store or the bus,
+    storage errors, latency, disconnects, lost replies, store restarts.
+    Loads: bulk, trickle below capacity, bursts, limited and strict-FIFO
+    queues, cancels, resubmits with idempotency keys, failing steps. Each
+    case runs a fresh fleet in a fresh schema. A failing case is written
+    (JSON to replay it exactly, TOML as a scenario), shrunk to the fewest
+    faults and load features that still fail, and the command exits 1.
+    Without --store, an embedded PostgreSQL runs in a temporary folder.
+    """
+    from chaos.fuzz import FuzzReport, describe, fuzz, load_case
+    from chaos.trial import run_trial
+
+    say: Callable[[str], None] = (
+        (lambda _: None) if as_json else (lambda line: click.echo(line, err=True)))
+    folder = out or ctx.obj["run_dir"].path / "fuzz"
+    with _scratch_store(store) as url:
+        if replay is not None:
+            try:
+                trial = load_case(replay)
+            except (ValueError, TypeError, KeyError, FleetsimError) as exc:
+                fail(f"{replay} is not a fuzz case file: {exc}", EXIT_USAGE)
+            say(f"replay: {describe(trial)}")
+            report = FuzzReport(seed, [run_trial(url, trial, name=str(replay), seed=seed,
+                                                 say=say)])
+            if report.runs[0].verdict != "valid":
+                report.failed.append({"case": str(replay),
+                                      "violations": report.runs[0].violations})
+        else:
+            report = fuzz(url, seed=seed, runs=runs, duration_s=duration, out_dir=folder,
+                          store_restart=(store is None) if store_restart is None
+                          else store_restart, shrink=shrink, say=say)
+
+    def summary() -> None:
+        valid = sum(1 for r in report.runs if r.verdict == "valid")
+        click.echo(f"{valid}/{len(report.runs)} cases valid (seed {seed})")
+        for failure in report.failed:
+            click.echo(f"  case {failure['case']}: {failure.get('violations')}")
+            for line in failure.get("witnesses", [])[:3]:
+                click.echo(f"    {line}")
+            if "shrunk" in failure:
+                click.echo(f"    shrunk: {failure['shrunk']['trial']}")
+                click.echo(f"    files: {failure['shrunk']['files']['case']}, "
+                           f"{failure['shrunk']['files']['scenario']}")
+
+    emit(report.as_dict(), as_json, summary)
+    sys.exit(EXIT_OK if report.passed else EXIT_FAILURE)
+
+
 def _new_lines(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     try:
         with open(path) as handle:
@@ -1183,12 +1251,15 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
 @option("--controls/--no-controls", default=False,
         help="Also run each mutant's trial on the real store: it must come out valid.")
 @option("--list", "list_only", is_flag=True, help="List the mutants and their trials.")
+@option("--fuzz", "fuzz_runs", type=click.IntRange(1, 1000), default=None, metavar="RUNS",
+        help="Instead of each mutant's own trial, run RUNS generated chaos cases on it "
+             "(`chaos fuzz`, shrinking the first failure); it must fail.")
 @store_option
 @option("--seed", type=int, default=0, help="Seed for the trials' random targets.")
 @json_option
 @click.pass_context
 def selftest(ctx: click.Context, mutants: str, controls: bool, list_only: bool,
-             store: str | None, seed: int, as_json: bool) -> None:
+             fuzz_runs: int | None, store: str | None, seed: int, as_json: bool) -> None:
     """Prove the checker: run broken stores (mutants) under chaos; each must be caught.
 
     Each mutant is one hot statement with one guard removed. Its trial is a
@@ -1215,8 +1286,12 @@ def selftest(ctx: click.Context, mutants: str, controls: bool, list_only: bool,
 
         emit(listing, as_json, lines)
         return
-    say = (lambda _: None) if as_json else (lambda line: click.echo(line, err=True))
-    with _selftest_store(store) as url:
+    say: Callable[[str], None] = (
+        (lambda _: None) if as_json else (lambda line: click.echo(line, err=True)))
+    if fuzz_runs is not None:
+        _selftest_fuzz(ctx, store, chosen, fuzz_runs, seed, as_json, say)
+        return
+    with _scratch_store(store) as url:
         results = run_selftest(url, chosen, controls=controls, seed=seed, say=say)
     bad = [r for r in results if (r.killed is False and not r.note)
            or (r.killed is None and r.verdict != "valid")]
@@ -1228,7 +1303,7 @@ def selftest(ctx: click.Context, mutants: str, controls: bool, list_only: bool,
             outcome = ("control" if r.killed is None else "killed" if r.killed
                        else "equivalent" if r.note else "SURVIVED")
             caught = ", ".join(f"{k} {v}" for k, v in r.violations.items()) or r.note[:60]
-            click.echo(f"{r.mutant:<24} {r.verdict:<8} {outcome:<10} {r.seconds:>5g}  {caught}")
+            click.echo(f"{r.name:<24} {r.verdict:<8} {outcome:<10} {r.seconds:>5g}  {caught}")
         killed = sum(1 for r in results if r.killed)
         mutated = sum(1 for r in results if r.killed is not None)
         click.echo(f"{killed}/{mutated} mutants killed" + ("" if not bad else
@@ -1238,8 +1313,36 @@ def selftest(ctx: click.Context, mutants: str, controls: bool, list_only: bool,
     sys.exit(EXIT_FAILURE if bad else EXIT_OK)
 
 
+def _selftest_fuzz(ctx: click.Context, store: str | None, chosen: list[Any], runs: int,
+                   seed: int, as_json: bool, say: Callable[[str], None]) -> None:
+    """Fuzz each mutant until a case fails; every mutant must be caught."""
+    from chaos.fuzz import fuzz
+    from fleetsim.selftest.runner import mutant_factory
+
+    rows = []
+    with _scratch_store(store) as url:
+        for mutant in chosen:
+            say(f"fuzzing mutant {mutant.name}: {mutant.description}")
+            report = fuzz(url, seed=seed, runs=runs, duration_s=8.0, stop_at_failure=True,
+                          out_dir=ctx.obj["run_dir"].path / "fuzz" / mutant.name,
+                          store_restart=False, factory=mutant_factory(mutant.name), say=say)
+            rows.append({"mutant": mutant.name, "caught": not report.passed,
+                         "cases": len(report.runs), "failed": report.failed})
+    missed = [r["mutant"] for r in rows if not r["caught"]]
+
+    def text() -> None:
+        for r in rows:
+            click.echo(f"{r['mutant']:<24} " + (
+                f"caught after {r['cases']} case(s); shrunk: "
+                f"{r['failed'][0].get('shrunk', {}).get('trial', '-')}"
+                if r["caught"] else f"not caught in {r['cases']} cases"))
+
+    emit({"results": rows, "passed": not missed}, as_json, text)
+    sys.exit(EXIT_FAILURE if missed else EXIT_OK)
+
+
 @contextlib.contextmanager
-def _selftest_store(url: str | None) -> Iterator[str]:
+def _scratch_store(url: str | None) -> Iterator[str]:
     """The given store URL, or an embedded PostgreSQL in a temporary folder."""
     if url:
         yield url

@@ -9,41 +9,13 @@ store (``control``) must stay valid, or the trial proves nothing.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import threading
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
+from chaos.trial import Trial, TrialResult, run_trial
 from fleetsim.config import FleetTimings
 from fleetsim.coordinator import Coordinator, FleetSpec
-from fleetsim.errors import FleetsimError
 from fleetsim.selftest.mutants import MUTANTS, Mutant
-from fleetsim.store import StepSpec, Store, StoreConfig
-
-# Timed faults: (seconds after the load starts, action, target, parameters).
-Fault = tuple[float, str, str | None, dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Trial:
-    """The fleet, load and faults that should expose one mutant."""
-
-    description: str
-    pods: int = 4
-    batch: int = 5
-    workload: str = "sleep:20"
-    steps: int = 1500
-    restart: bool = False
-    timings: FleetTimings = field(default_factory=FleetTimings)
-    faults: tuple[Fault, ...] = ()
-    drain_s: float = 40.0  # how long the load may take to finish once the faults end
-
 
 _FAST = FleetTimings(heartbeat_s=0.25, lease_s=2.0, renew_s=0.5, dead_after_s=2.0,
                      recovery_s=0.25, grace_s=2.0)
@@ -93,24 +65,6 @@ TRIALS: dict[str, Trial] = {
 }
 
 
-@dataclass
-class TrialResult:
-    """One row of the self-test table."""
-
-    mutant: str  # or "control" for the real store
-    trial: str
-    verdict: str
-    killed: bool | None  # None for a control
-    violations: dict[str, int]
-    seconds: float
-    faults_applied: int
-    note: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return dict(self.__dict__)
-
-
 class _MutantCoordinator(Coordinator):
     """A coordinator whose pods run on a broken store."""
 
@@ -129,84 +83,20 @@ class _MutantCoordinator(Coordinator):
                 *cmd[4:]]
 
 
-def run_trial(store_url: str, mutant: Mutant | None, trial: Trial, *, seed: int = 0,
-              say: Callable[[str], None] = lambda _: None) -> TrialResult:
-    """Run ``trial`` on a fleet whose pods run ``mutant`` (None: the real store)."""
-    from fleetsim.checker import check
+def mutant_factory(mutant: str | None) -> Callable[[FleetSpec], Coordinator]:
+    """A coordinator factory whose pods run ``mutant`` (None: the real store)."""
+    return lambda spec: _MutantCoordinator(spec, mutant)
 
+
+def run_mutant(store_url: str, mutant: Mutant | None, trial: Trial, *, seed: int = 0,
+               say: Callable[[str], None] = lambda _: None) -> TrialResult:
+    """Run ``trial`` on pods that run ``mutant`` (None: the real store, a control)."""
     name = mutant.name if mutant is not None else "control"
-    schema = f"selftest_{uuid.uuid4().hex[:10]}"
-    run_dir = Path(tempfile.mkdtemp(prefix="fleetsim-selftest-"))
-    started = time.monotonic()
-    applied = 0
-    fleet = _MutantCoordinator(FleetSpec(
-        run_dir=run_dir, pods=trial.pods, batch=trial.batch, workload=trial.workload,
-        store_url=store_url, schema=schema, seed=seed, restart=trial.restart,
-        timings=trial.timings, fault_proxy=False,
-    ), mutant.name if mutant is not None else None)
-    admin = Store(StoreConfig(store_url, schema=schema))
-    try:
-        fleet.start()
-        assert fleet.store is not None
-        fleet.store.submit_many([StepSpec("default", {})] * trial.steps)
-        applied = _apply_faults(fleet, trial.faults, say)
-        _drain(fleet, admin, trial.steps, trial.drain_s)
-        fleet.stop(grace_s=2.0)
-        report = check(admin, final=True, client_histories=fleet.client_history_dir)
-        totals = {k: v for k, v in report.counts["violations"].items() if v}
-        verdict = report.verdict
-    except Exception as exc:  # a row of the table, not the end of the self-test
-        fleet.stop(grace_s=1.0)
-        return TrialResult(name, trial.description, "error", None, {},
-                           round(time.monotonic() - started, 1), applied,
-                           f"{type(exc).__name__}: {exc}")
-    finally:
-        admin.drop_schema()
-        admin.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
-    killed = None if mutant is None else verdict == "invalid"
-    return TrialResult(name, trial.description, verdict, killed, totals,
-                       round(time.monotonic() - started, 1), applied)
-
-
-def _apply_faults(fleet: Coordinator, faults: tuple[Fault, ...],
-                  say: Callable[[str], None]) -> int:
-    """Apply the faults at their times (supervising the fleet meanwhile); return how many."""
-    start = time.monotonic()
-    applied = 0
-    for at, action, target, params in faults:
-        while time.monotonic() < start + at:
-            fleet.poll()
-            fleet.stopping.wait(0.05)
-        assert fleet.injector is not None
-        try:
-            fleet.injector.apply(action, target, params)
-            applied += 1
-        except FleetsimError as exc:  # a random target that just died, no leader yet
-            say(f"  fault {action} {target}: {exc}")
-    # Let the last fault run its course.
-    longest = max((p.get("for", 0.0) for _, _, _, p in faults), default=0.0)
-    until = time.monotonic() + float(longest)
-    while time.monotonic() < until:
-        fleet.poll()
-        fleet.stopping.wait(0.05)
-    return applied
-
-
-def _drain(fleet: Coordinator, store: Store, total: int, timeout_s: float) -> None:
-    """Supervise until every step ended or ``timeout_s`` passed (a mutant may lose some)."""
-    deadline = time.monotonic() + timeout_s
-    done = threading.Event()
-    while time.monotonic() < deadline and not done.is_set():
-        fleet.poll()
-        try:
-            counts = store.status_counts()
-        except FleetsimError:
-            counts = {}
-        if counts.get("completed", 0) + counts.get("dead", 0) + counts.get("cancelled", 0) \
-                >= total:
-            return
-        done.wait(0.2)
+    result = run_trial(store_url, trial, name=name, seed=seed, say=say,
+                       factory=mutant_factory(mutant.name if mutant is not None else None))
+    if mutant is not None and result.verdict != "error":
+        result.killed = result.verdict == "invalid"
+    return result
 
 
 def run_selftest(store_url: str, mutants: list[Mutant], *, controls: bool = False,
@@ -218,9 +108,9 @@ def run_selftest(store_url: str, mutants: list[Mutant], *, controls: bool = Fals
         trial = TRIALS[mutant.name]
         if controls:
             say(f"control for {mutant.name}: {trial.description}")
-            results.append(run_trial(store_url, None, trial, seed=seed, say=say))
+            results.append(run_mutant(store_url, None, trial, seed=seed, say=say))
         say(f"mutant {mutant.name}: {mutant.description}")
-        result = run_trial(store_url, mutant, trial, seed=seed, say=say)
+        result = run_mutant(store_url, mutant, trial, seed=seed, say=say)
         if not result.killed and mutant.equivalent:
             result.note = f"equivalent: {mutant.equivalent}"
         results.append(result)
@@ -231,4 +121,4 @@ def run_selftest(store_url: str, mutants: list[Mutant], *, controls: bool = Fals
     return results
 
 
-__all__ = ["MUTANTS", "TRIALS", "Trial", "TrialResult", "run_selftest", "run_trial"]
+__all__ = ["MUTANTS", "TRIALS", "Trial", "TrialResult", "run_mutant", "run_selftest"]

@@ -50,7 +50,7 @@ def test_selftest_kills_the_lockless_claim_and_its_control_stays_valid(pg_url: s
          "--controls", "--store", pg_url, "--json"],
         capture_output=True, text=True, timeout=170)
     assert out.returncode == 0, out.stderr
-    results = {r["mutant"]: r for r in json.loads(out.stdout)["results"]}
+    results = {r["name"]: r for r in json.loads(out.stdout)["results"]}
     assert results["control"]["verdict"] == "valid"
     assert results["claim-without-lock"]["killed"] is True
     assert results["claim-without-lock"]["violations"].get("phantom_claim", 0) > 0
