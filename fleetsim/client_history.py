@@ -18,14 +18,14 @@ never compares it with database time):
 
 =========== ===============================================================
 ``open``    ``role`` (pod or submit), ``pod``, ``incarnation``, ``pid``, ``host``
-``claim``   ``steps``: ``[[step_id, token], ...]`` handed to the pod
+``claim``   ``ids``, ``tokens``: the steps handed to the pod and their claim tokens
 ``claim?``  a claim failed and may have committed unseen
-``ran``     ``start``, ``end``, ``ok``/``failed``: ``[step_id, ...]`` of one batch
-``write``   ``op`` (complete, fail, release, cancel), ``sent``:
-            ``[[step_id, token], ...]`` (complete: ``[step_id, token,
-            result_digest]``), ``reply``: ``accepted`` with ``ids`` (the ids
-            accepted; the others were refused) or ``unknown`` (an error: it
-            may or may not have landed)
+``ran``     ``start``, ``end``, ``ok``, ``failed``: one batch's run and its counts
+``write``   ``op`` (complete, fail, release, cancel, release_all), ``ids`` and
+            ``tokens`` sent (complete: also ``digests`` of the results sent),
+            ``reply``: ``accepted`` with ``accepted`` (the ids accepted; the
+            others were refused) or ``unknown`` (an error: it may or may not
+            have landed)
 ``submit``  ``queue``, ``ids``: the step ids a submit was told
 ``close``   the client stopped cleanly: the file is complete
 =========== ===============================================================
@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -106,29 +106,29 @@ class ClientHistory:
 
     def claimed(self, steps: Sequence[Any]) -> None:
         """Steps (ClaimedStep) handed to the pod by a claim."""
-        self.append({"type": "claim", "steps": [[s.id, s.claim_token] for s in steps]})
+        self.append({"type": "claim", "ids": [s.id for s in steps],
+                     "tokens": [s.claim_token for s in steps]})
 
     def claim_unknown(self) -> None:
         """A claim failed in a way that may have committed steps unseen."""
         self.append({"type": "claim?"})
 
-    def ran(self, start: float, end: float, ok: list[int], failed: list[int]) -> None:
-        """A batch ran: which steps' workloads returned and which raised."""
+    def ran(self, start: float, end: float, ok: int, failed: int) -> None:
+        """A batch ran: how many steps' workloads returned and how many raised."""
         self.append({"type": "ran", "start": start, "end": end, "ok": ok, "failed": failed})
 
-    def wrote(self, op: str, sent: list[Any], accepted: set[int] | None) -> None:
-        """A fenced write of ``sent`` items and its reply (None: unknown, an error)."""
+    def wrote(self, op: str, sent: list[Any], accepted: Iterable[int] | None) -> None:
+        """A fenced write of ``sent`` items ``(id, token, ...)`` and its reply (None: unknown)."""
+        record: dict[str, Any] = {"type": "write", "op": op, "ids": [i[0] for i in sent],
+                                  "tokens": [i[1] for i in sent]}
         if op == "complete":
-            # The digest is computed by the flusher (a result can be large).
-            items: list[Any] = [[i[0], i[1], _Digest(i[2])] for i in sent]
-        else:
-            items = [[i[0], i[1]] for i in sent]
-        record: dict[str, Any] = {"type": "write", "op": op, "sent": items}
+            # Digested by the flusher, off the claim loop (a result can be large).
+            record["digests"] = _Digests([i[2] for i in sent])
         if accepted is None:
             record["reply"] = "unknown"
         else:
             record["reply"] = "accepted"
-            record["ids"] = sorted(accepted)
+            record["accepted"] = list(accepted)
         self.append(record)
 
     def submitted(self, queue: str, ids: Sequence[int]) -> None:
@@ -172,22 +172,29 @@ class ClientHistory:
             self.flush()
 
 
-class _Digest:
-    """A result whose digest the flusher computes (kept off the claim loop)."""
+class _Digests:
+    """Results whose digests the flusher computes (kept off the claim loop)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("results",)
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    def __init__(self, results: list[Any]) -> None:
+        self.results = results
+
+
+_NULL_DIGEST = hashlib.sha256(b"null").hexdigest()[:16]
 
 
 def _encode(value: Any) -> Any:
-    if isinstance(value, _Digest):
-        try:
-            return result_digest(value.value)
-        except (TypeError, ValueError):
-            return None
+    if isinstance(value, _Digests):
+        return [_NULL_DIGEST if r is None else _safe_digest(r) for r in value.results]
     raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _safe_digest(result: Any) -> str | None:
+    try:
+        return result_digest(result)
+    except (TypeError, ValueError):
+        return None
 
 
 def _safe(name: str) -> str:
@@ -253,6 +260,15 @@ class NullHistory(ClientHistory):
 
     def append(self, record: dict[str, Any]) -> None:
         """Drop ``record``."""
+
+    def claimed(self, steps: Sequence[Any]) -> None:
+        """Nothing to record."""
+
+    def ran(self, start: float, end: float, ok: int, failed: int) -> None:
+        """Nothing to record."""
+
+    def wrote(self, op: str, sent: list[Any], accepted: Iterable[int] | None) -> None:
+        """Nothing to record."""
 
     def flush(self) -> None:
         """Nothing to write."""

@@ -62,6 +62,7 @@ class FleetSpec:
     fault_proxy: bool = True  # each pod reaches the store through its own fault proxy
     bus_host: str = "127.0.0.1"  # another address needs CURVE keys
     bus_keys: Path | None = None  # directory from `fleetsim keys generate`
+    client_history: bool = True  # pods and the submitter keep client histories
 
     def __post_init__(self) -> None:
         if not 1 <= self.pods <= 200:
@@ -396,7 +397,8 @@ class Coordinator:
         ]
         for queue in spec.queues:
             cmd += ["--queue", queue]
-        cmd += ["--client-history", str(self.client_history_dir)]
+        if spec.client_history:
+            cmd += ["--client-history", str(self.client_history_dir)]
         for handler in spec.handlers:
             cmd += ["--handler", handler]
         if (self.bus is not None and self.bus.endpoints is not None

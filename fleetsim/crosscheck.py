@@ -104,7 +104,8 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
             for record in log.records:
                 kind = record.get("type")
                 if kind == "claim":
-                    for step_id, token in record.get("steps", ()):
+                    for step_id, token in zip(record.get("ids", ()), record.get("tokens", ()),
+                                              strict=False):
                         pod.claimed[int(token)] = int(step_id)
                         pod.max_token = max(pod.max_token, int(token))
                 elif kind == "write":
@@ -113,8 +114,8 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
             submitted += [(int(i), log.path.name) for r in log.records
                           if r.get("type") == "submit" for i in r.get("ids", ())]
     completed_acks = {
-        int(item[0]) for _, w in writes if w.get("op") == "complete"
-        and w.get("reply") == "accepted" for item in w.get("sent", ())
+        int(i) for _, w in writes if w.get("op") == "complete"
+        and w.get("reply") == "accepted" for i in w.get("ids", ())
     }
     evidence = store_evidence(store, [i for i, _ in submitted] + sorted(completed_acks))
     result.counts.update({
@@ -174,10 +175,12 @@ def _check_writes(result: CrossExamination, evidence: StoreEvidence,
         ending = _ENDING.get(op)
         if ending is None or write.get("reply") != "accepted":
             continue
-        accepted = {int(i) for i in write.get("ids", ())}
+        accepted = {int(i) for i in write.get("accepted", ())}
         who = f"{pod.log.pod}/{pod.log.incarnation}"
-        for item in write.get("sent", ()):
-            step_id, token = int(item[0]), int(item[1])
+        digests = write.get("digests") or [None] * len(write.get("ids", ()))
+        for step_id, token, digest in zip(write.get("ids", ()), write.get("tokens", ()),
+                                          digests, strict=False):
+            step_id, token = int(step_id), int(token)
             outcomes = [e[3] for e in evidence.endings.get(token, []) if e[0] == step_id]
             base = {"pod": pod.log.pod, "incarnation": pod.log.incarnation, "op": op,
                     "step_id": step_id, "claim_token": token, "store_endings": outcomes}
@@ -202,7 +205,7 @@ def _check_writes(result: CrossExamination, evidence: StoreEvidence,
                            f"{', '.join(str(o) for o in outcomes if o != ending)}:"
                            " a write from a superseded claim", **base)
             elif op == "complete":
-                _check_completed(result, evidence, who, base, item, limit)
+                _check_completed(result, evidence, who, base, digest, limit)
     for step_id, tokens in acked_tokens.items():
         if len(tokens) > 1:
             result.add("double_acknowledgement", limit,
@@ -212,10 +215,9 @@ def _check_writes(result: CrossExamination, evidence: StoreEvidence,
 
 
 def _check_completed(result: CrossExamination, evidence: StoreEvidence, who: str,
-                     base: dict[str, Any], item: list[Any], limit: int) -> None:
+                     base: dict[str, Any], digest: str | None, limit: int) -> None:
     step_id, token = base["step_id"], base["claim_token"]
     status, step_token, stored = evidence.steps.get(step_id, ("missing", None, None))
-    digest = item[2] if len(item) > 2 else None
     if status != "completed" or step_token != token:
         result.add("acknowledged_write", limit,
                    f"{who} was told step {step_id} was completed with token {token}, but the"

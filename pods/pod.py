@@ -237,10 +237,11 @@ class Pod:
             released = self.store.release_claims_of(self.config.pod_id, self.config.incarnation)
         except StoreError:
             self._holds_unknown_claims.set()
-            self.history.append({"type": "write", "op": "release_all", "reply": "unknown"})
+            self.history.append({"type": "write", "op": "release_all", "ids": [], "tokens": [],
+                                 "reply": "unknown"})
             raise
-        self.history.append({"type": "write", "op": "release_all", "reply": "accepted",
-                             "ids": released})
+        self.history.append({"type": "write", "op": "release_all", "ids": [], "tokens": [],
+                             "reply": "accepted", "accepted": released})
         if released:
             log.warning("released %d steps claimed or held without a reply (%s)",
                         len(released), ", ".join(map(str, released[:10])))
@@ -276,8 +277,7 @@ class Pod:
                     (s.id, s.claim_token) for s in steps if s.id not in finished
                 )
         with outcome.lock:
-            self.history.ran(started, time.time(), [c[0] for c in outcome.completed],
-                             [f[0] for f in outcome.failed])
+            self.history.ran(started, time.time(), len(outcome.completed), len(outcome.failed))
         return outcome
 
     def _run_lane(self, lane: list[ClaimedStep], outcome: _BatchOutcome) -> None:
@@ -380,7 +380,7 @@ class Pod:
                 return [(items[0], exc)]
             self._abandon(items)
             return []
-        self.history.wrote(kind, items, set(accepted))
+        self.history.wrote(kind, items, accepted)
         rejected = len(items) - len(accepted)
         if rejected:
             log.info("%d %s writes refused: lease lost (steps were requeued)", rejected, kind)

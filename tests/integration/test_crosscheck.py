@@ -103,23 +103,23 @@ def test_a_write_acknowledged_twice_and_a_refused_one_that_landed_are_caught(
         (folder / f"pod-{name}.0.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in lines))
 
-    write("pod-a", [{"type": "claim", "steps": [[step, claim.claim_token]]},
-                    {"type": "write", "op": "complete", "reply": "accepted", "ids": [step],
-                     "sent": [[step, claim.claim_token, None]]}])
+    write("pod-a", [{"type": "claim", "ids": [step], "tokens": [claim.claim_token]},
+                    {"type": "write", "op": "complete", "reply": "accepted", "accepted": [step],
+                     "ids": [step], "tokens": [claim.claim_token]}])
     assert set(_totals(store, folder).values()) == {0}
     # Another pod says it too was told "completed", with a token the store never issued.
-    write("pod-b", [{"type": "claim", "steps": [[step, claim.claim_token + 100]]},
-                    {"type": "write", "op": "complete", "reply": "accepted", "ids": [step],
-                     "sent": [[step, claim.claim_token + 100, None]]}])
+    write("pod-b", [{"type": "claim", "ids": [step], "tokens": [claim.claim_token + 100]},
+                    {"type": "write", "op": "complete", "reply": "accepted", "accepted": [step],
+                     "ids": [step], "tokens": [claim.claim_token + 100]}])
     totals = _totals(store, folder)
     assert totals["double_acknowledgement"] == 1
     assert totals["phantom_claim"] == 1
     assert totals["acknowledged_write"] == 1
     # pod-a was told its completion was refused, yet the store completed it.
     (folder / "pod-pod-b.0.jsonl").unlink()
-    write("pod-a", [{"type": "claim", "steps": [[step, claim.claim_token]]},
-                    {"type": "write", "op": "complete", "reply": "accepted", "ids": [],
-                     "sent": [[step, claim.claim_token, None]]}])
+    write("pod-a", [{"type": "claim", "ids": [step], "tokens": [claim.claim_token]},
+                    {"type": "write", "op": "complete", "reply": "accepted", "accepted": [],
+                     "ids": [step], "tokens": [claim.claim_token]}])
     assert _totals(store, folder)["acknowledged_write"] == 1
 
 
