@@ -310,58 +310,76 @@ SELECT (SELECT count(*) FROM steps) AS steps,
 
 STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
 
-# End of a term (released, superseded, or its last expiry) to the next start;
-# and a leader's death to the next start. Death is the pod's last heartbeat
-# if its pods row still records a death during that term or the next one,
-# else the first mark_dead action naming it then. Deaths recorded only after
-# the next term began, with no heartbeat kept, give no figure.
+# failover: for each change of leader (term k to term k+1), how long the fleet
+# was without a working leader, in database time: from the old leader's last
+# recorded sign of life up to the start of term k+1 (its acquisition, the new
+# term's first act). A sign of life is anything the old leader's pod wrote
+# itself: its term's start, a leader action, a claim, an accepted write
+# (complete, fail, release, cancel ack), its last heartbeat and its own stop,
+# counted only if before term k+1 started. The store does not record lease
+# renewals (leader_terms.expires_at is overwritten), so the last renewal is
+# bounded by these signs: see docs/reference/checker.md.
+# lease_expiry_to_new_leader is the other part: term k's recorded end
+# (ended_at, else expires_at) to term k+1's start, the candidates' reaction
+# once the lease ran out (what "failover" measured before).
 FAILOVER = """
 WITH t AS (
     SELECT term, pod_id, started_at, coalesce(ended_at, expires_at) AS end_at,
-           lead(started_at) OVER (ORDER BY term) AS next_started_at,
-           lead(coalesce(ended_at, expires_at)) OVER (ORDER BY term) AS next_end_at
+           lead(term) OVER (ORDER BY term) AS next_term,
+           lead(pod_id) OVER (ORDER BY term) AS next_pod,
+           lead(started_at) OVER (ORDER BY term) AS next_started_at
       FROM leader_terms
+), leaders AS (
+    SELECT DISTINCT pod_id FROM leader_terms
+), signs AS (
+    SELECT a.pod_id AS pod, a.claimed_at AS at
+      FROM finished_attempts a WHERE a.pod_id IN (SELECT pod_id FROM leaders)
+    UNION ALL
+    SELECT a.pod_id, a.finished_at
+      FROM finished_attempts a
+     WHERE a.outcome IN ('completed', 'failed', 'released', 'cancelled')
+       AND a.pod_id IN (SELECT pod_id FROM leaders)
+    UNION ALL
+    SELECT s.claimed_by, s.claimed_at
+      FROM steps s WHERE s.status = 'claimed' AND s.claimed_by IN (SELECT pod_id FROM leaders)
+    UNION ALL
+    SELECT p.id, p.heartbeat_at FROM pods p WHERE p.id IN (SELECT pod_id FROM leaders)
+    UNION ALL
+    SELECT p.id, p.died_at FROM pods p
+     WHERE p.status = 'stopped' AND p.id IN (SELECT pod_id FROM leaders)
+    UNION ALL
+    SELECT la.pod_id, la.at FROM leader_actions la
+), ev AS (
+    -- Each pod's signs and, as markers, the starts of the terms after its
+    -- own terms: one sort per pod, the latest sign before each marker.
+    SELECT pod, at, 0 AS k, CAST(NULL AS bigint) AS term FROM signs WHERE at IS NOT NULL
+    UNION ALL
+    SELECT pod_id, next_started_at, 1, term FROM t WHERE next_started_at IS NOT NULL
+), carried AS (
+    SELECT ev.*,
+           max(at) FILTER (WHERE k = 0) OVER (PARTITION BY pod ORDER BY at, k
+                                              ROWS UNBOUNDED PRECEDING) AS last_sign
+      FROM ev
+), changes AS (
+    SELECT t.term, t.pod_id, t.next_term, t.next_pod, t.next_started_at, t.end_at,
+           greatest(t.started_at, c.last_sign) AS last_alive
+      FROM t JOIN carried c ON c.k = 1 AND c.term = t.term
 ), gaps AS (
-    SELECT CAST(extract(epoch FROM next_started_at - end_at) AS float8) AS s
-      FROM t
-     WHERE next_started_at IS NOT NULL
-), marked AS (
-    -- For each term, the first mark_dead naming its pod at or after its start:
-    -- terms and marks of one pod merged newest first, with a running minimum
-    -- (one sort; no index on leader_actions.target_pod is needed).
-    SELECT e.term, min(e.mark_at) OVER (PARTITION BY e.pod ORDER BY e.at DESC, e.k DESC
-                                        ROWS UNBOUNDED PRECEDING) AS first_mark_at
-      FROM (SELECT pod_id AS pod, started_at AS at, 0 AS k, term,
-                   CAST(NULL AS timestamptz) AS mark_at
-              FROM leader_terms
-            UNION ALL
-            SELECT target_pod, at, 1, NULL, at
-              FROM leader_actions
-             WHERE action = 'mark_dead' AND target_pod IS NOT NULL) e
-), deaths AS (
-    SELECT t.next_started_at,
-           coalesce(
-               (SELECT p.heartbeat_at FROM pods p
-                 WHERE p.id = t.pod_id
-                   AND p.died_at BETWEEN t.started_at
-                                     AND coalesce(t.next_end_at, 'infinity')),
-               CASE WHEN m.first_mark_at <= coalesce(t.next_end_at, 'infinity')
-                    THEN m.first_mark_at END
-           ) AS died_at
-      FROM t
-      JOIN marked m ON m.term = t.term
-     WHERE t.next_started_at IS NOT NULL
-), death_gaps AS (
-    SELECT CAST(extract(epoch FROM next_started_at - died_at) AS float8) AS s
-      FROM deaths
-     WHERE died_at <= next_started_at
+    SELECT changes.*,
+           CAST(extract(epoch FROM next_started_at - last_alive) AS float8) AS s,
+           CAST(extract(epoch FROM next_started_at - end_at) AS float8) AS tail_s
+      FROM changes
+), worst AS (
+    SELECT * FROM gaps ORDER BY s DESC, term LIMIT 1
 )
-SELECT (SELECT count(s) FROM gaps),
-       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM gaps),
-       (SELECT max(s) FROM gaps),
-       (SELECT count(s) FROM death_gaps),
-       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM death_gaps),
-       (SELECT max(s) FROM death_gaps)
+SELECT (SELECT count(s) FROM gaps) AS n,
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM gaps) AS median,
+       (SELECT max(s) FROM gaps) AS max,
+       (SELECT count(tail_s) FROM gaps) AS tail_n,
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY tail_s) FROM gaps) AS tail_median,
+       (SELECT max(tail_s) FROM gaps) AS tail_max,
+       w.term, w.pod_id, w.next_term, w.next_pod, w.last_alive, w.next_started_at
+  FROM (SELECT 1) one LEFT JOIN worst w ON true
 """
 
 # A dead pod's lost claims (outcome lease_lost) to their next claim. The death
@@ -580,8 +598,22 @@ def _figures(conn: Connection) -> dict[str, dict[str, Any]]:
     latency = conn.execute(sa.text(LATENCY)).one()
     p50, p90, p99 = latency[1] if latency[1] is not None else (None, None, None)
     return {
-        "failover": _figure(failover[0], failover[1], failover[2]),
-        "leader_death_to_new_leader": _figure(failover[3], failover[4], failover[5]),
+        "failover": {
+            **_figure(failover.n, failover.median, failover.max),
+            "worst": None
+            if failover.term is None
+            else {
+                "term": failover.term,
+                "pod": failover.pod_id,
+                "last_sign_of_life": plain(failover.last_alive),
+                "next_term": failover.next_term,
+                "next_pod": failover.next_pod,
+                "next_started_at": plain(failover.next_started_at),
+            },
+        },
+        "lease_expiry_to_new_leader": _figure(
+            failover.tail_n, failover.tail_median, failover.tail_max
+        ),
         "orphan_recovery": {
             **_figure(orphan[0], orphan[2], orphan[3]),
             "not_reclaimed": int(orphan[1] or 0),
