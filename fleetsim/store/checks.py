@@ -34,6 +34,8 @@ INVARIANTS = (
     "fifo_order",
     "concurrency_limit",
     "dlq",
+    "exclusive_claims",
+    "history_integrity",
 )
 
 # -- invariants -------------------------------------------------------------
@@ -296,6 +298,250 @@ SELECT l.total, l.queue, l.lim, l.at, l.running, l.step_id, l.claim_token, l.pod
  ORDER BY l.queue, l.at, l.claim_token
 """
 
+# Every attempt, finished or open, for the integrity checks (the step_attempts
+# view without its join to rejected_writes, which these checks do not need).
+_ATT = """att AS (
+    SELECT claim_token, step_id, pod_id, incarnation, claimed_at, finished_at, outcome
+      FROM finished_attempts
+    UNION ALL
+    SELECT claim_token, id, claimed_by, coalesce(claim_incarnation, 0), claimed_at,
+           CAST(NULL AS timestamptz), CAST(NULL AS text)
+      FROM steps WHERE status = 'claimed'
+)"""
+
+# exclusive_claims: the attempts of one step never overlap in time. Ordered by
+# token, each attempt ends before the step's next claim starts. Accepted writes
+# that end after a later claim are stale_write (superseded); this covers the
+# rest: revoked (lease_lost) attempts and open ones.
+# Built from constant fragments only (no values), as in queries.py.
+EXCLUSIVE_CLAIMS = "WITH " + _ATT + """, w AS (
+    SELECT att.*,
+           min(claimed_at) OVER (PARTITION BY step_id ORDER BY claim_token DESC
+                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS next_claimed_at
+      FROM att
+), found AS MATERIALIZED (
+    SELECT w.* FROM w
+     WHERE (w.outcome = 'lease_lost' OR w.outcome IS NULL)
+       AND w.next_claimed_at IS NOT NULL
+       AND (w.finished_at IS NULL OR w.finished_at > w.next_claimed_at)
+), limited AS (
+    SELECT found.*, count(*) OVER () AS total
+      FROM found ORDER BY step_id, claim_token LIMIT :limit
+)
+SELECT l.total, l.step_id, l.claim_token, l.pod_id, l.incarnation, l.outcome, l.claimed_at,
+       l.finished_at, n.claim_token AS next_claim_token, n.pod_id AS next_pod,
+       n.claimed_at AS next_claimed_at
+  FROM limited l
+  LEFT JOIN LATERAL (
+      SELECT b.claim_token, b.pod_id, b.claimed_at FROM att b
+       WHERE b.step_id = l.step_id AND b.claim_token > l.claim_token
+       ORDER BY b.claimed_at, b.claim_token LIMIT 1
+  ) n ON true
+ ORDER BY l.step_id, l.claim_token
+"""  # noqa: S608
+
+# history_integrity: the history is whole and consistent with itself. Each
+# branch is one rule (its kind); each row a witness as jsonb. The rules and
+# what the store cannot show are in docs/reference/checker.md.
+INTEGRITY = "WITH " + _ATT + """, spent AS (
+    SELECT step_id, count(*) FILTER (WHERE outcome IN ('failed', 'lease_lost')) AS n
+      FROM finished_attempts GROUP BY step_id
+), revocations AS (
+    SELECT * FROM leader_actions
+     WHERE action IN ('requeue', 'dead_letter') AND claim_token IS NOT NULL
+), found AS MATERIALIZED (
+    -- Attempts whose step does not exist.
+    SELECT 'orphan_attempt' AS kind, a.step_id, a.claim_token AS token,
+           jsonb_build_object('step_id', a.step_id, 'claim_token', a.claim_token,
+                              'pod', a.pod_id, 'outcome', a.outcome,
+                              'finished_at', a.finished_at) AS w
+      FROM finished_attempts a
+     WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = a.step_id)
+    UNION ALL
+    -- Steps a leader action names that are gone with all their attempts.
+    SELECT 'missing_step', la.step_id, min(la.claim_token),
+           jsonb_build_object('step_id', la.step_id, 'claim_token', min(la.claim_token),
+                              'action', min(la.action), 'term', min(la.term))
+      FROM leader_actions la
+     WHERE la.step_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = la.step_id)
+       AND NOT EXISTS (SELECT 1 FROM finished_attempts a WHERE a.step_id = la.step_id)
+     GROUP BY la.step_id
+    UNION ALL
+    -- A claim token recorded twice.
+    SELECT 'duplicate_token', min(step_id), claim_token,
+           jsonb_build_object('claim_token', claim_token,
+                              'step_ids', array_agg(step_id ORDER BY step_id))
+      FROM att GROUP BY claim_token HAVING count(*) > 1
+    UNION ALL
+    -- Pods named anywhere that never registered (the pods table keeps one row
+    -- per pod id, whatever its incarnations).
+    SELECT 'unknown_pod', min(r.step_id), min(r.token),
+           jsonb_build_object('pod', r.pod, 'named_by', min(r.src), 'rows', count(*),
+                              'step_id', min(r.step_id))
+      FROM (SELECT pod_id AS pod, 'attempt' AS src, step_id, claim_token AS token
+              FROM finished_attempts
+            UNION ALL
+            SELECT claimed_by, 'step', id, claim_token FROM steps WHERE claimed_by IS NOT NULL
+            UNION ALL
+            SELECT pod_id, 'leader_term', NULL, NULL FROM leader_terms
+            UNION ALL
+            SELECT pod_id, 'leader_action', step_id, claim_token FROM leader_actions
+            UNION ALL
+            SELECT target_pod, 'leader_action', step_id, claim_token FROM leader_actions
+             WHERE target_pod IS NOT NULL) r
+     WHERE NOT EXISTS (SELECT 1 FROM pods p WHERE p.id = r.pod)
+     GROUP BY r.pod
+    UNION ALL
+    -- A claim made after the pod's latest registration must carry that
+    -- incarnation (earlier incarnations are not kept: see the limits).
+    SELECT 'unknown_incarnation', a.step_id, a.claim_token,
+           jsonb_build_object('step_id', a.step_id, 'claim_token', a.claim_token,
+                              'pod', a.pod_id, 'incarnation', a.incarnation,
+                              'claimed_at', a.claimed_at,
+                              'registered_incarnation', p.incarnation,
+                              'registered_at', p.started_at)
+      FROM att a JOIN pods p ON p.id = a.pod_id
+     WHERE a.claimed_at >= p.started_at AND a.incarnation <> p.incarnation
+    UNION ALL
+    -- A completed step shows the claim that completed it.
+    SELECT 'attempt_mismatch', s.id, s.claim_token,
+           jsonb_build_object('step_id', s.id, 'claim_token', s.claim_token,
+                              'attempt_pod', a.pod_id, 'step_pod', s.claimed_by,
+                              'attempt_incarnation', a.incarnation,
+                              'step_incarnation', coalesce(s.claim_incarnation, 0),
+                              'attempt_claimed_at', a.claimed_at,
+                              'step_claimed_at', s.claimed_at)
+      FROM steps s
+      JOIN finished_attempts a ON a.claim_token = s.claim_token AND a.step_id = s.id
+                              AND a.outcome = 'completed'
+     WHERE s.status = 'completed'
+       AND (a.pod_id IS DISTINCT FROM s.claimed_by
+            OR a.incarnation <> coalesce(s.claim_incarnation, 0)
+            OR a.claimed_at IS DISTINCT FROM s.claimed_at)
+    UNION ALL
+    -- Instants out of order.
+    SELECT 'ends_before_start', x.step_id, x.token,
+           jsonb_build_object('what', x.what, 'step_id', x.step_id, 'claim_token', x.token,
+                              'pod', x.pod, 'term', x.term, 'started_at', x.started_at,
+                              'ended_at', x.ended_at)
+      FROM (SELECT 'attempt' AS what, step_id, claim_token AS token, pod_id AS pod,
+                   CAST(NULL AS bigint) AS term, claimed_at AS started_at,
+                   finished_at AS ended_at
+              FROM finished_attempts WHERE finished_at < claimed_at
+            UNION ALL
+            SELECT 'claim_before_submit', a.step_id, a.claim_token, a.pod_id, NULL,
+                   s.created_at, a.claimed_at
+              FROM att a JOIN steps s ON s.id = a.step_id WHERE a.claimed_at < s.created_at
+            UNION ALL
+            SELECT 'step', id, claim_token, claimed_by, NULL, coalesce(claimed_at, created_at),
+                   finished_at
+              FROM steps WHERE finished_at < coalesce(claimed_at, created_at)
+            UNION ALL
+            SELECT 'term', NULL, NULL, pod_id, term, started_at,
+                   coalesce(ended_at, expires_at)
+              FROM leader_terms WHERE coalesce(ended_at, expires_at) < started_at
+            UNION ALL
+            SELECT 'revocation', r.step_id, r.claim_token, r.target_pod, r.term, a.claimed_at,
+                   r.at
+              FROM revocations r JOIN att a ON a.claim_token = r.claim_token
+             WHERE r.at < a.claimed_at
+            UNION ALL
+            SELECT 'pod', NULL, NULL, id, NULL, started_at,
+                   LEAST(heartbeat_at, died_at)
+              FROM pods WHERE LEAST(heartbeat_at, died_at) < started_at) x
+    UNION ALL
+    -- Instants after the check's own database time.
+    SELECT 'future_time', x.step_id, x.token,
+           jsonb_build_object('what', x.what, 'step_id', x.step_id, 'claim_token', x.token,
+                              'pod', x.pod, 'term', x.term, 'at', x.at,
+                              'db_now', statement_timestamp())
+      FROM (SELECT 'attempt' AS what, step_id, claim_token AS token, pod_id AS pod,
+                   CAST(NULL AS bigint) AS term,
+                   greatest(claimed_at, finished_at) AS at
+              FROM att
+            UNION ALL
+            SELECT 'step', id, claim_token, claimed_by, NULL,
+                   greatest(created_at, claimed_at, finished_at)
+              FROM steps
+            UNION ALL
+            SELECT 'term', NULL, NULL, pod_id, term, greatest(started_at, ended_at)
+              FROM leader_terms
+            UNION ALL
+            SELECT 'leader_action', step_id, claim_token, pod_id, term, at FROM leader_actions
+            UNION ALL
+            SELECT 'pod', NULL, NULL, id, NULL, greatest(started_at, heartbeat_at, died_at)
+              FROM pods
+            UNION ALL
+            SELECT 'rejected_write', step_id, claim_token, NULL, NULL, at
+              FROM rejected_writes) x
+     WHERE x.at > statement_timestamp()
+    UNION ALL
+    -- Terms the lease or the later terms prove were granted, missing.
+    SELECT 'missing_term', NULL, g.term,
+           jsonb_build_object('term', g.term,
+                              'lease_term', (SELECT term FROM leader_lease WHERE id = 1),
+                              'recorded_terms', (SELECT count(*) FROM leader_terms))
+      FROM generate_series(1, greatest((SELECT max(term) FROM leader_terms),
+                                       (SELECT term FROM leader_lease WHERE id = 1))) g(term)
+     WHERE NOT EXISTS (SELECT 1 FROM leader_terms t WHERE t.term = g.term)
+    UNION ALL
+    -- A pod marked dead is marked by a leader action of the same instant.
+    SELECT 'unlogged_death', NULL, NULL,
+           jsonb_build_object('pod', p.id, 'died_at', p.died_at)
+      FROM pods p
+     WHERE p.status = 'dead'
+       AND NOT EXISTS (SELECT 1 FROM leader_actions la
+                        WHERE la.action = 'mark_dead' AND la.target_pod = p.id
+                          AND la.at = p.died_at)
+    UNION ALL
+    -- A revoked claim (lease_lost) was revoked by a leader's requeue or
+    -- dead_letter naming its token, or by its pod registering again (at that
+    -- instant; only the latest registration is kept, so an earlier one is
+    -- given the benefit of the doubt).
+    SELECT 'unlogged_revocation', a.step_id, a.claim_token,
+           jsonb_build_object('step_id', a.step_id, 'claim_token', a.claim_token,
+                              'pod', a.pod_id, 'incarnation', a.incarnation,
+                              'revoked_at', a.finished_at, 'registered_at', p.started_at)
+      FROM finished_attempts a
+      LEFT JOIN pods p ON p.id = a.pod_id
+     WHERE a.outcome = 'lease_lost'
+       AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.claim_token = a.claim_token)
+       AND p.started_at < a.finished_at
+    UNION ALL
+    -- A leader's revocation matches the attempt it ended: same step and pod,
+    -- revoked (lease_lost) at the action's instant. An accepted write under a
+    -- revoked token is stale_write instead.
+    SELECT 'revocation_mismatch', r.step_id, r.claim_token,
+           jsonb_build_object('step_id', r.step_id, 'claim_token', r.claim_token,
+                              'action_id', r.id, 'action', r.action, 'at', r.at,
+                              'target_pod', r.target_pod, 'attempt_step_id', a.step_id,
+                              'attempt_pod', a.pod_id, 'attempt_outcome', a.outcome,
+                              'attempt_finished_at', a.finished_at)
+      FROM revocations r
+      LEFT JOIN att a ON a.claim_token = r.claim_token
+     WHERE a.claim_token IS NULL
+        OR a.step_id <> r.step_id
+        OR a.pod_id IS DISTINCT FROM r.target_pod
+        OR a.outcome IS NULL
+        OR (a.outcome = 'lease_lost' AND a.finished_at <> r.at)
+    UNION ALL
+    -- A step's last error proves a spent attempt: only a failure or a
+    -- revocation writes steps.error.
+    SELECT 'erased_failure', s.id, s.claim_token,
+           jsonb_build_object('step_id', s.id, 'status', s.status, 'attempts', s.attempts,
+                              'error', left(s.error, 200))
+      FROM steps s LEFT JOIN spent ON spent.step_id = s.id
+     WHERE (s.error IS NOT NULL OR s.status = 'failed') AND coalesce(spent.n, 0) = 0
+), ranked AS (
+    SELECT found.*, count(*) OVER () AS total,
+           row_number() OVER (ORDER BY kind, step_id, token) AS n
+      FROM found
+)
+SELECT total, kind, w FROM ranked WHERE n <= :limit ORDER BY n
+"""  # noqa: S608
+
 # -- counts and figures -----------------------------------------------------
 
 COUNTS = """
@@ -305,7 +551,10 @@ SELECT (SELECT count(*) FROM steps) AS steps,
        (SELECT count(*) FROM pods) AS pods,
        (SELECT count(*) FROM queues) AS queues,
        (SELECT count(*) FROM leader_terms) AS terms,
-       (SELECT count(*) FROM leader_actions) AS leader_actions
+       (SELECT count(*) FROM leader_actions) AS leader_actions,
+       -- Step ids below the highest that no step has: a hint, not proof (a
+       -- rolled-back or deduplicated submit draws an id too).
+       (SELECT coalesce(max(id), 0) - count(*) FROM steps) AS step_id_gaps
 """
 
 STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
@@ -567,6 +816,14 @@ def check_history(store: Store, *, final: bool, limit: int) -> HistoryFacts:
             totals["concurrency_limit"] = int(r["total"])
             findings.append(_concurrency_finding(r))
 
+        for r in rows(EXCLUSIVE_CLAIMS, limit=limit):
+            totals["exclusive_claims"] = int(r["total"])
+            findings.append(_overlap_attempt_finding(r))
+
+        for r in rows(INTEGRITY, limit=limit):
+            totals["history_integrity"] = int(r["total"])
+            findings.append(_integrity_finding(r))
+
         counts: dict[str, Any] = rows(COUNTS)[0]
         by_status = {name: int(n) for name, n in conn.execute(sa.text(STATUS_COUNTS))}
         figures = _figures(conn)
@@ -762,6 +1019,27 @@ def _concurrency_finding(r: dict[str, Any]) -> Finding:
         "open_pods": list(r["pods"] or []),
     }
     return Finding("concurrency_limit", "exceeded", witness)
+
+
+def _overlap_attempt_finding(r: dict[str, Any]) -> Finding:
+    witness = {
+        "step_id": r["step_id"],
+        "claim_token": r["claim_token"],
+        "pod": r["pod_id"],
+        "incarnation": r["incarnation"],
+        "outcome": r["outcome"],
+        "claimed_at": plain(r["claimed_at"]),
+        "finished_at": plain(r["finished_at"]),
+        "next_claim_token": r["next_claim_token"],
+        "next_pod": r["next_pod"],
+        "next_claimed_at": plain(r["next_claimed_at"]),
+    }
+    return Finding("exclusive_claims", "overlap", witness)
+
+
+def _integrity_finding(r: dict[str, Any]) -> Finding:
+    witness = {k: v for k, v in dict(r["w"]).items() if v is not None}
+    return Finding("history_integrity", r["kind"], {"kind": r["kind"], **witness})
 
 
 # -- history export ---------------------------------------------------------
