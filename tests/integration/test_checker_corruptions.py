@@ -286,3 +286,65 @@ def test_duplicate_claim_token(history: History) -> None:
     )
     found = integrity(history)
     assert ("duplicate_token", token) in {(w["kind"], w["claim_token"]) for w in found}
+
+
+@pytest.mark.parametrize(
+    ("what", "sql"),
+    [
+        ("claim_before_submit",
+         "UPDATE steps SET created_at = finished_at + interval '1 ms' WHERE id = %(step)s"),
+        ("term", "UPDATE leader_terms SET ended_at = started_at - interval '1 s',"
+                 " expires_at = started_at - interval '1 s' WHERE term = 3"),
+        ("pod", "UPDATE pods SET heartbeat_at = started_at - interval '1 s'"
+                " WHERE id = %(pod)s"),
+    ],
+)
+def test_other_instants_out_of_order(history: History, what: str, sql: str) -> None:
+    step_id, _, pod = _single_attempt_completed(history.db)
+    history.db.conn.cursor().execute(sql, {"step": step_id, "pod": pod})
+    report = check(history.store)
+    found = [v.witness for v in report.violations if v.invariant == "history_integrity"]
+    assert what in {w["what"] for w in found if w["kind"] == "ends_before_start"}, (
+        report.summary()
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "sql"),
+    [
+        ("term", "UPDATE leader_terms SET ended_at = TIMESTAMPTZ '2100-01-01Z' WHERE term = 3"),
+        ("leader_action", "UPDATE leader_actions SET at = TIMESTAMPTZ '2100-01-01Z'"
+                          " WHERE id = (SELECT min(id) FROM leader_actions)"),
+        ("pod", "UPDATE pods SET heartbeat_at = TIMESTAMPTZ '2100-01-01Z' WHERE id = 'pod-1'"),
+        ("rejected_write", "UPDATE rejected_writes SET at = TIMESTAMPTZ '2100-01-01Z'"),
+        ("step", "UPDATE steps SET created_at = TIMESTAMPTZ '2100-01-01Z'"
+                 " WHERE id = (SELECT min(id) FROM steps WHERE status = 'cancelled')"),
+    ],
+)
+def test_other_instants_in_the_future(history: History, what: str, sql: str) -> None:
+    history.db.all(sql)
+    report = check(history.store)
+    found = [v.witness for v in report.violations if v.invariant == "history_integrity"]
+    assert what in {w["what"] for w in found if w["kind"] == "future_time"}, report.summary()
+
+
+def test_completed_step_without_any_accepted_completion(history: History) -> None:
+    step_id, token, _ = _single_attempt_completed(history.db)
+    history.db.all("UPDATE finished_attempts SET outcome = 'released' WHERE claim_token = %s",
+                   token)
+    report = check(history.store)
+    (w,) = only(report, "duplicate_completion")
+    assert w["step_id"] == step_id and w["claim_token"] == token
+    assert "no attempt of it recorded an accepted completion" in report.violations[0].message
+
+
+def test_only_completion_is_not_the_latest_claim(history: History) -> None:
+    # A completed step whose row shows a newer claim than the one that completed it.
+    db = history.db
+    step_id, token, _ = _single_attempt_completed(db)
+    later = db.one("SELECT max(claim_token) + 1000 FROM finished_attempts")
+    db.all("UPDATE steps SET claim_token = %s WHERE id = %s", later, step_id)
+    report = check(history.store)
+    stale = [v for v in report.violations if v.invariant == "stale_write"]
+    assert [(v.witness["step_id"], v.witness["claim_token"]) for v in stale] == [(step_id, token)]
+    assert "latest claim is token" in stale[0].message
