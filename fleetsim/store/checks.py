@@ -768,6 +768,9 @@ def _snapshot(store: Store) -> Iterator[Connection]:
             # and sorts run faster in memory; both bounded, neither grows with it.
             conn.execute(sa.text("SET LOCAL statement_timeout = '10min'"))
             conn.execute(sa.text("SET LOCAL work_mem = '64MB'"))
+            # The integrity query's many branches cost seconds of JIT
+            # compilation (4.3 s of a 5.7 s run at 100,000 steps) for no gain.
+            conn.execute(sa.text("SET LOCAL jit = off"))
             yield conn
 
 
