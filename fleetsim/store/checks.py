@@ -344,20 +344,51 @@ SELECT l.total, l.step_id, l.claim_token, l.pod_id, l.incarnation, l.outcome, l.
 # history_integrity: the history is whole and consistent with itself. Each
 # branch is one rule (its kind); each row a witness as jsonb. The rules and
 # what the store cannot show are in docs/reference/checker.md.
-INTEGRITY = "WITH " + _ATT + """, spent AS (
-    SELECT step_id, count(*) FILTER (WHERE outcome IN ('failed', 'lease_lost')) AS n
+INTEGRITY = "WITH " + _ATT + """, per_step AS (
+    SELECT step_id,
+           count(*) FILTER (WHERE outcome IN ('failed', 'lease_lost')) AS spent,
+           min(claimed_at) AS first_claimed_at, min(claim_token) AS first_token,
+           min(pod_id) AS some_pod,
+           count(*) FILTER (WHERE outcome = 'completed') AS completions,
+           min(claim_token) FILTER (WHERE outcome = 'completed') AS c_token,
+           min(pod_id) FILTER (WHERE outcome = 'completed') AS c_pod,
+           min(incarnation) FILTER (WHERE outcome = 'completed') AS c_incarnation,
+           min(claimed_at) FILTER (WHERE outcome = 'completed') AS c_claimed_at
       FROM finished_attempts GROUP BY step_id
-), revocations AS (
+), steps_x AS MATERIALIZED (
+    -- One join of the steps with their attempts' aggregate serves four rules
+    -- (an open claim is the step's own claimed_at).
+    SELECT p.*, s.id, s.status, s.created_at, s.claim_token, s.claimed_by,
+           coalesce(s.claim_incarnation, 0) AS claim_incarnation, s.claimed_at, s.error,
+           s.attempts,
+           LEAST(p.first_claimed_at, s.claimed_at) AS first_claim_at
+      FROM per_step p FULL JOIN steps s ON s.id = p.step_id
+     WHERE s.id IS NULL
+        OR LEAST(p.first_claimed_at, s.claimed_at) < s.created_at
+        OR (s.status = 'completed' AND p.completions = 1 AND p.c_token = s.claim_token
+            AND (p.c_pod IS DISTINCT FROM s.claimed_by
+                 OR p.c_incarnation <> coalesce(s.claim_incarnation, 0)
+                 OR p.c_claimed_at IS DISTINCT FROM s.claimed_at))
+        OR ((s.error IS NOT NULL OR s.status = 'failed') AND coalesce(p.spent, 0) = 0)
+), revocations AS MATERIALIZED (
     SELECT * FROM leader_actions
      WHERE action IN ('requeue', 'dead_letter') AND claim_token IS NOT NULL
+), rev AS MATERIALIZED (
+    -- Each revocation with the attempt it names (looked up for these tokens only).
+    SELECT r.id, r.action, r.term, r.step_id, r.claim_token, r.target_pod, r.at,
+           a.claim_token AS a_token, a.step_id AS a_step_id, a.pod_id AS a_pod,
+           a.outcome AS a_outcome, a.claimed_at AS a_claimed_at,
+           a.finished_at AS a_finished_at
+      FROM revocations r
+      LEFT JOIN (SELECT * FROM att
+                  WHERE claim_token IN (SELECT claim_token FROM revocations)) a
+        ON a.claim_token = r.claim_token
 ), found AS MATERIALIZED (
     -- Attempts whose step does not exist.
-    SELECT 'orphan_attempt' AS kind, a.step_id, a.claim_token AS token,
-           jsonb_build_object('step_id', a.step_id, 'claim_token', a.claim_token,
-                              'pod', a.pod_id, 'outcome', a.outcome,
-                              'finished_at', a.finished_at) AS w
-      FROM finished_attempts a
-     WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = a.step_id)
+    SELECT 'orphan_attempt' AS kind, x.step_id, x.first_token AS token,
+           jsonb_build_object('step_id', x.step_id, 'claim_token', x.first_token,
+                              'pod', x.some_pod) AS w
+      FROM steps_x x WHERE x.id IS NULL
     UNION ALL
     -- Steps a leader action names that are gone with all their attempts.
     SELECT 'missing_step', la.step_id, min(la.claim_token),
@@ -366,31 +397,34 @@ INTEGRITY = "WITH " + _ATT + """, spent AS (
       FROM leader_actions la
      WHERE la.step_id IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = la.step_id)
-       AND NOT EXISTS (SELECT 1 FROM finished_attempts a WHERE a.step_id = la.step_id)
+       AND NOT EXISTS (SELECT 1 FROM steps_x x WHERE x.id IS NULL AND x.step_id = la.step_id)
      GROUP BY la.step_id
     UNION ALL
     -- A claim token recorded twice.
     SELECT 'duplicate_token', min(step_id), claim_token,
            jsonb_build_object('claim_token', claim_token,
-                              'step_ids', array_agg(step_id ORDER BY step_id))
+                              'step_ids', jsonb_build_array(min(step_id), max(step_id)))
       FROM att GROUP BY claim_token HAVING count(*) > 1
     UNION ALL
     -- Pods named anywhere that never registered (the pods table keeps one row
     -- per pod id, whatever its incarnations).
     SELECT 'unknown_pod', min(r.step_id), min(r.token),
-           jsonb_build_object('pod', r.pod, 'named_by', min(r.src), 'rows', count(*),
+           jsonb_build_object('pod', r.pod, 'named_by', min(r.src), 'rows', sum(r.n),
                               'step_id', min(r.step_id))
-      FROM (SELECT pod_id AS pod, 'attempt' AS src, step_id, claim_token AS token
-              FROM finished_attempts
+      FROM (SELECT pod_id AS pod, 'attempt' AS src, min(step_id) AS step_id,
+                   min(claim_token) AS token, count(*) AS n
+              FROM finished_attempts GROUP BY pod_id
             UNION ALL
-            SELECT claimed_by, 'step', id, claim_token FROM steps WHERE claimed_by IS NOT NULL
+            SELECT claimed_by, 'step', min(id), min(claim_token), count(*) FROM steps
+             WHERE claimed_by IS NOT NULL GROUP BY claimed_by
             UNION ALL
-            SELECT pod_id, 'leader_term', NULL, NULL FROM leader_terms
+            SELECT pod_id, 'leader_term', NULL, NULL, count(*) FROM leader_terms GROUP BY pod_id
             UNION ALL
-            SELECT pod_id, 'leader_action', step_id, claim_token FROM leader_actions
+            SELECT pod_id, 'leader_action', min(step_id), min(claim_token), count(*)
+              FROM leader_actions GROUP BY pod_id
             UNION ALL
-            SELECT target_pod, 'leader_action', step_id, claim_token FROM leader_actions
-             WHERE target_pod IS NOT NULL) r
+            SELECT target_pod, 'leader_action', min(step_id), min(claim_token), count(*)
+              FROM leader_actions WHERE target_pod IS NOT NULL GROUP BY target_pod) r
      WHERE NOT EXISTS (SELECT 1 FROM pods p WHERE p.id = r.pod)
      GROUP BY r.pod
     UNION ALL
@@ -406,20 +440,18 @@ INTEGRITY = "WITH " + _ATT + """, spent AS (
      WHERE a.claimed_at >= p.started_at AND a.incarnation <> p.incarnation
     UNION ALL
     -- A completed step shows the claim that completed it.
-    SELECT 'attempt_mismatch', s.id, s.claim_token,
-           jsonb_build_object('step_id', s.id, 'claim_token', s.claim_token,
-                              'attempt_pod', a.pod_id, 'step_pod', s.claimed_by,
-                              'attempt_incarnation', a.incarnation,
-                              'step_incarnation', coalesce(s.claim_incarnation, 0),
-                              'attempt_claimed_at', a.claimed_at,
-                              'step_claimed_at', s.claimed_at)
-      FROM steps s
-      JOIN finished_attempts a ON a.claim_token = s.claim_token AND a.step_id = s.id
-                              AND a.outcome = 'completed'
-     WHERE s.status = 'completed'
-       AND (a.pod_id IS DISTINCT FROM s.claimed_by
-            OR a.incarnation <> coalesce(s.claim_incarnation, 0)
-            OR a.claimed_at IS DISTINCT FROM s.claimed_at)
+    SELECT 'attempt_mismatch', x.id, x.claim_token,
+           jsonb_build_object('step_id', x.id, 'claim_token', x.claim_token,
+                              'attempt_pod', x.c_pod, 'step_pod', x.claimed_by,
+                              'attempt_incarnation', x.c_incarnation,
+                              'step_incarnation', x.claim_incarnation,
+                              'attempt_claimed_at', x.c_claimed_at,
+                              'step_claimed_at', x.claimed_at)
+      FROM steps_x x
+     WHERE x.status = 'completed' AND x.completions = 1 AND x.c_token = x.claim_token
+       AND (x.c_pod IS DISTINCT FROM x.claimed_by
+            OR x.c_incarnation <> x.claim_incarnation
+            OR x.c_claimed_at IS DISTINCT FROM x.claimed_at)
     UNION ALL
     -- Instants out of order.
     SELECT 'ends_before_start', x.step_id, x.token,
@@ -431,9 +463,9 @@ INTEGRITY = "WITH " + _ATT + """, spent AS (
                    finished_at AS ended_at
               FROM finished_attempts WHERE finished_at < claimed_at
             UNION ALL
-            SELECT 'claim_before_submit', a.step_id, a.claim_token, a.pod_id, NULL,
-                   s.created_at, a.claimed_at
-              FROM att a JOIN steps s ON s.id = a.step_id WHERE a.claimed_at < s.created_at
+            SELECT 'claim_before_submit', id, first_token, claimed_by, NULL, created_at,
+                   first_claim_at
+              FROM steps_x WHERE first_claim_at < created_at
             UNION ALL
             SELECT 'step', id, claim_token, claimed_by, NULL, coalesce(claimed_at, created_at),
                    finished_at
@@ -443,10 +475,8 @@ INTEGRITY = "WITH " + _ATT + """, spent AS (
                    coalesce(ended_at, expires_at)
               FROM leader_terms WHERE coalesce(ended_at, expires_at) < started_at
             UNION ALL
-            SELECT 'revocation', r.step_id, r.claim_token, r.target_pod, r.term, a.claimed_at,
-                   r.at
-              FROM revocations r JOIN att a ON a.claim_token = r.claim_token
-             WHERE r.at < a.claimed_at
+            SELECT 'revocation', step_id, claim_token, target_pod, term, a_claimed_at, at
+              FROM rev WHERE at < a_claimed_at
             UNION ALL
             SELECT 'pod', NULL, NULL, id, NULL, started_at,
                    LEAST(heartbeat_at, died_at)
@@ -513,27 +543,26 @@ INTEGRITY = "WITH " + _ATT + """, spent AS (
     -- A leader's revocation matches the attempt it ended: same step and pod,
     -- revoked (lease_lost) at the action's instant. An accepted write under a
     -- revoked token is stale_write instead.
-    SELECT 'revocation_mismatch', r.step_id, r.claim_token,
-           jsonb_build_object('step_id', r.step_id, 'claim_token', r.claim_token,
-                              'action_id', r.id, 'action', r.action, 'at', r.at,
-                              'target_pod', r.target_pod, 'attempt_step_id', a.step_id,
-                              'attempt_pod', a.pod_id, 'attempt_outcome', a.outcome,
-                              'attempt_finished_at', a.finished_at)
-      FROM revocations r
-      LEFT JOIN att a ON a.claim_token = r.claim_token
-     WHERE a.claim_token IS NULL
-        OR a.step_id <> r.step_id
-        OR a.pod_id IS DISTINCT FROM r.target_pod
-        OR a.outcome IS NULL
-        OR (a.outcome = 'lease_lost' AND a.finished_at <> r.at)
+    SELECT 'revocation_mismatch', step_id, claim_token,
+           jsonb_build_object('step_id', step_id, 'claim_token', claim_token,
+                              'action_id', id, 'action', action, 'at', at,
+                              'target_pod', target_pod, 'attempt_step_id', a_step_id,
+                              'attempt_pod', a_pod, 'attempt_outcome', a_outcome,
+                              'attempt_finished_at', a_finished_at)
+      FROM rev
+     WHERE a_token IS NULL
+        OR a_step_id <> step_id
+        OR a_pod IS DISTINCT FROM target_pod
+        OR a_outcome IS NULL
+        OR (a_outcome = 'lease_lost' AND a_finished_at <> at)
     UNION ALL
     -- A step's last error proves a spent attempt: only a failure or a
     -- revocation writes steps.error.
-    SELECT 'erased_failure', s.id, s.claim_token,
-           jsonb_build_object('step_id', s.id, 'status', s.status, 'attempts', s.attempts,
-                              'error', left(s.error, 200))
-      FROM steps s LEFT JOIN spent ON spent.step_id = s.id
-     WHERE (s.error IS NOT NULL OR s.status = 'failed') AND coalesce(spent.n, 0) = 0
+    SELECT 'erased_failure', x.id, x.claim_token,
+           jsonb_build_object('step_id', x.id, 'status', x.status, 'attempts', x.attempts,
+                              'error', left(x.error, 200))
+      FROM steps_x x
+     WHERE (x.error IS NOT NULL OR x.status = 'failed') AND coalesce(x.spent, 0) = 0
 ), ranked AS (
     SELECT found.*, count(*) OVER () AS total,
            row_number() OVER (ORDER BY kind, step_id, token) AS n
@@ -576,18 +605,18 @@ WITH t AS (
     SELECT term, pod_id, started_at, coalesce(ended_at, expires_at) AS end_at,
            lead(term) OVER (ORDER BY term) AS next_term,
            lead(pod_id) OVER (ORDER BY term) AS next_pod,
-           lead(started_at) OVER (ORDER BY term) AS next_started_at
+           lead(started_at) OVER (ORDER BY term) AS next_started_at,
+           row_number() OVER (ORDER BY started_at, term) AS bucket
       FROM leader_terms
 ), leaders AS (
     SELECT DISTINCT pod_id FROM leader_terms
 ), signs AS (
-    SELECT a.pod_id AS pod, a.claimed_at AS at
-      FROM finished_attempts a WHERE a.pod_id IN (SELECT pod_id FROM leaders)
-    UNION ALL
-    SELECT a.pod_id, a.finished_at
+    -- One pass over the attempts: the claim, and the pod's own write.
+    SELECT a.pod_id AS pod, e.at
       FROM finished_attempts a
-     WHERE a.outcome IN ('completed', 'failed', 'released', 'cancelled')
-       AND a.pod_id IN (SELECT pod_id FROM leaders)
+     CROSS JOIN LATERAL (VALUES (a.claimed_at),
+                                (CASE WHEN a.outcome <> 'lease_lost' THEN a.finished_at END))
+           AS e(at)
     UNION ALL
     SELECT s.claimed_by, s.claimed_at
       FROM steps s WHERE s.status = 'claimed' AND s.claimed_by IN (SELECT pod_id FROM leaders)
@@ -598,21 +627,21 @@ WITH t AS (
      WHERE p.status = 'stopped' AND p.id IN (SELECT pod_id FROM leaders)
     UNION ALL
     SELECT la.pod_id, la.at FROM leader_actions la
-), ev AS (
-    -- Each pod's signs and, as markers, the starts of the terms after its
-    -- own terms: one sort per pod, the latest sign before each marker.
-    SELECT pod, at, 0 AS k, CAST(NULL AS bigint) AS term FROM signs WHERE at IS NOT NULL
-    UNION ALL
-    SELECT pod_id, next_started_at, 1, term FROM t WHERE next_started_at IS NOT NULL
-), carried AS (
-    SELECT ev.*,
-           max(at) FILTER (WHERE k = 0) OVER (PARTITION BY pod ORDER BY at, k
-                                              ROWS UNBOUNDED PRECEDING) AS last_sign
-      FROM ev
+), last_signs AS (
+    -- Each sign falls between two term starts (a binary search in the
+    -- sorted starts, no sort of the signs): the latest sign of each pod in
+    -- each interval. The interval of term k runs from its start to the next.
+    SELECT pod, width_bucket(at, ARRAY(SELECT started_at FROM leader_terms
+                                        ORDER BY started_at, term)) AS bucket,
+           max(at) AS at
+      FROM signs
+     WHERE at IS NOT NULL
+     GROUP BY 1, 2
 ), changes AS (
     SELECT t.term, t.pod_id, t.next_term, t.next_pod, t.next_started_at, t.end_at,
-           greatest(t.started_at, c.last_sign) AS last_alive
-      FROM t JOIN carried c ON c.k = 1 AND c.term = t.term
+           greatest(t.started_at, l.at) AS last_alive
+      FROM t LEFT JOIN last_signs l ON l.pod = t.pod_id AND l.bucket = t.bucket
+     WHERE t.next_started_at IS NOT NULL
 ), gaps AS (
     SELECT changes.*,
            CAST(extract(epoch FROM next_started_at - last_alive) AS float8) AS s,
