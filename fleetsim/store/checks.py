@@ -581,9 +581,12 @@ SELECT (SELECT count(*) FROM steps) AS steps,
        (SELECT count(*) FROM queues) AS queues,
        (SELECT count(*) FROM leader_terms) AS terms,
        (SELECT count(*) FROM leader_actions) AS leader_actions,
-       -- Step ids below the highest that no step has: a hint, not proof (a
-       -- rolled-back or deduplicated submit draws an id too).
-       (SELECT coalesce(max(id), 0) - count(*) FROM steps) AS step_id_gaps
+       -- Step ids the sequence handed out that no step has: a hint, not proof
+       -- (a rolled-back or deduplicated submit draws an id too, and a submit
+       -- running now may have drawn one this snapshot cannot see).
+       (SELECT greatest(coalesce(max(id), 0),
+                        (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                           FROM steps_id_seq)) - count(*) FROM steps) AS step_id_gaps
 """
 
 STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"

@@ -68,6 +68,9 @@ def test_completed_step_deleted_with_its_attempts_leaves_a_gap(history: History)
     report = check(history.store)
     assert report.valid is True  # the documented limit: needs the client history
     assert report.counts["step_id_gaps"] == 1
+    # The newest step too: the sequence remembers the id it handed out.
+    db.all("DELETE FROM steps WHERE id = (SELECT max(id) FROM steps)")
+    assert check(history.store).counts["step_id_gaps"] == 2
 
 
 def test_completion_credited_to_a_pod_that_never_registered(history: History) -> None:
