@@ -12,6 +12,11 @@ pods, leader terms and leader actions) and verifies, in SQL on one snapshot:
 ``fifo_order``         strict-FIFO queues start steps in submission order
 ``concurrency_limit``  a queue's concurrency limit was never exceeded
 ``dlq``                exactly the steps that spent ``max_attempts`` are dead
+``exclusive_claims``   the attempts of one step never overlap in time
+``history_integrity``  the history is whole and consistent with itself: no
+                       attempt without its step, no unknown pod, no instant
+                       out of order or in the future, no revocation, death or
+                       term missing where other records prove one
 ====================== ==================================================
 
 The verdict is ``True`` (valid), ``False`` (at least one violation) or
@@ -224,4 +229,87 @@ def _message(f: Finding) -> str:
                 f"{w['max_attempts']}: it should {should}"
                 + ("" if w["attempts"] == w["spent_attempts"] else " and counters disagree")
             )
+        case "exclusive_claims", _:
+            state = (
+                f"was still open (outcome {w['outcome']})" if w.get("outcome") is None
+                else f"ended only at {w['finished_at']} ({w['outcome']})"
+            )
+            return (
+                f"{step}: claim with token {w['claim_token']} by {w['pod']} {state} when"
+                f" token {w['next_claim_token']} ({w['next_pod']}) claimed it at"
+                f" {w['next_claimed_at']}"
+            )
+        case "history_integrity", kind:
+            return _integrity_message(kind, w)
     return f"{f.invariant} ({f.kind}): {w}"
+
+
+def _integrity_message(kind: str, w: dict[str, Any]) -> str:
+    step = f"step {w.get('step_id')}"
+    token = f"token {w.get('claim_token')}"
+    match kind:
+        case "orphan_attempt":
+            return f"{step} does not exist, but its attempt with {token} by {w.get('pod')} does"
+        case "missing_step":
+            return (
+                f"{step} does not exist, nor any attempt of it, but leader action"
+                f" {w.get('action')} in term {w.get('term')} names it ({token})"
+            )
+        case "duplicate_token":
+            return f"{token} is recorded for more than one attempt (steps {w.get('step_ids')})"
+        case "unknown_pod":
+            return (
+                f"pod {w.get('pod')!r} never registered, but {w.get('rows')} {w.get('named_by')}"
+                " row(s) name it"
+            )
+        case "unknown_incarnation":
+            return (
+                f"{step}: {token} was claimed by {w.get('pod')} incarnation"
+                f" {w.get('incarnation')} at {w.get('claimed_at')}, after incarnation"
+                f" {w.get('registered_incarnation')} registered at {w.get('registered_at')}"
+            )
+        case "attempt_mismatch":
+            return (
+                f"{step} was completed with {token}, which the step shows claimed by"
+                f" {w.get('step_pod')} but the attempt credits to {w.get('attempt_pod')}"
+            )
+        case "ends_before_start":
+            what = w.get("what")
+            return (
+                f"{what} ({step}, {token}, term {w.get('term')}) ends at {w.get('ended_at')},"
+                f" before it starts at {w.get('started_at')}"
+            )
+        case "future_time":
+            return (
+                f"{w.get('what')} ({step}, {token}, term {w.get('term')}) is dated"
+                f" {w.get('at')}, after the check's own database time {w.get('db_now')}"
+            )
+        case "missing_term":
+            return (
+                f"leader term {w.get('term')} is missing from leader_terms (the lease is at term"
+                f" {w.get('lease_term')}, {w.get('recorded_terms')} terms recorded)"
+            )
+        case "unlogged_death":
+            return (
+                f"pod {w.get('pod')} was marked dead at {w.get('died_at')}, but no leader"
+                " action marked it"
+            )
+        case "unlogged_revocation":
+            return (
+                f"{step}: claim with {token} by {w.get('pod')} was revoked at"
+                f" {w.get('revoked_at')}, but no leader action revoked it and its pod did not"
+                " register again then"
+            )
+        case "revocation_mismatch":
+            return (
+                f"{step}: leader action {w.get('action_id')} ({w.get('action')}) at {w.get('at')}"
+                f" revoked {token} of {w.get('target_pod')}, but the attempt with that token"
+                f" shows step {w.get('attempt_step_id')}, pod {w.get('attempt_pod')}, outcome"
+                f" {w.get('attempt_outcome')}, ended {w.get('attempt_finished_at')}"
+            )
+        case "erased_failure":
+            return (
+                f"{step} is {w.get('status')} and records the error {w.get('error')!r}, but no"
+                " failed or revoked attempt of it"
+            )
+    return f"history_integrity ({kind}): {w}"

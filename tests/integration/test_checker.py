@@ -323,10 +323,14 @@ def test_recorded_history_is_valid(history: History) -> None:
     assert db.one("SELECT count(*) FROM leader_actions WHERE action = 'requeue'") >= 3
 
     figures = report.figures
-    assert figures["failover"]["count"] == 2
-    assert figures["failover"]["max_s"] >= 0
-    assert figures["leader_death_to_new_leader"]["count"] == 1
-    assert figures["leader_death_to_new_leader"]["median_s"] > 0
+    # pod-4's last act as leader was its claim right after acquiring term 1;
+    # its 0.3 s lease then had to run out before pod-1 could take term 2.
+    failover = figures["failover"]
+    assert failover["count"] == 2
+    assert failover["max_s"] > 0.25
+    assert (failover["worst"]["term"], failover["worst"]["pod"]) == (1, "pod-4")
+    assert figures["lease_expiry_to_new_leader"]["count"] == 2
+    assert figures["lease_expiry_to_new_leader"]["max_s"] < failover["max_s"]
     assert figures["orphan_recovery"]["count"] >= 3
     assert figures["orphan_recovery"]["median_s"] >= 0
     latency = figures["claim_to_completion"]
@@ -368,13 +372,15 @@ def test_completed_step_reverted_to_queued_is_lost(history: History) -> None:
 
 def test_second_accepted_completion_is_duplicate(history: History) -> None:
     step_id, token, _ = _single_attempt_completed(history.db)
+    later = _after_history(history.db)
     extra = history.db.one(
         """INSERT INTO finished_attempts (claim_token, step_id, pod_id, claimed_at,
                                           finished_at, outcome)
-           SELECT nextval('claim_token_seq'), step_id, 'pod-2', finished_at + interval '1 s',
-                  finished_at + interval '2 s', 'completed'
+           SELECT nextval('claim_token_seq'), step_id, 'pod-2', %s, %s, 'completed'
              FROM step_attempts WHERE claim_token = %s
            RETURNING claim_token""",
+        later(0.2),
+        later(0.4),
         token,
     )
     (witness,) = only(check(history.store), "duplicate_completion")
@@ -416,6 +422,13 @@ def test_completion_with_superseded_token_is_stale(history: History) -> None:
     )
     db.all("UPDATE steps SET attempts = attempts + 1 WHERE id = %s", step_id)
     report = check(history.store)
+    # No leader revoked the new claim: the history says so too.
+    assert report.valid is False
+    assert invariants(report) == {"stale_write", "history_integrity"}, report.summary()
+    (revoked,) = [v.witness for v in report.violations if v.invariant == "history_integrity"]
+    assert (revoked["kind"], revoked["claim_token"]) == ("unlogged_revocation", new)
+    report = replace(report, violations=[v for v in report.violations
+                                         if v.invariant == "stale_write"])
     (witness,) = only(report, "stale_write")
     assert witness["step_id"] == step_id
     assert witness["claim_token"] == old
@@ -479,33 +492,48 @@ def test_recovery_action_outside_its_term_is_split_brain(history: History, how: 
         assert witness["term_pod"] == "pod-1"
 
 
+def _after_history(db: Db) -> Any:
+    """A function of f in [0, 1]: the instant f of the way from the history's end to now.
+
+    Corruptions that add rows use it: an instant after the check's own
+    database time would be a (different) violation.
+    """
+    end, now = db.one(
+        """SELECT greatest((SELECT max(finished_at) FROM finished_attempts),
+                           (SELECT max(ended_at) FROM leader_terms),
+                           (SELECT max(died_at) FROM pods)),
+                  statement_timestamp()"""
+    )
+    return lambda f: end + (now - end) * f
+
+
 def test_strict_fifo_claimed_out_of_order(history: History) -> None:
     db = history.db
+    later = _after_history(db)
     first, second = (
         r[0]
         for r in db.all(
-            """INSERT INTO steps (queue, status) VALUES ('fifo', 'queued'), ('fifo', 'queued')
-               RETURNING id"""
+            """INSERT INTO steps (queue, status, created_at)
+               VALUES ('fifo', 'queued', %s), ('fifo', 'queued', %s) RETURNING id""",
+            later(0.01),
+            later(0.01),
         )
     )
     # The later step is claimed (and completed) first, then the earlier one.
-    for offset, step_id in ((0, second), (10, first)):
+    for offset, step_id in ((0.1, second), (0.5, first)):
         db.all(
             """WITH a AS (
                    INSERT INTO finished_attempts (claim_token, step_id, pod_id,
                                                   claimed_at, finished_at, outcome)
-                   VALUES (nextval('claim_token_seq'), %s, 'pod-1',
-                           statement_timestamp() + make_interval(secs => 3600 + %s),
-                           statement_timestamp() + make_interval(secs => 3601 + %s),
-                           'completed')
+                   VALUES (nextval('claim_token_seq'), %s, 'pod-1', %s, %s, 'completed')
                    RETURNING step_id, claim_token, claimed_at, finished_at)
                UPDATE steps s SET status = 'completed', claim_token = a.claim_token,
                                   claimed_by = 'pod-1', claimed_at = a.claimed_at,
                                   finished_at = a.finished_at
                  FROM a WHERE s.id = a.step_id""",
             step_id,
-            offset,
-            offset,
+            later(offset),
+            later(offset + 0.1),
         )
     (witness,) = only(check(history.store), "fifo_order")
     assert witness["queue"] == "fifo"
@@ -515,11 +543,13 @@ def test_strict_fifo_claimed_out_of_order(history: History) -> None:
 
 def test_concurrency_limit_exceeded(history: History) -> None:
     db = history.db
+    later = _after_history(db)
     ids = [
         r[0]
         for r in db.all(
-            "INSERT INTO steps (queue, status) SELECT 'limited', 'completed'"
+            "INSERT INTO steps (queue, status, created_at) SELECT 'limited', 'completed', %s"
             " FROM generate_series(1, %s) RETURNING id",
+            later(0.01),
             LIMIT + 1,
         )
     ]
@@ -529,12 +559,19 @@ def test_concurrency_limit_exceeded(history: History) -> None:
                INSERT INTO finished_attempts (claim_token, step_id, pod_id, claimed_at,
                                               finished_at, outcome)
                SELECT nextval('claim_token_seq'), id, 'pod-' || (id %% 3 + 1),
-                      statement_timestamp() + interval '1 h' + id * interval '1 ms',
-                      statement_timestamp() + interval '1 h 1 s', 'completed'
+                      CAST(%s AS timestamptz) + (id - %s) * (CAST(%s AS timestamptz)
+                                                             - CAST(%s AS timestamptz)),
+                      %s, 'completed'
                  FROM unnest(%s) AS id
-               RETURNING step_id, claim_token, finished_at)
-           UPDATE steps s SET claim_token = a.claim_token, finished_at = a.finished_at
+               RETURNING step_id, claim_token, pod_id, claimed_at, finished_at)
+           UPDATE steps s SET claim_token = a.claim_token, finished_at = a.finished_at,
+                              claimed_by = a.pod_id, claimed_at = a.claimed_at
              FROM a WHERE s.id = a.step_id""",
+        later(0.1),
+        ids[0],
+        later(0.11),
+        later(0.1),
+        later(0.9),
         ids,
     )
     (witness,) = only(check(history.store), "concurrency_limit")
