@@ -439,6 +439,23 @@ INTEGRITY = "WITH " + _ATT + """, per_step AS (
       FROM att a JOIN pods p ON p.id = a.pod_id
      WHERE a.claimed_at >= p.started_at AND a.incarnation <> p.incarnation
     UNION ALL
+    -- Every claim was made by an incarnation registered before it
+    -- (pod_registrations, schema 4; claims older than a pod's first recorded
+    -- registration, in a store migrated from version 3, are not judged).
+    SELECT 'unknown_incarnation', a.step_id, a.claim_token,
+           jsonb_build_object('step_id', a.step_id, 'claim_token', a.claim_token,
+                              'pod', a.pod_id, 'incarnation', a.incarnation,
+                              'claimed_at', a.claimed_at, 'registered_incarnation', NULL)
+      FROM att a
+      JOIN (SELECT pod_id, min(registered_at) AS first_at FROM pod_registrations
+             GROUP BY pod_id) f ON f.pod_id = a.pod_id AND a.claimed_at >= f.first_at
+     WHERE NOT EXISTS (SELECT 1 FROM pod_registrations r
+                        WHERE r.pod_id = a.pod_id AND r.incarnation = a.incarnation
+                          AND r.registered_at <= a.claimed_at)
+       -- Claims since the latest registration are the rule above's.
+       AND NOT EXISTS (SELECT 1 FROM pods p
+                        WHERE p.id = a.pod_id AND a.claimed_at >= p.started_at)
+    UNION ALL
     -- A completed step shows the claim that completed it.
     SELECT 'attempt_mismatch', x.id, x.claim_token,
            jsonb_build_object('step_id', x.id, 'claim_token', x.claim_token,

@@ -105,3 +105,21 @@ def test_a_second_fleetsim_pod_under_a_live_id_exits_with_a_clear_error(
     finally:
         first.terminate()
         first.wait(timeout=20)
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_credited_to_an_earlier_incarnation_that_never_registered_is_caught(
+    store: Store,
+) -> None:
+    from fleetsim.checker import check
+
+    store.submit_many([StepSpec("default", {})])
+    store.register_pod("pod-1", incarnation=0, pid=1, host="a")
+    [step] = store.claim_steps("pod-1", incarnation=0)
+    store.complete(step.id, step.claim_token)
+    store.register_pod("pod-1", incarnation=1, pid=2, host="a")  # takes the id over
+    assert check(store, final=True).valid is True
+    rows(store, "UPDATE finished_attempts SET incarnation = 5 RETURNING 1")
+    rows(store, "UPDATE steps SET claim_incarnation = 5 RETURNING 1")
+    report = check(store, final=True)
+    assert {v.witness.get("kind") for v in report.violations} == {"unknown_incarnation"}
