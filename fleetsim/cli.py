@@ -231,8 +231,10 @@ def init(ctx: click.Context, store: str | None, schema: str | None, as_json: boo
     if not store:
         try:
             data = ctx.obj["run_dir"].read()
-            store = data["store_url"]
+            store = data.get("store_url")
             schema = schema or data.get("schema")
+            if not store:
+                raise FleetNotRunning(f"{ctx.obj['run_dir'].run_file} names no store_url")
         except FleetNotRunning:
             from fleetsim.store.embedded import EmbeddedPostgres
 
@@ -636,8 +638,10 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
     url = params["store"]
     if not url:
         try:
-            url = ctx.obj["run_dir"].read()["store_url"]
+            url = ctx.obj["run_dir"].read().get("store_url")
         except FleetNotRunning:
+            url = None
+        if not url:
             fail("no store: give --store URL (or FLEETSIM_STORE)", EXIT_USAGE)
     # Unique across containers too (every container's pod is pid 1).
     pod_id = params["pod_id"] or default_pod_id(socket.gethostname(), os.getpid())
