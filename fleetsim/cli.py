@@ -152,13 +152,10 @@ def open_store(ctx: click.Context, url: str | None, schema: str | None) -> Store
     if not url and not run_dir.run_file.exists() and (run_dir.pgdata / "PG_VERSION").exists():
         # No fleet running, but an embedded store from an earlier `up`/`run` is here:
         # open it for this command only (e.g. `fleetsim check --schema run_...`).
-        from fleetsim.store.embedded import EmbeddedPostgres
+        # Shared with any other command doing the same; the last one out stops it.
+        from fleetsim.embedded_use import borrowed_embedded
 
-        server = EmbeddedPostgres(run_dir.pgdata)
-        was_running = server.is_running()
-        url = server.start()
-        if not was_running:
-            ctx.call_on_close(server.stop)
+        url = ctx.with_resource(borrowed_embedded(run_dir))
     if not url:
         data = run_dir.read()
         url = data.get("store_url")
