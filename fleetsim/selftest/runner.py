@@ -40,11 +40,12 @@ TRIALS: dict[str, Trial] = {
         pods=5, batch=20, workload="noop", steps=5000,
     ),
     "recover-without-term": Trial(
-        "the leader's statements fail 70% of the time (its renewals fail, its term runs out"
-        " while it still believes it leads) while pods are killed for it to recover",
+        "85% of every pod's statements fail, three times: renewals fail until leases run out"
+        " while their holders, not told, keep running recovery passes; heartbeats fail"
+        " too, so every leader, current or deposed, finds pods to declare dead",
         pods=6, batch=5, workload="sleep:10", steps=3000, timings=_FAST,
-        faults=((0.5, "storage-fault", "leader", {"error_rate": 0.7, "for": 9.0}),
-                *((1.5 + 1.5 * i, "kill", "random", {}) for i in range(5))),
+        faults=tuple((0.5 + 7.0 * i, "storage-fault", "all", {"error_rate": 0.85, "for": 5.5})
+                     for i in range(3)),
     ),
     "renew-without-expiry": Trial(
         "pause the leader past its lease, twice",
