@@ -210,19 +210,15 @@ class Store:
                         hook()
                     if self._pooled:  # no session to prepare in: see pooler.py
                         cursor.execute(self._pooled + statement.direct_py, params)
-                        rows = cursor.fetchall()
-                        for hook in self._reply_hooks:
-                            hook()
-                        healthy = True
-                        return rows
-                    prepared = raw.info.setdefault("fleetsim_prepared", set())
-                    if not prepared:
-                        cursor.execute("SET plan_cache_mode = force_generic_plan")
-                    for other in _HOT:
-                        if other.name not in prepared:
-                            cursor.execute(other.prepare)
-                            prepared.add(other.name)
-                    cursor.execute(statement.execute_py, params)
+                    else:
+                        prepared = raw.info.setdefault("fleetsim_prepared", set())
+                        if not prepared:
+                            cursor.execute("SET plan_cache_mode = force_generic_plan")
+                        for other in _HOT:
+                            if other.name not in prepared:
+                                cursor.execute(other.prepare)
+                                prepared.add(other.name)
+                        cursor.execute(statement.execute_py, params)
                     rows: list[Any] = cursor.fetchall()
                     for hook in self._reply_hooks:
                         hook()
