@@ -68,7 +68,10 @@ def test_redrive_grants_a_fresh_budget_and_keeps_the_dlq_invariant(store: Store)
     # The fresh budget is spent like the first: two more failures and it is dead again.
     def dead_again() -> bool:
         for c in store.claim_steps("killer", batch=5):
-            store.fail(c.id, c.claim_token, "again")
+            if c.id == ids[0]:
+                store.fail(c.id, c.claim_token, "again")
+            else:  # spends no attempt
+                store.release_many([(c.id, c.claim_token)])
         return store.get_step(ids[0]).status == "dead"  # type: ignore[union-attr]
 
     wait_until(dead_again, 20, what="dead again")
@@ -152,3 +155,25 @@ def test_cli_redriven_steps_complete_on_a_real_pod(tmp_path: Path, store: Store,
     checked = fleetsim(run_dir, store_config, "check", "--final", "--json")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert json.loads(checked.stdout)["valid"] is True
+
+
+@pytest.mark.timeout(150)
+def test_purged_steps_keep_the_cross_examination_valid(tmp_path: Path, store: Store,
+                                                       store_config: StoreConfig) -> None:
+    """Steps submitted with a client history, dead, then purged: `check` stays valid."""
+    run_dir = tmp_path / "run"
+    with running_fleet(store_config, run_dir, pods=1, timings=FAST):
+        submitted = fleetsim(run_dir, store_config, "submit", "--count", "3", "--workload",
+                             "fail:1", "--max-attempts", "2", "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        ok = fleetsim(run_dir, store_config, "submit", "--count", "2", "--json")
+        assert ok.returncode == 0, ok.stderr
+        wait_until(lambda: store.status_counts()["dead"] == 3
+                   and store.status_counts()["completed"] == 2, 30, what="3 dead, 2 done")
+        purged = fleetsim(run_dir, store_config, "dlq", "purge", "--yes", "--json")
+        assert purged.returncode == 0, purged.stderr
+        assert sorted(json.loads(purged.stdout)["purged"]) == json.loads(submitted.stdout)["ids"]
+    checked = fleetsim(run_dir, store_config, "check", "--final", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    report = json.loads(checked.stdout)
+    assert report["valid"] is True
