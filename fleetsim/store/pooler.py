@@ -39,16 +39,18 @@ HINT = (
 
 
 def session_prefix(config: StoreConfig) -> str:
-    """The ``SET LOCAL`` statements that start every transaction, as one string."""
+    """The statement (``SET LOCAL``s, as ``set_config``) that starts every transaction."""
+    # One statement (set_config(..., true) is SET LOCAL): one result less to
+    # forward for each setting. Every value is fleetsim's own: a number, or a
+    # schema name that validate_schema_name() made a plain identifier.
     parts = [
-        f"SET LOCAL statement_timeout = {int(config.statement_timeout_s * 1000)}",
+        f"set_config('statement_timeout', '{int(config.statement_timeout_s * 1000)}', true)",
         # A client frozen mid-transaction (SIGSTOP) must not hold locks forever.
-        "SET LOCAL idle_in_transaction_session_timeout = 10000",
+        "set_config('idle_in_transaction_session_timeout', '10000', true)",
     ]
     if config.schema:
-        # validate_schema_name() made the name a plain identifier.
-        parts.append(f"SET LOCAL search_path TO {config.schema}")
-    return "; ".join(parts) + "; "
+        parts.append(f"set_config('search_path', '{config.schema}', true)")
+    return "SELECT " + ", ".join(parts) + "; "
 
 
 def install(engine: Engine, prefix: str) -> None:

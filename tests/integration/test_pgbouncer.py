@@ -176,3 +176,28 @@ def test_a_fleet_through_pgbouncer_is_valid(
             store.submit(payload={"after": i})
     with Store(store_config) as direct:
         assert direct.status_counts()["queued"] == 30
+
+
+@pytest.mark.timeout(60)
+def test_session_settings_hold_per_transaction_and_do_not_leak(
+    pgbouncer: str, store_config: StoreConfig
+) -> None:
+    from fleetsim.errors import StoreError
+    from fleetsim.store.checks import _snapshot
+
+    url = pgbouncer + "?pooler=transaction"
+    quick = StoreConfig(url, schema=store_config.schema, statement_timeout_s=0.3)
+    with Store(quick) as store, Store(StoreConfig(url)) as plain:
+        with pytest.raises(StoreError, match="statement timeout"):
+            store._rows("SELECT pg_sleep(2)")
+        assert store._rows("SELECT current_schema()")[0][0] == store_config.schema
+        # The checker's snapshot raises its own timeout after the prefix's.
+        with _snapshot(store) as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "10min"
+            assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on"
+        # A client without a schema, sharing the pooler's server connections,
+        # sees none of it: SET LOCAL ended with each transaction.
+        for _ in range(20):
+            row = plain._rows("SELECT current_schema(), current_setting('statement_timeout'),"
+                              " current_setting('transaction_read_only')")[0]
+            assert tuple(row) == ("public", "30s", "off")
