@@ -201,3 +201,30 @@ def test_session_settings_hold_per_transaction_and_do_not_leak(
             row = plain._rows("SELECT current_schema(), current_setting('statement_timeout'),"
                               " current_setting('transaction_read_only')")[0]
             assert tuple(row) == ("public", "30s", "off")
+
+
+@pytest.mark.timeout(60)
+def test_the_pooled_mode_straight_to_postgresql(store_config: StoreConfig) -> None:
+    """The pooled code path needs no pooler to run: it is tested without one too."""
+    pooled = StoreConfig(store_config.url + "?pooler=transaction", schema=store_config.schema)
+    with Store(pooled) as store:
+        assert store._rows("SHOW statement_timeout")[0][0] == "30s"
+        store.submit_many([StepSpec("default", {"i": i}) for i in range(20)])
+        store.register_pod("p1")
+        claimed = store.claim_steps("p1", batch=20)
+        store.fail(claimed[0].id, claimed[0].claim_token, "once")
+        store.release_many([(claimed[1].id, claimed[1].claim_token)])
+        assert len(store.complete_many((c.id, c.claim_token, None) for c in claimed[2:])) == 18
+        assert store.heartbeat("p1").alive
+        lease = store.acquire_leadership("p1", 5)
+        assert lease is not None
+        store.recover("p1", lease.term, 3.0)
+
+        def drained() -> bool:
+            for c in store.claim_steps("p1", batch=5):  # the failed one, after its backoff
+                store.complete(c.id, c.claim_token)
+            return store.status_counts()["completed"] == 20
+
+        wait_until(drained, 10, what="all completed")
+        report = check(store, final=True)
+        assert report.valid, report.violations
