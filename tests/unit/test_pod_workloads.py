@@ -39,8 +39,9 @@ def test_cpu_burns_cpu_and_sleep_does_not() -> None:
         run(spec)
         return time.process_time() - started
 
-    assert cpu_seconds("cpu:80") > 0.04
-    assert cpu_seconds("sleep:80") < 0.02
+    # cpu is bounded by wall time: on a busy machine it gets only its share.
+    burnt, slept = cpu_seconds("cpu:100"), cpu_seconds("sleep:100")
+    assert burnt > 0.005 and burnt > 10 * slept, (burnt, slept)
 
 
 @pytest.mark.timeout(10)
