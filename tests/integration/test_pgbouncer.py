@@ -228,3 +228,37 @@ def test_the_pooled_mode_straight_to_postgresql(store_config: StoreConfig) -> No
         wait_until(drained, 10, what="all completed")
         report = check(store, final=True)
         assert report.valid, report.violations
+
+
+@pytest.mark.timeout(60)
+def test_cli_through_an_undeclared_pooler_says_what_to_change(
+    pgbouncer: str, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    import sys
+
+    env = {**os.environ, "FLEETSIM_STORE": pgbouncer,
+           "FLEETSIM_SCHEMA": store_config.schema or ""}
+    run = subprocess.run([sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path), "status"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "add ?pooler=transaction to the store URL" in run.stderr
+    declared = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path), "status", "--json"],
+        capture_output=True, text=True, timeout=30,
+        env={**env, "FLEETSIM_STORE": pgbouncer + "?pooler=transaction"})
+    assert declared.returncode == 0, declared.stderr
+
+
+@pytest.mark.timeout(10)
+def test_a_missing_pgbouncer_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run"):
+        _pgbouncer_binary()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y pgbouncer"):
+        _pgbouncer_binary()
