@@ -1425,6 +1425,123 @@ def keys_generate(ctx: click.Context, directory: Path | None, force: bool,
          lambda: click.echo(f"keys written to {files.directory}"))
 
 
+# -- dlq ------------------------------------------------------------------------
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: steps that spent their attempts.
+
+    \b
+    fleetsim dlq list                   what died, where, and why
+    fleetsim dlq redrive 12 15          back to queued with a fresh attempt budget
+    fleetsim dlq redrive --all --queue Q
+    fleetsim dlq purge --queue Q --yes  delete them (recorded in dlq_actions)
+    """
+
+
+@dlq.command("list")
+@option("--queue", "queue_name", metavar="Q", default=None, env="FLEETSIM_DLQ_QUEUE",
+        help="Only this queue's dead steps.")
+@option("--limit", type=click.IntRange(1, 1_000_000), default=1000, env="FLEETSIM_DLQ_LIMIT",
+        help="Show at most this many (oldest death first).")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def dlq_list(ctx: click.Context, queue_name: str | None, limit: int, store: str | None,
+             schema: str | None, as_json: bool) -> None:
+    """Dead steps: id, queue, attempts, last error, when it died."""
+    from fleetsim.store.dlq import count_dead, dead_steps
+
+    with open_store(ctx, store, schema) as s:
+        steps = dead_steps(s, queue_name, limit)
+        total = count_dead(s, queue_name) if len(steps) == limit else len(steps)
+    data = {"total": total, "steps": [d.to_dict() for d in steps]}
+
+    def text() -> None:
+        if not steps:
+            click.echo("the dead-letter queue is empty"
+                       + (f" for queue {queue_name}" if queue_name else ""))
+            return
+        for d in steps:
+            when = d.died_at.strftime("%Y-%m-%d %H:%M:%S") if d.died_at else "?"
+            error = (d.error or "-").splitlines()[0][:120] if d.error else "-"
+            click.echo(f"step {d.id}  queue {d.queue}  attempts {d.attempts}/"
+                       f"{d.max_attempts}  died {when}  error: {error}")
+        if total > len(steps):
+            click.echo(f"... and {total - len(steps)} more (--limit)")
+
+    emit(data, as_json, text)
+
+
+@dlq.command("redrive")
+@click.argument("step_ids", nargs=-1, type=click.IntRange(1, 2**63 - 1))
+@option("--all", "all_dead", is_flag=True, env="FLEETSIM_DLQ_ALL",
+        help="Every dead step (of --queue, if given).")
+@option("--queue", "queue_name", metavar="Q", default=None, env="FLEETSIM_DLQ_QUEUE",
+        help="Only this queue's dead steps.")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def dlq_redrive(ctx: click.Context, step_ids: tuple[int, ...], all_dead: bool,
+                queue_name: str | None, store: str | None, schema: str | None,
+                as_json: bool) -> None:
+    """Requeue dead steps with a fresh attempt budget (recorded in the history).
+
+    Each redriven step may run as many more attempts as it was first
+    submitted with: max_attempts becomes attempts spent + that budget.
+    Exit 1 if a named id is not a dead step.
+    """
+    from fleetsim.store.dlq import redrive
+
+    if bool(step_ids) == all_dead:
+        fail("name the STEP_IDS to redrive, or give --all", EXIT_USAGE)
+    with open_store(ctx, store, schema) as s:
+        outcome = redrive(s, step_ids, all_dead=all_dead, queue=queue_name)
+    data = {"redriven": list(outcome.redriven),
+            "not_dead": {str(k): v for k, v in outcome.not_dead.items()}}
+    emit(data, as_json, lambda: click.echo(
+        f"redrove {len(outcome.redriven)} step{'' if len(outcome.redriven) == 1 else 's'}"
+        + (f": {', '.join(map(str, outcome.redriven))}"
+           if 0 < len(outcome.redriven) <= 20 else "")))
+    if outcome.not_dead:
+        fail("not in the dead-letter queue: " + ", ".join(
+            f"step {k} ({'no such step' if v == 'missing' else v})"
+            for k, v in outcome.not_dead.items()))
+
+
+@dlq.command("purge")
+@option("--queue", "queue_name", metavar="Q", default=None, env="FLEETSIM_DLQ_QUEUE",
+        help="Only this queue's dead steps.")
+@option("--yes", is_flag=True, env="FLEETSIM_YES", help="Do not ask for confirmation.")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def dlq_purge(ctx: click.Context, queue_name: str | None, yes: bool, store: str | None,
+              schema: str | None, as_json: bool) -> None:
+    """Delete dead steps; their attempts stay in the history, each is recorded in dlq_actions."""
+    from fleetsim.store.dlq import count_dead, purge
+
+    with open_store(ctx, store, schema) as s:
+        if not yes:
+            count = count_dead(s, queue_name)
+            where = f" of queue {queue_name}" if queue_name else ""
+            if count == 0:
+                emit({"purged": []}, as_json,
+                     lambda: click.echo(f"no dead steps{where} to purge"))
+                return
+            if not sys.stdin.isatty():
+                fail(f"{count} dead steps{where} would be deleted: give --yes to confirm",
+                     EXIT_USAGE)
+            click.confirm(f"delete {count} dead steps{where}?", abort=True, err=True)
+        purged = purge(s, queue_name)
+    emit({"purged": purged}, as_json,
+         lambda: click.echo(f"purged {len(purged)} dead step{'' if len(purged) == 1 else 's'}"))
+
+
 # -- cancel / queues ------------------------------------------------------------
 
 

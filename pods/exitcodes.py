@@ -10,7 +10,7 @@ class PodExit(enum.IntEnum):
     """How a pod process ended."""
 
     OK = 0  # graceful stop (SIGTERM, Ctrl-C, shutdown command)
-    CRASHED = 1  # an unexpected error in the pod itself
+    CRASHED = 1  # an unexpected error in the pod itself, or a handler called sys.exit
     BAD_CONFIG = 2  # invalid options, unknown workload, unimportable handler
     STORE_UNREACHABLE = 3  # could not reach the store at start
     SUPERSEDED = 4  # a newer incarnation of this pod id took over

@@ -85,6 +85,7 @@ class Pod:
         self.stopping = threading.Event()  # graceful stop requested
         self.fenced = threading.Event()  # must not act on claimed steps
         self.superseded = threading.Event()  # a newer incarnation exists
+        self.handler_exited = threading.Event()  # a handler called sys.exit
         self._cancel_requested: set[tuple[int, int]] = set()
         self._abandoned: list[tuple[int, int]] = []  # tokens of writes dropped or given up
         # The store may hold claims of ours we do not know of: a claim failed
@@ -163,6 +164,8 @@ class Pod:
             for thread in threads:
                 thread.join(timeout=cfg.timings.lease_s)
             self._shutdown()
+        if self.handler_exited.is_set():
+            return PodExit.CRASHED
         return PodExit.SUPERSEDED if self.superseded.is_set() else PodExit.OK
 
     def _shutdown(self) -> None:
@@ -299,8 +302,15 @@ class Pod:
                 )
                 # A result the store cannot hold fails its step, not its batch.
                 check_storable(result, f"step {step.id}'s result")
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, SystemExit):
+                    # A handler called sys.exit. Escaping the runner thread, it
+                    # left its step claimed by a live pod: lost for ever. Its
+                    # step fails (retried), the pod stops and exits CRASHED.
+                    error = f"SystemExit: the handler called sys.exit({exc.code!r})"
+                    self.handler_exited.set()
+                    self.stopping.set()
                 if not isinstance(exc, ConfigError):
                     log.info("step %d failed: %s", step.id, error)
                     log.debug("%s", traceback.format_exc())

@@ -30,6 +30,15 @@ SELECT id, status, claim_token, CAST(result AS text) AS result FROM steps
  WHERE id = ANY(CAST(:ids AS bigint[]))
 """
 
+# Dead steps deleted by `fleetsim dlq purge` (fleetsim.store.dlq): they
+# existed, so a submitter was right to be given their ids.
+_PURGED = """
+SELECT DISTINCT step_id AS id, 'purged' AS status, CAST(NULL AS bigint) AS claim_token,
+       CAST(NULL AS text) AS result
+  FROM dlq_actions
+ WHERE action = 'purge' AND step_id = ANY(CAST(:ids AS bigint[]))
+"""
+
 
 @dataclass
 class StoreEvidence:
@@ -50,8 +59,12 @@ def store_evidence(store: Store, step_ids: Iterable[int]) -> StoreEvidence:
         for token, step_id, pod, incarnation, outcome in conn.execute(sa.text(_ENDINGS)):
             evidence.endings.setdefault(int(token), []).append(
                 (int(step_id), str(pod), int(incarnation), outcome))
+        purges = bool(conn.execute(sa.text("SELECT to_regclass('dlq_actions')")).scalar())
         for chunk in range(0, len(ids), 50_000):
-            for row in conn.execute(sa.text(_STEPS), {"ids": ids[chunk:chunk + 50_000]}):
+            rows = list(conn.execute(sa.text(_STEPS), {"ids": ids[chunk:chunk + 50_000]}))
+            if purges:
+                rows += conn.execute(sa.text(_PURGED), {"ids": ids[chunk:chunk + 50_000]})
+            for row in rows:
                 evidence.steps[int(row.id)] = (
                     str(row.status),
                     int(row.claim_token) if row.claim_token is not None else None,

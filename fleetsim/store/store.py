@@ -36,6 +36,7 @@ from fleetsim.errors import (
     StoreError,
     StoreUnavailable,
 )
+from fleetsim.store import pooler
 from fleetsim.store import queries as q
 from fleetsim.store.records import (
     ClaimedStep,
@@ -51,7 +52,7 @@ from fleetsim.store.records import (
     WriteOutcome,
 )
 from fleetsim.store.schema import DDL, MIGRATIONS, SCHEMA_VERSION, STEP_STATUSES
-from fleetsim.store.url import redact, validate_schema_name, validate_url
+from fleetsim.store.url import pooler_mode, redact, validate_schema_name, validate_url
 from fleetsim.store.values import check_storable, storable_text
 
 # How long a cached list of "special" queues (limited or strict FIFO) is
@@ -75,9 +76,13 @@ class StoreConfig:
     keepalive_idle_s: int = 2
     keepalive_interval_s: int = 1
     keepalive_count: int = 3
+    # A connection pooler's mode (?pooler=transaction in the URL): see pooler.py.
+    pooler: str | None = None
 
     def __post_init__(self) -> None:
         validate_url(self.url)
+        if self.pooler is None:
+            object.__setattr__(self, "pooler", pooler_mode(self.url))
         if self.schema is not None:
             validate_schema_name(self.schema)
         if self.connect_timeout_s < 1:
@@ -112,8 +117,9 @@ class Store:
             "keepalives_idle": config.keepalive_idle_s,
             "keepalives_interval": config.keepalive_interval_s,
             "keepalives_count": config.keepalive_count,
-            "options": " ".join(options),
         }
+        if not config.pooler:  # a pooler refuses options: see pooler.py
+            connect_args["options"] = " ".join(options)
         url = validate_url(config.url)
         common: dict[str, Any] = {
             "connect_args": connect_args,
@@ -125,6 +131,10 @@ class Store:
         # multi-statement transactions use a second pool in READ COMMITTED.
         self._auto: Engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **common)
         self._tx: Engine = sa.create_engine(url, **common)
+        self._pooled = pooler.session_prefix(config) if config.pooler else ""
+        if self._pooled:
+            for engine in (self._auto, self._tx):
+                pooler.install(engine, self._pooled)
         self._hooks: list[Callable[[], None]] = []
         self._reply_hooks: list[Callable[[], None]] = []
         # Connections the hot path keeps checked out between calls: a pool
@@ -150,8 +160,9 @@ class Store:
             if exc.connection_invalidated or (isinstance(
                 exc, sa_exc.OperationalError | sa_exc.InterfaceError
             ) and pgcode is None):
+                hint = pooler.HINT if pooler.refused_options(detail) else ""
                 raise StoreUnavailable(
-                    f"cannot reach the store at {self.url_for_display}: {detail}"
+                    f"cannot reach the store at {self.url_for_display}: {detail}{hint}"
                 ) from exc
             if pgcode in ("42P01", "3F000"):  # undefined table / schema
                 raise SchemaMismatch(
@@ -197,14 +208,17 @@ class Store:
                 try:
                     for hook in self._hooks:
                         hook()
-                    prepared = raw.info.setdefault("fleetsim_prepared", set())
-                    if not prepared:
-                        cursor.execute("SET plan_cache_mode = force_generic_plan")
-                    for other in _HOT:
-                        if other.name not in prepared:
-                            cursor.execute(other.prepare)
-                            prepared.add(other.name)
-                    cursor.execute(statement.execute_py, params)
+                    if self._pooled:  # no session to prepare in: see pooler.py
+                        cursor.execute(self._pooled + statement.direct_py, params)
+                    else:
+                        prepared = raw.info.setdefault("fleetsim_prepared", set())
+                        if not prepared:
+                            cursor.execute("SET plan_cache_mode = force_generic_plan")
+                        for other in _HOT:
+                            if other.name not in prepared:
+                                cursor.execute(other.prepare)
+                                prepared.add(other.name)
+                        cursor.execute(statement.execute_py, params)
                     rows: list[Any] = cursor.fetchall()
                     for hook in self._reply_hooks:
                         hook()
@@ -863,6 +877,7 @@ class _Prepared:
     name: str
     prepare: str
     execute_py: str
+    direct_py: str  # the statement itself, binds as pyformat (through a pooler)
 
 
 def _prepared(name: str, sql: str) -> _Prepared:
@@ -875,7 +890,8 @@ def _prepared(name: str, sql: str) -> _Prepared:
 
     body = _BIND.sub(positional, sql)
     args = ", ".join(f"%({p})s" for p in order)
-    return _Prepared(name, f"PREPARE {name} AS {body}", f"EXECUTE {name}({args})")
+    direct = _BIND.sub(lambda m: f"%({m.group(1)})s", sql)
+    return _Prepared(name, f"PREPARE {name} AS {body}", f"EXECUTE {name}({args})", direct)
 
 
 _CLAIM = _prepared("fleetsim_claim", q.CLAIM)

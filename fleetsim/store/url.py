@@ -7,7 +7,7 @@ it, so every message that names a URL goes through :func:`redact`.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fleetsim.errors import ConfigError
 
@@ -53,9 +53,51 @@ def validate_url(url: str) -> str:
         )
     if not parts.hostname and "host=" not in parts.query:
         raise ConfigError(f"invalid store URL {redact(url)!r}: no host")
+    pooler_mode(url)  # raises on a bad value
     # Keep the rest verbatim: urlunsplit would drop '//' before an empty host
     # (libpq's socket form, postgresql:///db?host=/run/postgresql).
-    return "postgresql+psycopg2" + url[len(parts.scheme):]
+    rest = url[len(parts.scheme):]
+    if _POOLER.search(parts.query):
+        # fleetsim's own parameter: libpq would refuse it.
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                           if k != "pooler"])
+        rest = rest.split("?", 1)[0] + (f"?{query}" if query else "")
+        if parts.fragment:
+            rest += f"#{parts.fragment}"
+    return "postgresql+psycopg2" + rest
+
+
+#: What ``?pooler=`` may say: the pool mode of a connection pooler (PgBouncer)
+#: between fleetsim and PostgreSQL. See docs/architecture.md, "Connection poolers".
+POOLER_MODES = ("transaction", "session")
+_POOLER = re.compile(r"(^|&)pooler=")
+
+
+def pooler_mode(url: str) -> str | None:
+    """The pooler a store URL declares with ``?pooler=MODE``, or None.
+
+    Raises ConfigError for a mode fleetsim cannot run under (statement
+    pooling allows no multi-statement transaction) or an unknown one.
+    """
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return None  # validate_url reports it
+    values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "pooler"]
+    if not values:
+        return None
+    mode = values[-1].strip().lower()
+    if mode == "statement":
+        raise ConfigError(
+            "pooler=statement cannot work: fleetsim needs multi-statement transactions;"
+            " set pool_mode = transaction in the pooler and use ?pooler=transaction"
+        )
+    if mode not in POOLER_MODES:
+        raise ConfigError(
+            f"invalid store URL parameter pooler={values[-1]!r}: use pooler=transaction"
+            " (or pooler=session)"
+        )
+    return mode
 
 
 def validate_schema_name(name: str) -> str:
