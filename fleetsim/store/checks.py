@@ -389,6 +389,9 @@ INTEGRITY = "WITH " + _ATT + """, per_step AS (
            jsonb_build_object('step_id', x.step_id, 'claim_token', x.first_token,
                               'pod', x.some_pod) AS w
       FROM steps_x x WHERE x.id IS NULL
+       -- A dead step purged with `fleetsim dlq purge` is gone on purpose.
+       AND NOT EXISTS (SELECT 1 FROM dlq_actions d
+                        WHERE d.action = 'purge' AND d.step_id = x.step_id)
     UNION ALL
     -- Steps a leader action names that are gone with all their attempts.
     SELECT 'missing_step', la.step_id, min(la.claim_token),
@@ -398,6 +401,8 @@ INTEGRITY = "WITH " + _ATT + """, per_step AS (
      WHERE la.step_id IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = la.step_id)
        AND NOT EXISTS (SELECT 1 FROM steps_x x WHERE x.id IS NULL AND x.step_id = la.step_id)
+       AND NOT EXISTS (SELECT 1 FROM dlq_actions d
+                        WHERE d.action = 'purge' AND d.step_id = la.step_id)
      GROUP BY la.step_id
     UNION ALL
     -- A claim token recorded twice.

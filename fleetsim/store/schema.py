@@ -184,6 +184,21 @@ DDL: tuple[str, ...] = (
         replaced_incarnation  integer
     )
     """,
+    # Every redrive and purge of a dead step, append-only (fleetsim dlq): the
+    # checker accounts for purged steps and for attempt budgets granted again.
+    """
+    CREATE TABLE IF NOT EXISTS dlq_actions (
+        id                   bigserial PRIMARY KEY,
+        action               text NOT NULL CHECK (action IN ('redrive', 'purge')),
+        step_id              bigint NOT NULL,
+        queue                text NOT NULL,
+        attempts             integer NOT NULL,
+        max_attempts_before  integer NOT NULL,
+        max_attempts_after   integer,
+        error                text,
+        at                   timestamptz NOT NULL
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS leader_lease (
         id           integer PRIMARY KEY CHECK (id = 1),
