@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +115,27 @@ def serve(ready_file: Path) -> int:
 
 
 class ProxyControl:
-    """The coordinator's client of the proxy process."""
+    """The coordinator's client of the proxy process.
+
+    Thread-safe: faults end on timer threads, several at once when several
+    pods were partitioned together, and a ZeroMQ REQ socket used by two
+    threads at once fails ("Operation cannot be accomplished in current
+    state"): the heal was lost and the pod stayed cut off for ever.
+    """
 
     def __init__(self, endpoint: str, timeout_s: float = 5.0) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        self._lock = threading.Lock()
 
     def request(self, **request: Any) -> dict[str, Any]:
         """Send one request; raise ConfigError on an error reply, BusTimeout on silence."""
+        with self._lock:
+            return self._request(request)
+
+    def _request(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._socket is None:
             self._socket = self._context.socket(zmq.REQ)
             self._socket.setsockopt(zmq.LINGER, 0)

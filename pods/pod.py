@@ -96,6 +96,9 @@ class Pod:
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="step")
         self.term: int | None = None
         self._last_heartbeat_ok = time.monotonic()
+        # When this pod got the store back after losing it for longer than
+        # the dead threshold (see _recovery_may_judge).
+        self._store_back_at = float("-inf")
         self.bus: Any = None  # a fleetsim.bus.PodBusClient when joined to a coordinator
         self.metrics_enabled = False  # only with a metrics endpoint to push to
         self.storage_faults: Any = None  # a chaos.storage_faults.StorageFaultInjector
@@ -451,7 +454,10 @@ class Pod:
             except StoreError as exc:
                 log.debug("heartbeat failed: %s", exc)
                 continue
-            self._last_heartbeat_ok = time.monotonic()
+            now = time.monotonic()
+            if now - self._last_heartbeat_ok > cfg.timings.dead_after_s:
+                self._store_back_at = now
+            self._last_heartbeat_ok = now
             if not beat.alive:
                 if beat.incarnation is not None and beat.incarnation > cfg.incarnation:
                     log.warning("superseded by incarnation %d: exiting", beat.incarnation)
@@ -571,7 +577,7 @@ class Pod:
                         log.warning("lost the leader lease of term %d", self.term)
                         self._set_term(None)
                         continue
-                if now >= next_recovery:
+                if now >= next_recovery and self._recovery_may_judge(now):
                     next_recovery = now + t.recovery_s
                     result = self.store.recover(cfg.pod_id, self.term, t.dead_after_s)
                     if result.marked_dead or result.requeued or result.dead_lettered:
@@ -585,6 +591,23 @@ class Pod:
                 self._set_term(None)
             except StoreError as exc:
                 log.warning("election/recovery error: %s", exc)
+
+    def _recovery_may_judge(self, now: float) -> bool:
+        """Whether silent heartbeats now mean dead pods, as far as this leader can tell.
+
+        After this pod itself lost the store for longer than the dead
+        threshold, every pod probably did too (a network cut, a store
+        restart): their heartbeats are old because none could land, not
+        because they died. Declaring them dead would revoke every claim in
+        flight and spend an attempt on each step. So a leader judges only
+        once its own heartbeats have landed again for two dead thresholds,
+        which gives every live pod time to reconnect and heartbeat. This only
+        delays recovery (liveness); who is dead is still decided in database
+        time, fenced by the term.
+        """
+        dead_after = self.config.timings.dead_after_s
+        return (now - self._last_heartbeat_ok <= dead_after
+                and now - self._store_back_at >= 2 * dead_after)
 
     def _set_term(self, term: int | None) -> None:
         if term is not None:

@@ -76,6 +76,10 @@ class StoreConfig:
     keepalive_idle_s: int = 2
     keepalive_interval_s: int = 1
     keepalive_count: int = 3
+    # A statement whose packets go unanswered this long (a blackholed link)
+    # fails instead of waiting out TCP's retransmission backoff, which after
+    # a few seconds of outage delays a pod's return by as long again.
+    tcp_user_timeout_ms: int = 5000
     # A connection pooler's mode (?pooler=transaction in the URL): see pooler.py.
     pooler: str | None = None
 
@@ -117,6 +121,7 @@ class Store:
             "keepalives_idle": config.keepalive_idle_s,
             "keepalives_interval": config.keepalive_interval_s,
             "keepalives_count": config.keepalive_count,
+            "tcp_user_timeout": config.tcp_user_timeout_ms,
         }
         if not config.pooler:  # a pooler refuses options: see pooler.py
             connect_args["options"] = " ".join(options)
