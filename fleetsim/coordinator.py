@@ -92,6 +92,7 @@ class Coordinator:
         self.run_dir = RunDir(spec.run_dir)
         self.echo = echo or (lambda line: None)
         self.pods: dict[str, PodProcess] = {}
+        self._spawned: set[str] = set()  # every pod id spawned, running or not
         self.store_url: str | None = None
         self.store: Store | None = None
         self.embedded: Any = None  # fleetsim.store.embedded.EmbeddedPostgres
@@ -267,7 +268,7 @@ class Coordinator:
         used_seed = scenario.effective_seed(seed)
         runner = ScenarioRunner(
             scenario, used_seed, self.injector,
-            pods=lambda: sorted(self.pod_pids()),
+            pods=lambda: [p for p in self.injector.live_pods() if p in self.pod_pids()],
             leader=lambda: (lead[0] if (lead := self.leader()) else None),
             log_path=self.run_dir.path / "faults.jsonl", stopping=self.stopping,
         )
@@ -288,8 +289,16 @@ class Coordinator:
         """Pods on the bus that this coordinator did not spawn (`fleetsim pod --join`)."""
         if self.bus is None:
             return []
-        local = self.pod_pids()
-        return [p for p in self.bus.connected_pods() if p not in local]
+        with self._lock:
+            # A child of ours that died (and was reaped) is still heard for a
+            # few seconds: it is not a remote pod.
+            ours = set(self._spawned)
+        return [p for p in self.bus.connected_pods() if p not in ours]
+
+    def known_pods(self) -> list[str]:
+        """Every pod id this coordinator has spawned, running or not."""
+        with self._lock:
+            return sorted(self._spawned, key=pod_sort_key)
 
     def leader(self) -> tuple[str, int] | None:
         """(pod id, term) of the current leader."""
@@ -380,6 +389,7 @@ class Coordinator:
         pod = PodProcess(pod_id, incarnation, process, log_path, time.monotonic())
         with self._lock:
             self.pods[pod_id] = pod
+            self._spawned.add(pod_id)
         self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
         return pod
 
