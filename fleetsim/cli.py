@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -315,7 +316,10 @@ def up(ctx: click.Context, /, **params: Any) -> None:
     if params["detach"]:
         _up_detached(ctx, params)
         return
-    coordinator = Coordinator(spec, echo=click.echo)
+    # Events (pod exits, leader changes, recoveries) go through the ticker:
+    # in a terminal they are printed above the status line, which is redrawn.
+    ticker = StatusTicker(None, enabled=params["status_line"])
+    coordinator = Coordinator(spec, echo=ticker.event)
     coordinator.install_signal_handlers()
     coordinator.start()
     leader = _wait_for_leader(coordinator.store)
@@ -323,15 +327,30 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         f"fleet ready: {spec.pods} pods, leader {leader}, run dir {spec.run_dir}"
         " (Ctrl-C to stop)"
     )
-    ticker = StatusTicker(coordinator.store) if params["status_line"] else None
+    if sys.stdout.isatty():
+        _print_next_steps(ctx.obj["run_dir"].path)
+    ticker.store = coordinator.store
     try:
-        coordinator.run_forever(on_tick=ticker.tick if ticker else None)
+        coordinator.run_forever(on_tick=ticker.tick)
     finally:
-        if ticker:
-            ticker.close()
+        ticker.close()
         click.echo("stopping: pods finish in-flight steps (up to the grace period)...")
         coordinator.stop()
         click.echo("fleet stopped")
+
+
+def _print_next_steps(run_dir: Path) -> None:
+    """What a newcomer can try next, from another terminal (`up` in a terminal only)."""
+    prefix = "fleetsim" if run_dir == Path(".fleetsim") else f"fleetsim --run-dir {run_dir}"
+    rows = [
+        (f"{prefix} submit --count 1000", "submit steps; watch the status line"),
+        (f"{prefix} chaos kill-leader", "kill the leader; a new one takes over"),
+        (f"{prefix} check", "verify nothing was lost or run twice"),
+    ]
+    width = max(len(command) for command, _ in rows)
+    click.echo("try, in another terminal:")
+    for command, what in rows:
+        click.echo(f"  {command:<{width}}  {what}")
 
 
 def _wait_for_leader(store: Store | None, timeout_s: float = 5.0) -> str:
@@ -345,19 +364,37 @@ def _wait_for_leader(store: Store | None, timeout_s: float = 5.0) -> str:
 
 
 class StatusTicker:
-    """The foreground status line: steps/s, depth, leader, pods alive."""
+    """The foreground status line (steps/s, depth, leader, pods alive) and the events above it.
 
-    def __init__(self, store: Store | None, period_s: float = 1.0) -> None:
+    In a terminal the status line is rewritten in place; an event clears it,
+    is printed on its own line, and the status line is redrawn below it.
+    Elsewhere (a pipe, a log file) both are plain lines, without terminal
+    codes, the status every 10 s.
+    """
+
+    def __init__(self, store: Store | None, period_s: float = 1.0, *,
+                 enabled: bool = True) -> None:
         self.store = store
-        self.period_s = period_s if sys.stdout.isatty() else 10.0
+        self.enabled = enabled
         self.tty = sys.stdout.isatty()
+        self.period_s = period_s if self.tty else 10.0
         self._last: tuple[float, int] | None = None
         self._next = time.monotonic() + self.period_s
+        self._shown = ""  # the status line on the screen now (terminal only)
+        self._lock = threading.Lock()
+
+    def event(self, line: str) -> None:
+        """Print an event on its own line, above the status line."""
+        with self._lock:
+            if self.tty and self._shown:
+                click.echo(f"\r\033[K{line}\n{self._shown}", nl=False)
+            else:
+                click.echo(line)
 
     def tick(self) -> None:
         """Print the status line if it is time."""
         now = time.monotonic()
-        if self.store is None or now < self._next:
+        if not self.enabled or self.store is None or now < self._next:
             return
         self._next = now + self.period_s
         try:
@@ -378,15 +415,24 @@ class StatusTicker:
                 f"claimed {counts['claimed']} | done {done} | leader {leader} | "
                 f"pods {alive}/{known} alive"
             )
-        if self.tty:
-            click.echo(f"\r\033[K{line}", nl=False)
-        else:
-            click.echo(line)
+        with self._lock:
+            if self.tty:
+                # Cut to the terminal's width: a wrapped line could not be
+                # rewritten in place.
+                import shutil
+
+                line = line[: max(20, shutil.get_terminal_size().columns - 1)]
+                click.echo(f"\r\033[K{line}", nl=False)
+                self._shown = line
+            else:
+                click.echo(line)
 
     def close(self) -> None:
         """End the status line."""
-        if self.tty:
-            click.echo()
+        with self._lock:
+            if self.tty and self._shown:
+                click.echo()
+            self._shown = ""
 
 
 def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:

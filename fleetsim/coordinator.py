@@ -34,6 +34,8 @@ log = logging.getLogger("fleetsim.coordinator")
 # How long a pod may take from spawn to registered-and-alive.
 POD_READY_TIMEOUT_S = 30.0
 _SUBMIT_CHUNK = 10_000
+# How often the foreground coordinator looks for leader changes and recoveries.
+WATCH_PERIOD_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,12 @@ class Coordinator:
         self.pod_urls: dict[str, str] = {}
         self.injector: Any = None  # chaos.injector.FaultInjector
         self.scenario: Any = None  # chaos.runner.ScenarioRunner, the latest
+        # What watch() last saw: the leader (pod, term), since when there has
+        # been none, and the latest leader action already reported.
+        self._leader_seen: tuple[str, int] | None = None
+        self._leaderless_since: float | None = None
+        self._actions_after: int | None = None
+        self._watch_at = 0.0
 
     # -- start ------------------------------------------------------------
 
@@ -461,6 +469,10 @@ class Coordinator:
                 if code is None:
                     continue
                 exits.append((pod_id, code))
+                if self._leader_seen is not None and self._leader_seen[0] == pod_id:
+                    # The leader died: from now on the fleet has none (its
+                    # lease outlives it, but nobody acts under it).
+                    self._leaderless_since = time.monotonic()
                 self._event("pod.exited", pod=pod_id, pid=pod.pid, returncode=code,
                             reason=describe_returncode(code))
                 del self.pods[pod_id]
@@ -478,8 +490,57 @@ class Coordinator:
         """Supervise until ``stopping`` is set (by a signal or a command)."""
         while not self.stopping.wait(tick_s):
             self.poll()
+            self.watch()
             if on_tick is not None:
                 on_tick()
+
+    def watch(self) -> None:
+        """Echo leader changes and recoveries as events (polled, every WATCH_PERIOD_S).
+
+        ``leader: pod-2 (term 3) after 2.4 s without a leader`` (the time from
+        the old leader's death, or from the lease lapsing, to the new term),
+        and ``recovered 50 steps of pod-3`` for each dead pod whose claims a
+        leader requeued or dead-lettered. A store that does not answer is
+        skipped: the status line says so.
+        """
+        from fleetsim.store.fleet_events import last_leader_action, recoveries_after
+
+        now = time.monotonic()
+        if self.store is None or now < self._watch_at:
+            return
+        self._watch_at = now + WATCH_PERIOD_S
+        try:
+            lease = self.store.current_leader()
+            if self._actions_after is None:  # the first look: report only what follows
+                self._actions_after = last_leader_action(self.store)
+                recovered = []
+            else:
+                recovered = recoveries_after(self.store, self._actions_after)
+        except FleetsimError:
+            return
+        if lease is None:
+            if self._leaderless_since is None:
+                self._leaderless_since = now
+        elif self._leader_seen is None or lease.term != self._leader_seen[1]:
+            gap = None if self._leaderless_since is None else now - self._leaderless_since
+            if self._leader_seen is not None or gap is not None:
+                self.echo(f"leader: {lease.holder} (term {lease.term})"
+                          + (f" after {gap:.1f} s without a leader" if gap is not None else ""))
+            self._event("leader.elected", pod=lease.holder, term=lease.term,
+                        leaderless_s=None if gap is None else round(gap, 3))
+            self._leaderless_since = None
+        if lease is not None:
+            self._leader_seen = (lease.holder, lease.term)
+        for batch in recovered:
+            self._actions_after = max(self._actions_after or 0, batch.last_id)
+            line = (f"recovered {batch.steps} step{'s' if batch.steps != 1 else ''} "
+                    f"of {batch.pod or 'a dead pod'}")
+            if batch.dead_lettered:
+                line += (f" ({batch.requeued} requeued, {batch.dead_lettered} to the "
+                         "dead-letter queue)")
+            self.echo(line)
+            self._event("steps.recovered", pod=batch.pod, term=batch.term,
+                        requeued=batch.requeued, dead_lettered=batch.dead_lettered)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT / SIGHUP stop the fleet gracefully."""
