@@ -542,44 +542,165 @@ def status(ctx: click.Context, store: str | None, schema: str | None, as_json: b
 @cli.command()
 @option("--count", type=click.IntRange(1, 10_000_000), default=1, help="How many steps.")
 @option("--queue", default="default", help="Queue to submit to.")
-@option("--workload", default=None, help="Workload for these steps (default: the pods').")
+@option("--workload", default=None, help="Workload for these steps (default: the pods'); "
+        "sets the `workload` key of every payload.")
+@option("--payload", default=None, metavar="JSON",
+        help="The payload of every step: a JSON object, e.g. '{\"order\": 17}'.")
+@option("--payload-file", default=None, metavar="FILE",
+        help="JSON lines, one payload (a JSON object) per line and one step each, read and "
+        "submitted in chunks of 10,000 ('-': standard input); blank lines are skipped. "
+        "Not with --count or --payload.")
 @option("--priority", type=int, default=0, help="Lower runs first.")
 @option("--max-attempts", type=click.IntRange(1, 1000), default=3,
         help="Attempts before a step goes to the DLQ.")
-@option("--key", default=None, help="Idempotency key (with --count N: KEY-0 ... KEY-N-1).")
+@option("--key", default=None, help="Idempotency key (with --count N or --payload-file: "
+        "KEY-0 ... KEY-N-1).")
 @store_option
 @schema_option
 @json_option
 @click.pass_context
-def submit(ctx: click.Context, count: int, queue: str, workload: str | None, priority: int,
+def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
+           payload: str | None, payload_file: str | None, priority: int,
            max_attempts: int, key: str | None, store: str | None, schema: str | None,
            as_json: bool) -> None:
-    """Submit steps to the fleet's store."""
+    """Submit steps to the fleet's store.
+
+    \b
+    fleetsim submit --count 100 --workload sleep:20
+    fleetsim submit --payload '{"order": 17}' --key order-17
+    fleetsim submit --payload-file orders.jsonl --queue orders
+    """
+    from click.core import ParameterSource
+
+    if payload is not None and payload_file is not None:
+        fail("give --payload or --payload-file, not both", EXIT_USAGE)
+    if payload_file is not None and ctx.get_parameter_source("count") not in (
+            ParameterSource.DEFAULT, None):
+        fail("--count and --payload-file exclude each other: the file has one step a line",
+             EXIT_USAGE)
     if workload:
         _check_fleet_allows(ctx, workload, store)  # before importing anything it names
         check_workload(workload)
-    payload = {"workload": workload} if workload else {}
-    specs = [
-        StepSpec(queue, payload, priority, max_attempts,
-                 (key if count == 1 else f"{key}-{i}") if key else None)
-        for i in range(count)
-    ]
+    base: dict[str, Any] = {}
+    if payload is not None:
+        base = _parse_payload(payload, "--payload")
+    named: set[str] = set()
+
+    def step_payload(value: dict[str, Any], where: str) -> dict[str, Any]:
+        if workload:
+            return {**value, "workload": workload}
+        own = value.get("workload")
+        if isinstance(own, str) and own not in named:
+            # A step naming a handler: refused here as with --workload.
+            try:
+                _check_fleet_allows(ctx, own, store)
+                check_workload(own)
+            except FleetsimError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            named.add(own)
+        return value
+
+    def specs() -> Iterator[StepSpec]:
+        if payload_file is None:
+            value = step_payload(base, "--payload")
+            for i in range(count):
+                yield StepSpec(queue, value, priority, max_attempts,
+                               (key if count == 1 else f"{key}-{i}") if key else None)
+            return
+        for i, (where, value) in enumerate(_payload_lines(payload_file)):
+            yield StepSpec(queue, step_payload(value, where), priority, max_attempts,
+                           f"{key}-{i}" if key else None)
+
+    head: list[int] = []  # the first 1001 ids: all of them, if that many or fewer
+    last_id = 0
+    submitted = 0
+    chunks = _chunks(specs(), 10_000)
+    try:
+        first = next(chunks)  # a bad first chunk fails before the store is opened
+    except StopIteration:
+        fail(f"no steps: {_file_name(payload_file)} has no payload lines", EXIT_USAGE)
     with open_store(ctx, store, schema) as s:
-        ids: list[int] = []
         recorder = _submit_history(ctx, s)
         try:
-            for start in range(0, count, 10_000):
-                chunk = s.submit_many(specs[start:start + 10_000])
-                recorder.submitted(queue, chunk)
-                ids += chunk
+            chunk: list[StepSpec] | None = first
+            while chunk:
+                done = s.submit_many(chunk)
+                recorder.submitted(queue, done)
+                submitted += len(done)
+                head += done[: 1001 - len(head)]
+                last_id = done[-1]
+                try:
+                    chunk = next(chunks, None)
+                except ConfigError as exc:  # a bad line after some chunks went in
+                    raise ConfigError(f"{exc} ({submitted} steps before it were submitted, "
+                                      f"ids {head[0]}..{last_id})") from None
         finally:
             recorder.close()
-    data = {"queue": queue, "count": len(ids), "first_id": ids[0], "last_id": ids[-1],
-            "ids": ids if len(ids) <= 1000 else None}
+    first_id = head[0]
+    data = {"queue": queue, "count": submitted, "first_id": first_id, "last_id": last_id,
+            "ids": head if submitted <= 1000 else None}
     emit(data, as_json, lambda: click.echo(
-        f"submitted {len(ids)} step{'s' if len(ids) != 1 else ''} to queue {queue!r} "
-        f"(ids {ids[0]}..{ids[-1]})" if len(ids) > 1 else
-        f"submitted step {ids[0]} to queue {queue!r}"))
+        f"submitted {submitted} step{'s' if submitted != 1 else ''} to queue {queue!r} "
+        f"(ids {first_id}..{last_id})" if submitted > 1 else
+        f"submitted step {first_id} to queue {queue!r}"))
+
+
+def _parse_payload(text: str, where: str) -> dict[str, Any]:
+    """A payload from JSON text: a JSON object jsonb can hold, else ConfigError naming ``where``."""
+    from fleetsim.store import check_storable
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(text, parse_constant=no_constant)
+    except ValueError as exc:  # json.JSONDecodeError too
+        raise ConfigError(f"{where}: invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
+                 float: "a number", type(None): "null"}
+        raise ConfigError(f"{where}: a payload must be a JSON object, got "
+                          f"{kinds.get(type(value), type(value).__name__)}")
+    try:
+        check_storable(value, "the payload")
+    except FleetsimError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return value
+
+
+def _file_name(path: str | None) -> str:
+    return "standard input" if path == "-" else str(path)
+
+
+def _payload_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, payload) for each non-blank line of a JSON-lines file, read as it goes."""
+    name = _file_name(path)
+    try:
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"cannot read --payload-file {path}: {exc.strerror}") from None
+    try:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                where = f"{name} line {number}"
+                yield where, _parse_payload(line, where)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not UTF-8 text") from None
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+
+
+def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), read as needed."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _submit_history(ctx: click.Context, store: Store) -> Any:
