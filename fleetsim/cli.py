@@ -45,7 +45,7 @@ from fleetsim.errors import (
     StoreUnavailable,
 )
 from fleetsim.rundir import RunDir
-from fleetsim.status import status_data
+from fleetsim.status import status_data, unserved_warning
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STORE, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
@@ -264,8 +264,9 @@ def fleet_options(f: F) -> F:
         option("--workload", default="noop",
                help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function."),
         handler_option,
-        option("--queue", "queues", multiple=True, default=("default",),
-               help="Queue(s) the pods claim from."),
+        option("--queue", "queues", multiple=True, default=("*",),
+               help="Queue(s) the pods claim from (repeatable); '*': every queue in the "
+               "store, including queues made later."),
         store_option,
         option("--seed", type=int, default=0, help="Seed for seeded workloads and chaos."),
         timing_options,
@@ -520,7 +521,8 @@ def down(ctx: click.Context, as_json: bool, timeout: float) -> None:
 def status(ctx: click.Context, store: str | None, schema: str | None, as_json: bool) -> None:
     """Show the leader, the pods and the steps."""
     with open_store(ctx, store, schema) as s:
-        data = status_data(s)
+        fleet = _fleet_using(ctx, s)
+        data = status_data(s, fleet)
 
     def text() -> None:
         leader = data["leader"]
@@ -535,8 +537,37 @@ def status(ctx: click.Context, store: str | None, schema: str | None, as_json: b
                        f"{state:<8} {p['heartbeat_age_s']:>9.1f}s {p['claimed']:>8} "
                        f"{p['completed']:>10}")
         click.echo("steps: " + ", ".join(f"{k} {v}" for k, v in data["steps"].items()))
+        for name, waiting in data["unserved_queues"].items():
+            click.echo("warning: " + unserved_warning(name, waiting, fleet))
 
     emit(data, as_json, text)
+
+
+def _fleet_using(ctx: click.Context, store: Store) -> dict[str, Any] | None:
+    """The running fleet's run.json, if that fleet uses ``store`` (URL and schema)."""
+    try:
+        data = ctx.obj["run_dir"].read()
+    except FleetsimError:
+        return None
+    if (isinstance(data, dict) and data.get("store_url") == store.config.url
+            and (data.get("schema") or "fleetsim") == (store.config.schema or "fleetsim")):
+        return data
+    return None
+
+
+def _warn_unserved(ctx: click.Context, store: Store, only: str | None = None) -> None:
+    """Print a warning (stderr) for each queue with waiting steps that no live pod serves."""
+    from fleetsim.status import unserved_queues
+
+    fleet = _fleet_using(ctx, store)
+    try:
+        unserved = unserved_queues(store, fleet)
+    except FleetsimError:
+        return  # a warning is not worth an error
+    for name, waiting in unserved.items():
+        if only is None or name == only:
+            click.secho("warning: " + unserved_warning(name, waiting, fleet), fg="yellow",
+                        err=True)
 
 
 @cli.command()
@@ -572,6 +603,9 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
     """
     from click.core import ParameterSource
 
+    if queue == "*":
+        fail("'*' is not a queue name: it means every queue for pods (`--queue '*'`)",
+             EXIT_USAGE)
     if payload is not None and payload_file is not None:
         fail("give --payload or --payload-file, not both", EXIT_USAGE)
     if payload_file is not None and ctx.get_parameter_source("count") not in (
@@ -636,6 +670,7 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
                                       f"ids {head[0]}..{last_id})") from None
         finally:
             recorder.close()
+        _warn_unserved(ctx, s, only=queue)
     first_id = head[0]
     data = {"queue": queue, "count": submitted, "first_id": first_id, "last_id": last_id,
             "ids": head if submitted <= 1000 else None}
@@ -763,7 +798,9 @@ def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) ->
 @handler_option
 @option("--concurrency", type=int, default=1, help="Steps this pod runs at once.")
 @option("--batch", type=int, default=50, help="Steps claimed per round trip.")
-@option("--queue", "queues", multiple=True, default=("default",), help="Queue(s) to claim.")
+@option("--queue", "queues", multiple=True, default=("*",),
+        help="Queue(s) to claim (repeatable); '*': every queue in the store, re-read every "
+        "second.")
 @option("--seed", type=int, default=0, help="Seed for seeded workloads.")
 @option("--client-history", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="Folder for this pod's client history (what it invoked and was told; "
@@ -927,7 +964,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         steps = params["steps"]
         say(f"submitting {steps} steps")
         for start in range(0, steps, 10_000):
-            store.submit_many([StepSpec(spec.queues[0])] * min(10_000, steps - start))
+            store.submit_many([StepSpec(spec.submit_queue)] * min(10_000, steps - start))
         store.analyze()  # a fresh schema has no statistics: plan claims on real numbers
         if scenario:
             started = coordinator.run_scenario(scenario, params["seed"])
@@ -1315,6 +1352,7 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
             folder = client_history or history_dir(ctx.obj["run_dir"].path,
                                                     s.config.schema or "fleetsim")
             report = check_history(s, final=final, client_histories=folder)
+            _warn_unserved(ctx, s)  # e.g. why steps are still in flight
     except SchemaMismatch as exc:
         fail(str(exc), EXIT_UNKNOWN)
     emit(report.as_dict(), as_json, lambda: click.echo(report.summary()))

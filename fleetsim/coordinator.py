@@ -60,6 +60,11 @@ class FleetSpec:
     bus_host: str = "127.0.0.1"  # another address needs CURVE keys
     bus_keys: Path | None = None  # directory from `fleetsim keys generate`
 
+    @property
+    def submit_queue(self) -> str:
+        """Where --steps go: the first queue named, else ``default``."""
+        return next((q for q in self.queues if q != "*"), "default")
+
     def __post_init__(self) -> None:
         if not 1 <= self.pods <= 200:
             raise ConfigError(f"--pods must be between 1 and 200, got {self.pods}")
@@ -344,7 +349,9 @@ class Coordinator:
         from fleetsim.status import status_data
 
         assert self.store is not None
-        data = status_data(self.store)
+        with self._lock:
+            ours = [{"id": pod_id} for pod_id in self.pods]
+        data = status_data(self.store, {"pods": ours, "queues": list(self.spec.queues)})
         data["coordinator"] = {
             "pid": os.getpid(),
             "bus_pods": self.bus.connected_pods() if self.bus else [],
@@ -447,8 +454,8 @@ class Coordinator:
         while left > 0 and not self.stopping.is_set():
             n = min(chunk, left)
             try:
-                ids = self.store.submit_many([StepSpec(spec.queues[0], payload)] * n)
-                self._submit_history.submitted(spec.queues[0], ids)
+                ids = self.store.submit_many([StepSpec(spec.submit_queue, payload)] * n)
+                self._submit_history.submitted(spec.submit_queue, ids)
             except FleetsimError as exc:
                 log.warning("submit failed: %s", exc)
                 self.stopping.wait(1.0)
