@@ -78,7 +78,8 @@ class FaultInjector:
         self.log_path = log_path
         self._lock = threading.RLock()
         self._active: list[_ActiveFault] = []
-        self._killed: dict[str, float] = {}  # pod -> when this injector killed it
+        # pod -> (when this injector killed it, its pid; None for a remote pod)
+        self._killed: dict[str, tuple[float, int | None]] = {}
 
     # -- entry point ----------------------------------------------------------
 
@@ -124,8 +125,12 @@ class FaultInjector:
             if lead is None:
                 raise ConfigError("there is no leader right now")
             if lead[0] not in pods:
-                raise ConfigError(f"the leader {lead[0]} is not running (its lease has not "
-                                  "expired yet); try again once a new leader is elected")
+                if lead[0] in self._killed or lead[0] in _known_pods(self.fleet):
+                    raise ConfigError(f"the leader {lead[0]} is not running (its lease has "
+                                      "not expired yet); try again once a new leader is "
+                                      "elected")
+                raise ConfigError(f"the leader {lead[0]} is out of reach: not a pod of this "
+                                  "fleet, nor heard on its bus (`fleetsim pod --join`)")
             return [lead[0]]
         if target == "random":
             if not pods:
@@ -151,11 +156,19 @@ class FaultInjector:
         killed child not yet reaped is not running), and remote pods heard on
         the bus, except one this injector killed within the bus's silence
         window (it is still "heard" for that long after it died).
+
+        The set is bounded: ``_killed`` holds one entry per pod id.
         """
-        local = {pod for pod, pid in self.fleet.pod_pids().items() if pid_alive(pid)}
         now = time.monotonic()
         with self._lock:
-            gone = {pod for pod, at in self._killed.items() if now - at < REMOTE_SILENCE_S}
+            killed = dict(self._killed)
+        # A child this injector killed is gone even while the signal is still
+        # being delivered (its pid still runs for a moment); its respawn,
+        # with a new pid, is live.
+        local = {pod for pod, pid in self.fleet.pod_pids().items()
+                 if pid_alive(pid) and killed.get(pod, (0.0, None))[1] != pid}
+        gone = {pod for pod, (at, pid) in killed.items()
+                if pid is None and now - at < REMOTE_SILENCE_S}
         remote = set(self.fleet.remote_pods()) - gone
         return sorted(local | remote, key=_natural_key)
 
@@ -178,7 +191,7 @@ class FaultInjector:
             # Not our child: ask it to SIGKILL itself.
             self._check(self.fleet.send_command(pod, SelfKill()))
             with self._lock:
-                self._killed[pod] = time.monotonic()
+                self._killed[pod] = (time.monotonic(), None)
             return {"pod": pod, "pid": None, "term": lead[1] if lead and lead[0] == pod else None}
         pid = self._pid(pod)
         self._resume_if_paused(pod)
@@ -187,7 +200,7 @@ class FaultInjector:
         except ProcessLookupError:
             raise ConfigError(f"{pod} (pid {pid}) is not running") from None
         with self._lock:
-            self._killed[pod] = time.monotonic()
+            self._killed[pod] = (time.monotonic(), pid)
         term = lead[1] if lead is not None and lead[0] == pod else None
         return {"pod": pod, "pid": pid, "term": term}
 
