@@ -27,10 +27,15 @@ from typing import Any, Protocol
 from fleetsim.bus import BusPartition, ClearStorageFault, Error, SelfKill, SetStorageFault
 from fleetsim.durations import parse_duration
 from fleetsim.errors import BusError, ConfigError, FleetsimError
+from fleetsim.rundir import pid_alive
 
 log = logging.getLogger("fleetsim.chaos")
 
 PARTITION_FROM = ("store", "bus", "all")
+# How long the bus goes on listing a pod after its last message
+# (BusService.connected_pods): a remote pod killed more recently may still
+# be listed, dead.
+REMOTE_SILENCE_S = 5.0
 PARTITION_MODES = ("blackhole", "reset")
 
 
@@ -73,6 +78,8 @@ class FaultInjector:
         self.log_path = log_path
         self._lock = threading.RLock()
         self._active: list[_ActiveFault] = []
+        # pod -> (when this injector killed it, its pid; None for a remote pod)
+        self._killed: dict[str, tuple[float, int | None]] = {}
 
     # -- entry point ----------------------------------------------------------
 
@@ -103,8 +110,13 @@ class FaultInjector:
     # -- targets --------------------------------------------------------------
 
     def resolve(self, target: str | None, *, allow_all: bool = False) -> list[str]:
-        """Pod ids named by a target: a pod id, ``leader``, ``random`` or ``all``."""
-        pods = sorted(set(self.fleet.pod_pids()) | set(self.fleet.remote_pods()))
+        """Pod ids named by a target: a pod id, ``leader``, ``random`` or ``all``.
+
+        ``random`` and ``all`` choose among live pods only (see
+        :meth:`live_pods`): a pod killed a moment ago is never picked again,
+        even before the store declares it dead.
+        """
+        pods = self.live_pods()
         if target in (None, ""):
             raise ConfigError("name a target pod (a pod id, leader, random"
                               + (" or all)" if allow_all else ")"))
@@ -112,20 +124,53 @@ class FaultInjector:
             lead = self.fleet.leader()
             if lead is None:
                 raise ConfigError("there is no leader right now")
+            if lead[0] not in pods:
+                if lead[0] in self._killed or lead[0] in _known_pods(self.fleet):
+                    raise ConfigError(f"the leader {lead[0]} is not running (its lease has "
+                                      "not expired yet); try again once a new leader is "
+                                      "elected")
+                raise ConfigError(f"the leader {lead[0]} is out of reach: not a pod of this "
+                                  "fleet, nor heard on its bus (`fleetsim pod --join`)")
             return [lead[0]]
         if target == "random":
             if not pods:
-                raise ConfigError("there are no pods")
+                raise ConfigError("there are no live pods to choose from")
             return [self.rng.choice(pods)]
         if target == "all":
             if not allow_all:
                 raise ConfigError("this action takes one pod, not all")
+            if not pods:
+                raise ConfigError("there are no live pods")
             return pods
         assert target is not None
         if target not in pods:
             shown = ", ".join(pods) or "none"
-            raise ConfigError(f"no pod named {target!r} (pods: {shown})")
+            if target in self._killed or target in _known_pods(self.fleet):
+                raise ConfigError(f"{target} is not running (it was killed or exited); "
+                                  f"live pods: {shown}")
+            raise ConfigError(f"no pod named {target!r} (live pods: {shown})")
         return [target]
+
+    def live_pods(self) -> list[str]:
+        """Pods a fault can hit now, sorted: the fleet's running children (a
+        killed child not yet reaped is not running), and remote pods heard on
+        the bus, except one this injector killed within the bus's silence
+        window (it is still "heard" for that long after it died).
+
+        The set is bounded: ``_killed`` holds one entry per pod id.
+        """
+        now = time.monotonic()
+        with self._lock:
+            killed = dict(self._killed)
+        # A child this injector killed is gone even while the signal is still
+        # being delivered (its pid still runs for a moment); its respawn,
+        # with a new pid, is live.
+        local = {pod for pod, pid in self.fleet.pod_pids().items()
+                 if pid_alive(pid) and killed.get(pod, (0.0, None))[1] != pid}
+        gone = {pod for pod, (at, pid) in killed.items()
+                if pid is None and now - at < REMOTE_SILENCE_S}
+        remote = set(self.fleet.remote_pods()) - gone
+        return sorted(local | remote, key=_natural_key)
 
     def _pid(self, pod: str) -> int:
         pid = self.fleet.pod_pids().get(pod)
@@ -145,6 +190,8 @@ class FaultInjector:
         if pod not in self.fleet.pod_pids():
             # Not our child: ask it to SIGKILL itself.
             self._check(self.fleet.send_command(pod, SelfKill()))
+            with self._lock:
+                self._killed[pod] = (time.monotonic(), None)
             return {"pod": pod, "pid": None, "term": lead[1] if lead and lead[0] == pod else None}
         pid = self._pid(pod)
         self._resume_if_paused(pod)
@@ -152,6 +199,8 @@ class FaultInjector:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             raise ConfigError(f"{pod} (pid {pid}) is not running") from None
+        with self._lock:
+            self._killed[pod] = (time.monotonic(), pid)
         term = lead[1] if lead is not None and lead[0] == pod else None
         return {"pod": pod, "pid": pid, "term": term}
 
@@ -293,6 +342,18 @@ def _duration(value: Any) -> float | None:
         raise ConfigError(f"--for must be longer than zero, got {value!r} (leave it out to "
                           "last until `chaos heal`)")
     return seconds
+
+
+def _known_pods(fleet: Fleet) -> list[str]:
+    """Every pod the fleet ran, live or not, if it can tell."""
+    known = getattr(fleet, "known_pods", None)
+    return list(known()) if callable(known) else []
+
+
+def _natural_key(pod_id: str) -> tuple[str, int]:
+    """Sort pod-2 before pod-10."""
+    prefix, _, number = pod_id.rpartition("-")
+    return (prefix, int(number)) if number.isdigit() else (pod_id, 0)
 
 
 def _signal(pid: int, sig: int) -> None:

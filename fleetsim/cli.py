@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -44,7 +45,7 @@ from fleetsim.errors import (
     StoreUnavailable,
 )
 from fleetsim.rundir import RunDir
-from fleetsim.status import status_data
+from fleetsim.status import status_data, unserved_warning
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STORE, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
@@ -262,8 +263,9 @@ def fleet_options(f: F) -> F:
         option("--workload", default="noop",
                help="noop, sleep:<ms>, cpu:<ms>, fail:<probability> or module:function."),
         handler_option,
-        option("--queue", "queues", multiple=True, default=("default",),
-               help="Queue(s) the pods claim from."),
+        option("--queue", "queues", multiple=True, default=("*",),
+               help="Queue(s) the pods claim from (repeatable); '*': every queue in the "
+               "store, including queues made later."),
         store_option,
         option("--seed", type=int, default=0, help="Seed for seeded workloads and chaos."),
         timing_options,
@@ -314,7 +316,10 @@ def up(ctx: click.Context, /, **params: Any) -> None:
     if params["detach"]:
         _up_detached(ctx, params)
         return
-    coordinator = Coordinator(spec, echo=click.echo)
+    # Events (pod exits, leader changes, recoveries) go through the ticker:
+    # in a terminal they are printed above the status line, which is redrawn.
+    ticker = StatusTicker(None, enabled=params["status_line"])
+    coordinator = Coordinator(spec, echo=ticker.event)
     coordinator.install_signal_handlers()
     coordinator.start()
     leader = _wait_for_leader(coordinator.store)
@@ -322,15 +327,30 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         f"fleet ready: {spec.pods} pods, leader {leader}, run dir {spec.run_dir}"
         " (Ctrl-C to stop)"
     )
-    ticker = StatusTicker(coordinator.store) if params["status_line"] else None
+    if sys.stdout.isatty():
+        _print_next_steps(ctx.obj["run_dir"].path)
+    ticker.store = coordinator.store
     try:
-        coordinator.run_forever(on_tick=ticker.tick if ticker else None)
+        coordinator.run_forever(on_tick=ticker.tick)
     finally:
-        if ticker:
-            ticker.close()
+        ticker.close()
         click.echo("stopping: pods finish in-flight steps (up to the grace period)...")
         coordinator.stop()
         click.echo("fleet stopped")
+
+
+def _print_next_steps(run_dir: Path) -> None:
+    """What a newcomer can try next, from another terminal (`up` in a terminal only)."""
+    prefix = "fleetsim" if run_dir == Path(".fleetsim") else f"fleetsim --run-dir {run_dir}"
+    rows = [
+        (f"{prefix} submit --count 1000", "submit steps; watch the status line"),
+        (f"{prefix} chaos kill-leader", "kill the leader; a new one takes over"),
+        (f"{prefix} check", "verify nothing was lost or run twice"),
+    ]
+    width = max(len(command) for command, _ in rows)
+    click.echo("try, in another terminal:")
+    for command, what in rows:
+        click.echo(f"  {command:<{width}}  {what}")
 
 
 def _wait_for_leader(store: Store | None, timeout_s: float = 5.0) -> str:
@@ -344,19 +364,37 @@ def _wait_for_leader(store: Store | None, timeout_s: float = 5.0) -> str:
 
 
 class StatusTicker:
-    """The foreground status line: steps/s, depth, leader, pods alive."""
+    """The foreground status line (steps/s, depth, leader, pods alive) and the events above it.
 
-    def __init__(self, store: Store | None, period_s: float = 1.0) -> None:
+    In a terminal the status line is rewritten in place; an event clears it,
+    is printed on its own line, and the status line is redrawn below it.
+    Elsewhere (a pipe, a log file) both are plain lines, without terminal
+    codes, the status every 10 s.
+    """
+
+    def __init__(self, store: Store | None, period_s: float = 1.0, *,
+                 enabled: bool = True) -> None:
         self.store = store
-        self.period_s = period_s if sys.stdout.isatty() else 10.0
+        self.enabled = enabled
         self.tty = sys.stdout.isatty()
+        self.period_s = period_s if self.tty else 10.0
         self._last: tuple[float, int] | None = None
         self._next = time.monotonic() + self.period_s
+        self._shown = ""  # the status line on the screen now (terminal only)
+        self._lock = threading.Lock()
+
+    def event(self, line: str) -> None:
+        """Print an event on its own line, above the status line."""
+        with self._lock:
+            if self.tty and self._shown:
+                click.echo(f"\r\033[K{line}\n{self._shown}", nl=False)
+            else:
+                click.echo(line)
 
     def tick(self) -> None:
         """Print the status line if it is time."""
         now = time.monotonic()
-        if self.store is None or now < self._next:
+        if not self.enabled or self.store is None or now < self._next:
             return
         self._next = now + self.period_s
         try:
@@ -377,15 +415,24 @@ class StatusTicker:
                 f"claimed {counts['claimed']} | done {done} | leader {leader} | "
                 f"pods {alive}/{known} alive"
             )
-        if self.tty:
-            click.echo(f"\r\033[K{line}", nl=False)
-        else:
-            click.echo(line)
+        with self._lock:
+            if self.tty:
+                # Cut to the terminal's width: a wrapped line could not be
+                # rewritten in place.
+                import shutil
+
+                line = line[: max(20, shutil.get_terminal_size().columns - 1)]
+                click.echo(f"\r\033[K{line}", nl=False)
+                self._shown = line
+            else:
+                click.echo(line)
 
     def close(self) -> None:
         """End the status line."""
-        if self.tty:
-            click.echo()
+        with self._lock:
+            if self.tty and self._shown:
+                click.echo()
+            self._shown = ""
 
 
 def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
@@ -498,7 +545,8 @@ def describe_down(result: dict[str, Any]) -> str:
 def status(ctx: click.Context, store: str | None, schema: str | None, as_json: bool) -> None:
     """Show the leader, the pods and the steps."""
     with open_store(ctx, store, schema) as s:
-        data = status_data(s)
+        fleet = _fleet_using(ctx, s)
+        data = status_data(s, fleet)
 
     def text() -> None:
         leader = data["leader"]
@@ -507,55 +555,211 @@ def status(ctx: click.Context, store: str | None, schema: str | None, as_json: b
         click.echo(f"{'pod':<10} {'pid':>7} {'inc':>4} {'state':<8} {'heartbeat':>10} "
                    f"{'claimed':>8} {'completed':>10}")
         for p in data["pods"]:
+            # A pod whose process is gone but not yet declared dead: "exited".
+            state = "exited" if p["state"] == "alive" and not p["live"] else p["state"]
             click.echo(f"{p['id']:<10} {p['pid'] or '-':>7} {p['incarnation']:>4} "
-                       f"{p['state']:<8} {p['heartbeat_age_s']:>9.1f}s {p['claimed']:>8} "
+                       f"{state:<8} {p['heartbeat_age_s']:>9.1f}s {p['claimed']:>8} "
                        f"{p['completed']:>10}")
         click.echo("steps: " + ", ".join(f"{k} {v}" for k, v in data["steps"].items()))
+        for name, waiting in data["unserved_queues"].items():
+            click.echo("warning: " + unserved_warning(name, waiting, fleet))
 
     emit(data, as_json, text)
+
+
+def _fleet_using(ctx: click.Context, store: Store) -> dict[str, Any] | None:
+    """The running fleet's run.json, if that fleet uses ``store`` (URL and schema)."""
+    try:
+        data = ctx.obj["run_dir"].read()
+    except FleetsimError:
+        return None
+    if (isinstance(data, dict) and data.get("store_url") == store.config.url
+            and (data.get("schema") or "fleetsim") == (store.config.schema or "fleetsim")):
+        return data
+    return None
+
+
+def _warn_unserved(ctx: click.Context, store: Store, only: str | None = None) -> None:
+    """Print a warning (stderr) for each queue with waiting steps that no live pod serves."""
+    from fleetsim.status import unserved_queues
+
+    fleet = _fleet_using(ctx, store)
+    try:
+        unserved = unserved_queues(store, fleet)
+    except FleetsimError:
+        return  # a warning is not worth an error
+    for name, waiting in unserved.items():
+        if only is None or name == only:
+            click.secho("warning: " + unserved_warning(name, waiting, fleet), fg="yellow",
+                        err=True)
 
 
 @cli.command()
 @option("--count", type=click.IntRange(1, 10_000_000), default=1, help="How many steps.")
 @option("--queue", default="default", help="Queue to submit to.")
-@option("--workload", default=None, help="Workload for these steps (default: the pods').")
+@option("--workload", default=None, help="Workload for these steps (default: the pods'); "
+        "sets the `workload` key of every payload.")
+@option("--payload", default=None, metavar="JSON",
+        help="The payload of every step: a JSON object, e.g. '{\"order\": 17}'.")
+@option("--payload-file", default=None, metavar="FILE",
+        help="JSON lines, one payload (a JSON object) per line and one step each, read and "
+        "submitted in chunks of 10,000 ('-': standard input); blank lines are skipped. "
+        "Not with --count or --payload.")
 @option("--priority", type=int, default=0, help="Lower runs first.")
 @option("--max-attempts", type=click.IntRange(1, 1000), default=3,
         help="Attempts before a step goes to the DLQ.")
-@option("--key", default=None, help="Idempotency key (with --count N: KEY-0 ... KEY-N-1).")
+@option("--key", default=None, help="Idempotency key (with --count N or --payload-file: "
+        "KEY-0 ... KEY-N-1).")
 @store_option
 @schema_option
 @json_option
 @click.pass_context
-def submit(ctx: click.Context, count: int, queue: str, workload: str | None, priority: int,
+def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
+           payload: str | None, payload_file: str | None, priority: int,
            max_attempts: int, key: str | None, store: str | None, schema: str | None,
            as_json: bool) -> None:
-    """Submit steps to the fleet's store."""
+    """Submit steps to the fleet's store.
+
+    \b
+    fleetsim submit --count 100 --workload sleep:20
+    fleetsim submit --payload '{"order": 17}' --key order-17
+    fleetsim submit --payload-file orders.jsonl --queue orders
+    """
+    from click.core import ParameterSource
+
+    if queue == "*":
+        fail("'*' is not a queue name: it means every queue for pods (`--queue '*'`)",
+             EXIT_USAGE)
+    if payload is not None and payload_file is not None:
+        fail("give --payload or --payload-file, not both", EXIT_USAGE)
+    if payload_file is not None and ctx.get_parameter_source("count") not in (
+            ParameterSource.DEFAULT, None):
+        fail("--count and --payload-file exclude each other: the file has one step a line",
+             EXIT_USAGE)
     if workload:
         _check_fleet_allows(ctx, workload, store)  # before importing anything it names
         check_workload(workload)
-    payload = {"workload": workload} if workload else {}
-    specs = [
-        StepSpec(queue, payload, priority, max_attempts,
-                 (key if count == 1 else f"{key}-{i}") if key else None)
-        for i in range(count)
-    ]
+    base: dict[str, Any] = {}
+    if payload is not None:
+        base = _parse_payload(payload, "--payload")
+    named: set[str] = set()
+
+    def step_payload(value: dict[str, Any], where: str) -> dict[str, Any]:
+        if workload:
+            return {**value, "workload": workload}
+        own = value.get("workload")
+        if isinstance(own, str) and own not in named:
+            # A step naming a handler: refused here as with --workload.
+            try:
+                _check_fleet_allows(ctx, own, store)
+                check_workload(own)
+            except FleetsimError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            named.add(own)
+        return value
+
+    def specs() -> Iterator[StepSpec]:
+        if payload_file is None:
+            value = step_payload(base, "--payload")
+            for i in range(count):
+                yield StepSpec(queue, value, priority, max_attempts,
+                               (key if count == 1 else f"{key}-{i}") if key else None)
+            return
+        for i, (where, value) in enumerate(_payload_lines(payload_file)):
+            yield StepSpec(queue, step_payload(value, where), priority, max_attempts,
+                           f"{key}-{i}" if key else None)
+
+    head: list[int] = []  # the first 1001 ids: all of them, if that many or fewer
+    last_id = 0
+    submitted = 0
+    chunks = _chunks(specs(), 10_000)
+    try:
+        first = next(chunks)  # a bad first chunk fails before the store is opened
+    except StopIteration:
+        fail(f"no steps: {_file_name(payload_file)} has no payload lines", EXIT_USAGE)
     with open_store(ctx, store, schema) as s:
-        ids: list[int] = []
         recorder = _submit_history(ctx, s)
         try:
-            for start in range(0, count, 10_000):
-                chunk = s.submit_many(specs[start:start + 10_000])
-                recorder.submitted(queue, chunk)
-                ids += chunk
+            chunk: list[StepSpec] | None = first
+            while chunk:
+                done = s.submit_many(chunk)
+                recorder.submitted(queue, done)
+                submitted += len(done)
+                head += done[: 1001 - len(head)]
+                last_id = done[-1]
+                try:
+                    chunk = next(chunks, None)
+                except ConfigError as exc:  # a bad line after some chunks went in
+                    raise ConfigError(f"{exc} ({submitted} steps before it were submitted, "
+                                      f"ids {head[0]}..{last_id})") from None
         finally:
             recorder.close()
-    data = {"queue": queue, "count": len(ids), "first_id": ids[0], "last_id": ids[-1],
-            "ids": ids if len(ids) <= 1000 else None}
+        _warn_unserved(ctx, s, only=queue)
+    first_id = head[0]
+    data = {"queue": queue, "count": submitted, "first_id": first_id, "last_id": last_id,
+            "ids": head if submitted <= 1000 else None}
     emit(data, as_json, lambda: click.echo(
-        f"submitted {len(ids)} step{'s' if len(ids) != 1 else ''} to queue {queue!r} "
-        f"(ids {ids[0]}..{ids[-1]})" if len(ids) > 1 else
-        f"submitted step {ids[0]} to queue {queue!r}"))
+        f"submitted {submitted} step{'s' if submitted != 1 else ''} to queue {queue!r} "
+        f"(ids {first_id}..{last_id})" if submitted > 1 else
+        f"submitted step {first_id} to queue {queue!r}"))
+
+
+def _parse_payload(text: str, where: str) -> dict[str, Any]:
+    """A payload from JSON text: a JSON object jsonb can hold, else ConfigError naming ``where``."""
+    from fleetsim.store import check_storable
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(text, parse_constant=no_constant)
+    except ValueError as exc:  # json.JSONDecodeError too
+        raise ConfigError(f"{where}: invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
+                 float: "a number", type(None): "null"}
+        raise ConfigError(f"{where}: a payload must be a JSON object, got "
+                          f"{kinds.get(type(value), type(value).__name__)}")
+    try:
+        check_storable(value, "the payload")
+    except FleetsimError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return value
+
+
+def _file_name(path: str | None) -> str:
+    return "standard input" if path == "-" else str(path)
+
+
+def _payload_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, payload) for each non-blank line of a JSON-lines file, read as it goes."""
+    name = _file_name(path)
+    try:
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"cannot read --payload-file {path}: {exc.strerror}") from None
+    try:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                where = f"{name} line {number}"
+                yield where, _parse_payload(line, where)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not UTF-8 text") from None
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+
+
+def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), read as needed."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _submit_history(ctx: click.Context, store: Store) -> Any:
@@ -618,7 +822,9 @@ def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) ->
 @handler_option
 @option("--concurrency", type=int, default=1, help="Steps this pod runs at once.")
 @option("--batch", type=int, default=50, help="Steps claimed per round trip.")
-@option("--queue", "queues", multiple=True, default=("default",), help="Queue(s) to claim.")
+@option("--queue", "queues", multiple=True, default=("*",),
+        help="Queue(s) to claim (repeatable); '*': every queue in the store, re-read every "
+        "second.")
 @option("--seed", type=int, default=0, help="Seed for seeded workloads.")
 @option("--client-history", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="Folder for this pod's client history (what it invoked and was told; "
@@ -784,7 +990,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         steps = params["steps"]
         say(f"submitting {steps} steps")
         for start in range(0, steps, 10_000):
-            store.submit_many([StepSpec(spec.queues[0])] * min(10_000, steps - start))
+            store.submit_many([StepSpec(spec.submit_queue)] * min(10_000, steps - start))
         store.analyze()  # a fresh schema has no statistics: plan claims on real numbers
         if scenario:
             started = coordinator.run_scenario(scenario, params["seed"])
@@ -1240,6 +1446,7 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
             folder = client_history or history_dir(ctx.obj["run_dir"].path,
                                                     s.config.schema or "fleetsim")
             report = check_history(s, final=final, client_histories=folder)
+            _warn_unserved(ctx, s)  # e.g. why steps are still in flight
     except SchemaMismatch as exc:
         fail(str(exc), EXIT_UNKNOWN)
     emit(report.as_dict(), as_json, lambda: click.echo(report.summary()))

@@ -39,6 +39,8 @@ log = logging.getLogger("fleetsim.coordinator")
 # How long a pod may take from spawn to registered-and-alive.
 POD_READY_TIMEOUT_S = 30.0
 _SUBMIT_CHUNK = 10_000
+# How often the foreground coordinator looks for leader changes and recoveries.
+WATCH_PERIOD_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ class FleetSpec:
     bus_host: str = "127.0.0.1"  # another address needs CURVE keys
     bus_keys: Path | None = None  # directory from `fleetsim keys generate`
     client_history: bool = True  # pods and the submitter keep client histories
+
+    @property
+    def submit_queue(self) -> str:
+        """Where --steps go: the first queue named, else ``default``."""
+        return next((q for q in self.queues if q != "*"), "default")
 
     def __post_init__(self) -> None:
         if not 1 <= self.pods <= 200:
@@ -98,6 +105,7 @@ class Coordinator:
         self.run_dir = RunDir(spec.run_dir)
         self.echo = echo or (lambda line: None)
         self.pods: dict[str, PodProcess] = {}
+        self._spawned: set[str] = set()  # every pod id spawned, running or not
         self.store_url: str | None = None
         self.store: Store | None = None
         self.embedded: Any = None  # fleetsim.store.embedded.EmbeddedPostgres
@@ -114,6 +122,12 @@ class Coordinator:
         self.injector: Any = None  # chaos.injector.FaultInjector
         self.scenario: Any = None  # chaos.runner.ScenarioRunner, the latest
         self._self_record: ProcessRecord | None = None  # this process, in children.json
+        # What watch() last saw: the leader (pod, term), since when there has
+        # been none, and the latest leader action already reported.
+        self._leader_seen: tuple[str, int] | None = None
+        self._leaderless_since: float | None = None
+        self._actions_after: int | None = None
+        self._watch_at = 0.0
 
     # -- start ------------------------------------------------------------
 
@@ -313,7 +327,7 @@ class Coordinator:
         used_seed = scenario.effective_seed(seed)
         runner = ScenarioRunner(
             scenario, used_seed, self.injector,
-            pods=lambda: sorted(self.pod_pids()),
+            pods=lambda: [p for p in self.injector.live_pods() if p in self.pod_pids()],
             leader=lambda: (lead[0] if (lead := self.leader()) else None),
             log_path=self.run_dir.path / "faults.jsonl", stopping=self.stopping,
         )
@@ -334,8 +348,16 @@ class Coordinator:
         """Pods on the bus that this coordinator did not spawn (`fleetsim pod --join`)."""
         if self.bus is None:
             return []
-        local = self.pod_pids()
-        return [p for p in self.bus.connected_pods() if p not in local]
+        with self._lock:
+            # A child of ours that died (and was reaped) is still heard for a
+            # few seconds: it is not a remote pod.
+            ours = set(self._spawned)
+        return [p for p in self.bus.connected_pods() if p not in ours]
+
+    def known_pods(self) -> list[str]:
+        """Every pod id this coordinator has spawned, running or not."""
+        with self._lock:
+            return sorted(self._spawned, key=pod_sort_key)
 
     def leader(self) -> tuple[str, int] | None:
         """(pod id, term) of the current leader."""
@@ -373,7 +395,9 @@ class Coordinator:
         from fleetsim.status import status_data
 
         assert self.store is not None
-        data = status_data(self.store)
+        with self._lock:
+            ours = [{"id": pod_id} for pod_id in self.pods]
+        data = status_data(self.store, {"pods": ours, "queues": list(self.spec.queues)})
         data["coordinator"] = {
             "pid": os.getpid(),
             "bus_pods": self.bus.connected_pods() if self.bus else [],
@@ -428,6 +452,7 @@ class Coordinator:
         pod = PodProcess(pod_id, incarnation, process, log_path, time.monotonic())
         with self._lock:
             self.pods[pod_id] = pod
+            self._spawned.add(pod_id)
         self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
         return pod
 
@@ -477,8 +502,8 @@ class Coordinator:
         while left > 0 and not self.stopping.is_set():
             n = min(chunk, left)
             try:
-                ids = self.store.submit_many([StepSpec(spec.queues[0], payload)] * n)
-                self._submit_history.submitted(spec.queues[0], ids)
+                ids = self.store.submit_many([StepSpec(spec.submit_queue, payload)] * n)
+                self._submit_history.submitted(spec.submit_queue, ids)
             except FleetsimError as exc:
                 log.warning("submit failed: %s", exc)
                 self.stopping.wait(1.0)
@@ -499,6 +524,10 @@ class Coordinator:
                 if code is None:
                     continue
                 exits.append((pod_id, code))
+                if self._leader_seen is not None and self._leader_seen[0] == pod_id:
+                    # The leader died: from now on the fleet has none (its
+                    # lease outlives it, but nobody acts under it).
+                    self._leaderless_since = time.monotonic()
                 self._event("pod.exited", pod=pod_id, pid=pod.pid, returncode=code,
                             reason=describe_returncode(code))
                 del self.pods[pod_id]
@@ -516,8 +545,57 @@ class Coordinator:
         """Supervise until ``stopping`` is set (by a signal or a command)."""
         while not self.stopping.wait(tick_s):
             self.poll()
+            self.watch()
             if on_tick is not None:
                 on_tick()
+
+    def watch(self) -> None:
+        """Echo leader changes and recoveries as events (polled, every WATCH_PERIOD_S).
+
+        ``leader: pod-2 (term 3) after 2.4 s without a leader`` (the time from
+        the old leader's death, or from the lease lapsing, to the new term),
+        and ``recovered 50 steps of pod-3`` for each dead pod whose claims a
+        leader requeued or dead-lettered. A store that does not answer is
+        skipped: the status line says so.
+        """
+        from fleetsim.store.fleet_events import last_leader_action, recoveries_after
+
+        now = time.monotonic()
+        if self.store is None or now < self._watch_at:
+            return
+        self._watch_at = now + WATCH_PERIOD_S
+        try:
+            lease = self.store.current_leader()
+            if self._actions_after is None:  # the first look: report only what follows
+                self._actions_after = last_leader_action(self.store)
+                recovered = []
+            else:
+                recovered = recoveries_after(self.store, self._actions_after)
+        except FleetsimError:
+            return
+        if lease is None:
+            if self._leaderless_since is None:
+                self._leaderless_since = now
+        elif self._leader_seen is None or lease.term != self._leader_seen[1]:
+            gap = None if self._leaderless_since is None else now - self._leaderless_since
+            if self._leader_seen is not None or gap is not None:
+                self.echo(f"leader: {lease.holder} (term {lease.term})"
+                          + (f" after {gap:.1f} s without a leader" if gap is not None else ""))
+            self._event("leader.elected", pod=lease.holder, term=lease.term,
+                        leaderless_s=None if gap is None else round(gap, 3))
+            self._leaderless_since = None
+        if lease is not None:
+            self._leader_seen = (lease.holder, lease.term)
+        for batch in recovered:
+            self._actions_after = max(self._actions_after or 0, batch.last_id)
+            line = (f"recovered {batch.steps} step{'s' if batch.steps != 1 else ''} "
+                    f"of {batch.pod or 'a dead pod'}")
+            if batch.dead_lettered:
+                line += (f" ({batch.requeued} requeued, {batch.dead_lettered} to the "
+                         "dead-letter queue)")
+            self.echo(line)
+            self._event("steps.recovered", pod=batch.pod, term=batch.term,
+                        requeued=batch.requeued, dead_lettered=batch.dead_lettered)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT / SIGHUP stop the fleet gracefully."""

@@ -50,6 +50,7 @@ from fleetsim.store import ClaimedStep, Store, WriteOutcome, check_storable
 from pods.config import PodConfig
 from pods.exitcodes import PodExit
 from pods.hooks import CountingHook, PodHook
+from pods.served_queues import ServedQueues
 from pods.workloads import WorkloadCache, parse_workload
 
 log = logging.getLogger("fleetsim.pod")
@@ -106,6 +107,8 @@ class Pod:
         # What this pod invoked and was told, outside the store (evidence
         # for the checker); a NullHistory unless the pod was given a folder.
         self.history: ClientHistory = NullHistory()
+        # Its --queue names, or every queue in the store ("*"), re-read as it goes.
+        self.served_queues = ServedQueues(config.queues, store)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -203,7 +206,8 @@ class Pod:
                 if self._holds_unknown_claims.is_set():
                     self._release_unknown_claims()
                 steps = self.store.claim_steps(
-                    cfg.pod_id, cfg.queues, cfg.batch, incarnation=cfg.incarnation
+                    cfg.pod_id, self.served_queues.current(), cfg.batch,
+                    incarnation=cfg.incarnation,
                 )
             except ClaimInterrupted as exc:
                 # Part of the claim committed: run those steps. The failed

@@ -66,7 +66,8 @@ def test_detach_status_submit_restart_down(tmp_path: Path, store: Store,
     assert data["leader"] is not None and set(data["leader"]) == {"pod", "term", "pid"}
     assert {p["id"] for p in data["pods"]} == {"pod-1", "pod-2", "pod-3"}
     assert set(data["pods"][0]) == {"id", "pid", "incarnation", "state", "heartbeat_age_s",
-                                     "claimed", "completed"}
+                                     "claimed", "completed", "live"}
+    assert all(p["live"] for p in data["pods"]) and data["unserved_queues"] == {}
     assert data["steps"]["completed"] == 300
 
     # --restart: a killed pod comes back with incarnation + 1.
