@@ -55,6 +55,12 @@ from fleetsim.store.schema import DDL, MIGRATIONS, SCHEMA_VERSION, STEP_STATUSES
 from fleetsim.store.url import pooler_mode, redact, validate_schema_name, validate_url
 from fleetsim.store.values import check_storable, storable_text
 
+# How often, at least, a pod's claim serves its limited and strict-FIFO
+# queues before its plain ones (see Store.claim_steps): often enough that
+# they progress beside a plain queue that always fills the batch, rarely
+# enough that their locked transactions stay off the hot path.
+SPECIAL_QUEUES_EVERY_S = 0.25
+
 # How long a cached list of "special" queues (limited or strict FIFO) is
 # trusted. A stale list never breaks a limit: the fast path excludes those
 # queues in SQL; staleness only delays their claims.
@@ -148,6 +154,7 @@ class Store:
         self._hot_idle: list[Any] = []
         self._special_queues: frozenset[str] = frozenset()
         self._special_queues_at = float("-inf")
+        self._special_due = float("-inf")
         self._lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------
@@ -547,30 +554,47 @@ class Store:
         fresh claim token and a row in the ``step_attempts`` view (an open
         attempt, kept on the step; its ``finished_attempts`` row is written
         by the statement that ends it).
+
+        Fair across queues: the plain queues fill the batch in one statement,
+        and the limited and strict-FIFO ("special") queues, each claimed in a
+        transaction of its own, are served before them at least every
+        ``SPECIAL_QUEUES_EVERY_S`` (up to an equal share of the batch each),
+        and after them whenever they leave the batch short. A plain queue
+        that always fills the batch cannot starve a special one.
+
+        A claim is one unit for its caller: if a statement fails after an
+        earlier one committed steps to the pod, ClaimInterrupted carries
+        those steps (the pod runs or releases them).
         """
         if batch < 1:
             raise ConfigError("batch must be at least 1")
         queue_list = list(queues)
-        rows = self._hot(
-            _CLAIM, queues=queue_list, pod=pod_id, batch=batch, incarnation=incarnation
-        )
-        claimed = _claimed_steps(rows)
-        if len(claimed) < batch:
-            try:
-                for name in sorted(self._special(queue_list)):
-                    claimed += self._claim_locked(
-                        name, pod_id, batch - len(claimed), incarnation
-                    )
-                    if len(claimed) >= batch:
-                        break
-            except StoreError as exc:
-                # The steps claimed so far are committed to this pod: a
-                # claim is one unit for its caller, so they are handed over
-                # with the error rather than dropped with it (nobody would
-                # recover them while the pod stays alive).
-                if claimed:
-                    raise ClaimInterrupted(claimed, exc) from exc
-                raise
+        claimed: list[ClaimedStep] = []
+        try:
+            special = sorted(self._special(queue_list))
+            now = time.monotonic()
+            first = bool(special) and now >= self._special_due
+            if first:
+                self._special_due = now + SPECIAL_QUEUES_EVERY_S
+                share = max(1, batch // (len(special) + 1))
+                for name in special:
+                    claimed += self._claim_locked(name, pod_id, share, incarnation)
+            claimed += _claimed_steps(self._hot(
+                _CLAIM, queues=queue_list, pod=pod_id, batch=batch - len(claimed),
+                incarnation=incarnation,
+            )) if len(claimed) < batch else []
+            # The plain queues left the batch short: top it up from the special ones.
+            for name in special:
+                if len(claimed) >= batch:
+                    break
+                claimed += self._claim_locked(name, pod_id, batch - len(claimed), incarnation)
+        except StoreError as exc:
+            # The steps claimed so far are committed to this pod: they are
+            # handed over with the error rather than dropped with it (nobody
+            # would recover them while the pod stays alive).
+            if claimed:
+                raise ClaimInterrupted(claimed, exc) from exc
+            raise
         return claimed
 
     def _special(self, names: list[str]) -> set[str]:

@@ -1,0 +1,33 @@
+"""Fair claims: a busy plain queue does not starve a pod's limited or FIFO queues."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fleetsim.store import QueueConfig, StepSpec, Store
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("special", ["limited", "fifo"])
+def test_a_plain_queue_that_always_fills_the_batch_does_not_starve_a_special_one(
+    store: Store, special: str
+) -> None:
+    config = (QueueConfig(special, concurrency_limit=2) if special == "limited"
+              else QueueConfig(special, strict_fifo=True))
+    store.configure_queue(config)
+    store.submit_many([StepSpec("default", {})] * 50_000)
+    store.submit_many([StepSpec(special, {})] * 20)
+    store.register_pod("pod-a")
+    served: dict[str, int] = {"default": 0, special: 0}
+    deadline = time.monotonic() + 1.5
+    # The plain queue always fills the batch; claim and complete for a while.
+    while time.monotonic() < deadline:
+        steps = store.claim_steps("pod-a", ["default", special], batch=10)
+        for step in steps:
+            served[step.queue] += 1
+        store.complete_many([(s.id, s.claim_token, None) for s in steps])
+    assert store.status_counts()["queued"] > 0, "the plain queue ran dry: nothing proven"
+    assert served[special] >= 4, f"the {special} queue starved: {served}"
+    assert served["default"] > served[special], served
