@@ -69,7 +69,8 @@ def compose() -> Iterator[Compose]:
         runner("build", "-q", timeout=600)
         yield runner
     finally:
-        subprocess.run([*runner.base, "down", "-v", "--remove-orphans", "-t", "5"], cwd=ROOT,
+        subprocess.run([*runner.base, "down", "-v", "--rmi", "local", "--remove-orphans",
+                        "-t", "5"], cwd=ROOT,
                        capture_output=True, timeout=120, check=False)
 
 
