@@ -552,12 +552,14 @@ def status(ctx: click.Context, store: str | None, schema: str | None, as_json: b
         leader = data["leader"]
         click.echo("leader: " + (f"{leader['pod']} (term {leader['term']}, pid {leader['pid']})"
                                  if leader else "none"))
-        click.echo(f"{'pod':<10} {'pid':>7} {'inc':>4} {'state':<8} {'heartbeat':>10} "
+        # The pod column fits the longest id (joined pods: pod-<hostname>-<pid>).
+        w = max([10, *(len(p["id"]) for p in data["pods"])])
+        click.echo(f"{'pod':<{w}} {'pid':>7} {'inc':>4} {'state':<8} {'heartbeat':>10} "
                    f"{'claimed':>8} {'completed':>10}")
         for p in data["pods"]:
             # A pod whose process is gone but not yet declared dead: "exited".
             state = "exited" if p["state"] == "alive" and not p["live"] else p["state"]
-            click.echo(f"{p['id']:<10} {p['pid'] or '-':>7} {p['incarnation']:>4} "
+            click.echo(f"{p['id']:<{w}} {p['pid'] or '-':>7} {p['incarnation']:>4} "
                        f"{state:<8} {p['heartbeat_age_s']:>9.1f}s {p['claimed']:>8} "
                        f"{p['completed']:>10}")
         click.echo("steps: " + ", ".join(f"{k} {v}" for k, v in data["steps"].items()))

@@ -39,7 +39,9 @@ def completed_once(store: Store) -> tuple[int, int]:
 def test_five_pods_drain_2000_steps_each_once(store: Store, store_config: StoreConfig,
                                               tmp_path: Path) -> None:
     ids = submit_steps(store, 2000)
-    with running_fleet(store_config, tmp_path, pods=5, batch=10):
+    # sleep:5, not noop: on a loaded machine four pods could drain 2000 noop
+    # steps before the fifth is scheduled at all.
+    with running_fleet(store_config, tmp_path, pods=5, batch=10, workload="sleep:5"):
         wait_until(lambda: store.status_counts()["completed"] == 2000, 60, what="drain")
     once, twice = completed_once(store)
     assert (once, twice) == (2000, 0)
