@@ -40,12 +40,12 @@ TRIALS: dict[str, Trial] = {
         pods=5, batch=20, workload="noop", steps=5000,
     ),
     "recover-without-term": Trial(
-        "85% of every pod's statements fail, three times: renewals fail until leases run out"
+        "90% of every pod's statements fail, five times: renewals fail until leases run out"
         " while their holders, not told, keep running recovery passes; heartbeats fail"
         " too, so every leader, current or deposed, finds pods to declare dead",
-        pods=6, batch=5, workload="sleep:10", steps=3000, timings=_FAST,
-        faults=tuple((0.5 + 7.0 * i, "storage-fault", "all", {"error_rate": 0.85, "for": 5.5})
-                     for i in range(3)),
+        pods=6, batch=5, workload="sleep:10", steps=4000, timings=_FAST,
+        faults=tuple((0.5 + 6.0 * i, "storage-fault", "all", {"error_rate": 0.9, "for": 5.0})
+                     for i in range(5)),
     ),
     "renew-without-expiry": Trial(
         "pause the leader past its lease, twice",
