@@ -1557,19 +1557,10 @@ def _scratch_store(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    import shutil
-    import tempfile
+    from fleetsim.store.embedded import temporary_embedded
 
-    from fleetsim.store.embedded import EmbeddedPostgres
-
-    base = Path(tempfile.mkdtemp(prefix="fleetsim-selftest-pg-"))
-    os.chmod(base, 0o755)
-    server = EmbeddedPostgres(base / "data")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with temporary_embedded("fleetsim-scratch-pg-") as embedded_url:
+        yield embedded_url
 
 
 @cli.group()

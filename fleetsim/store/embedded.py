@@ -544,6 +544,25 @@ class EmbeddedPostgres:
 # -- module helpers --------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def temporary_embedded(prefix: str = "fleetsim-pg-") -> Iterator[str]:
+    """A throw-away embedded server in a new temporary folder; yields its URL.
+
+    For commands and tests that need a PostgreSQL for a while and have none
+    (`fleetsim selftest`, `fleetsim chaos fuzz`, the test suite). The folder
+    is not under a private temporary directory: as root the server runs as
+    another user, which must be able to reach it.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)
+    server = EmbeddedPostgres(base / "data")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def _url(port: int) -> str:
     return f"postgresql://{DB_USER}@{HOST}:{port}/{DB_NAME}"
 

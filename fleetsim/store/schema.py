@@ -16,6 +16,21 @@ STEP_STATUSES = ("queued", "claimed", "completed", "failed", "dead", "cancelled"
 TERMINAL_STATUSES = ("completed", "dead", "cancelled")
 ATTEMPT_OUTCOMES = ("completed", "failed", "lease_lost", "released", "cancelled")
 
+# Every redrive and purge of a dead step (fleetsim dlq), append-only.
+DLQ_ACTIONS = """
+    CREATE TABLE IF NOT EXISTS dlq_actions (
+        id                   bigserial PRIMARY KEY,
+        action               text NOT NULL CHECK (action IN ('redrive', 'purge')),
+        step_id              bigint NOT NULL,
+        queue                text NOT NULL,
+        attempts             integer NOT NULL,
+        max_attempts_before  integer NOT NULL,
+        max_attempts_after   integer,
+        error                text,
+        at                   timestamptz NOT NULL
+    )
+"""
+
 # One statement per entry, run in order inside one transaction. Every
 # statement is idempotent so `fleetsim init` can run any number of times.
 DDL: tuple[str, ...] = (
@@ -186,19 +201,7 @@ DDL: tuple[str, ...] = (
     """,
     # Every redrive and purge of a dead step, append-only (fleetsim dlq): the
     # checker accounts for purged steps and for attempt budgets granted again.
-    """
-    CREATE TABLE IF NOT EXISTS dlq_actions (
-        id                   bigserial PRIMARY KEY,
-        action               text NOT NULL CHECK (action IN ('redrive', 'purge')),
-        step_id              bigint NOT NULL,
-        queue                text NOT NULL,
-        attempts             integer NOT NULL,
-        max_attempts_before  integer NOT NULL,
-        max_attempts_after   integer,
-        error                text,
-        at                   timestamptz NOT NULL
-    )
-    """,
+    DLQ_ACTIONS,
     """
     CREATE TABLE IF NOT EXISTS leader_lease (
         id           integer PRIMARY KEY CHECK (id = 1),
