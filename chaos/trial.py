@@ -148,6 +148,8 @@ def run_trial(store_url: str, trial: Trial, *, name: str = "trial", seed: int = 
         submitter.start()
         applied = _apply_faults(fleet, trial.faults, say)
         submitter.join(timeout=60)
+        if submitter.is_alive():
+            raise RuntimeError("the load was still being submitted 60 s after the faults")
         _drain(fleet, admin, trial.drain_s)
         fleet.stop(grace_s=2.0)
         report = check(admin, final=True, client_histories=fleet.client_history_dir)

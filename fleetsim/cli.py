@@ -1458,8 +1458,9 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
 @cli.command()
 @option("--mutants", default="all", metavar="all|NAME,...",
         help="Which store mutants to run (`fleetsim selftest --list` names them).")
-@option("--controls/--no-controls", default=False,
-        help="Also run each mutant's trial on the real store: it must come out valid.")
+@option("--controls/--no-controls", default=True,
+        help="Also run each mutant's trial on the real store: it must come out valid "
+             "(else a kill may be a false verdict of the checker).")
 @option("--list", "list_only", is_flag=True, help="List the mutants and their trials.")
 @option("--fuzz", "fuzz_runs", type=click.IntRange(1, 1000), default=None, metavar="RUNS",
         help="Instead of each mutant's own trial, run RUNS generated chaos cases on it "
@@ -1536,7 +1537,9 @@ def _selftest_fuzz(ctx: click.Context, store: str | None, chosen: list[Any], run
             report = fuzz(url, seed=seed, runs=runs, duration_s=8.0, stop_at_failure=True,
                           out_dir=ctx.obj["run_dir"].path / "fuzz" / mutant.name,
                           store_restart=False, factory=mutant_factory(mutant.name), say=say)
-            rows.append({"mutant": mutant.name, "caught": not report.passed,
+            # Caught only by an invalid verdict: an error is not the checker's catch.
+            caught = any(r.verdict == "invalid" for r in report.runs)
+            rows.append({"mutant": mutant.name, "caught": caught,
                          "cases": len(report.runs), "failed": report.failed})
     missed = [r["mutant"] for r in rows if not r["caught"]]
 

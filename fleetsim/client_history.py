@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -47,6 +49,8 @@ from typing import IO, Any
 
 from fleetsim.errors import ConfigError
 
+log = logging.getLogger("fleetsim.history")
+
 FLUSH_S = 0.5
 FORMAT_VERSION = 1
 
@@ -57,9 +61,25 @@ def history_dir(run_dir: Path, schema: str) -> Path:
 
 
 def result_digest(result: Any) -> str:
-    """A short digest of a step result, the same for a value and its JSON round trip."""
-    text = json.dumps(result, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """A short digest of a step result, the same for a value and its trip through jsonb.
+
+    jsonb keeps numbers as ``numeric``: ``1e16`` comes back as
+    ``10000000000000000`` and ``-0.0`` as ``0``, so integral floats are
+    digested as integers.
+    """
+    text = json.dumps(_canonical(result), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
 
 
 class ClientHistory:
@@ -69,7 +89,8 @@ class ClientHistory:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            # "x": a history is one process's; two never share a file.
+            self._file: IO[str] = open(path, "x", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise ConfigError(f"cannot write the client history {path}: {exc.strerror}") from None
         self._pending: deque[dict[str, Any]] = deque()
@@ -82,8 +103,9 @@ class ClientHistory:
 
     @classmethod
     def for_pod(cls, directory: Path, pod_id: str, incarnation: int) -> ClientHistory:
-        """The history of one pod incarnation."""
-        return cls(directory / f"pod-{_safe(pod_id)}.{incarnation}.jsonl", {
+        """The history of one pod process (one file each, never shared)."""
+        name = f"pod-{_safe(pod_id)}.{incarnation}.{_process_tag()}.jsonl"
+        return cls(directory / name, {
             "role": "pod", "pod": pod_id, "incarnation": incarnation,
             "pid": os.getpid(), "host": socket.gethostname(),
         })
@@ -92,7 +114,7 @@ class ClientHistory:
     def for_submitter(cls, directory: Path) -> ClientHistory:
         """The history of this process's submits."""
         host = socket.gethostname()
-        return cls(directory / f"submit-{_safe(host)}-{os.getpid()}.jsonl", {
+        return cls(directory / f"submit-{_safe(host)}.{_process_tag()}.jsonl", {
             "role": "submit", "pid": os.getpid(), "host": host,
         })
 
@@ -122,8 +144,9 @@ class ClientHistory:
         record: dict[str, Any] = {"type": "write", "op": op, "ids": [i[0] for i in sent],
                                   "tokens": [i[1] for i in sent]}
         if op == "complete":
-            # Digested by the flusher, off the claim loop (a result can be large).
-            record["digests"] = _Digests([i[2] for i in sent])
+            # Digested now, as sent: a handler may change its result object later.
+            record["digests"] = [_NULL_DIGEST if i[2] is None else _safe_digest(i[2])
+                                 for i in sent]
         if accepted is None:
             record["reply"] = "unknown"
         else:
@@ -148,7 +171,7 @@ class ClientHistory:
                     break
             if not pending or self._file.closed:
                 return
-            lines = [json.dumps(r, separators=(",", ":"), default=_encode) for r in pending]
+            lines = [json.dumps(r, separators=(",", ":"), default=str) for r in pending]
             try:
                 self._file.write("\n".join(lines) + "\n")
                 self._file.flush()
@@ -169,36 +192,31 @@ class ClientHistory:
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_S):
-            self.flush()
-
-
-class _Digests:
-    """Results whose digests the flusher computes (kept off the claim loop)."""
-
-    __slots__ = ("results",)
-
-    def __init__(self, results: list[Any]) -> None:
-        self.results = results
+            try:
+                self.flush()
+            except Exception:  # evidence is best effort: never kill the flusher
+                log.exception("client history %s: a flush failed", self.path)
 
 
 _NULL_DIGEST = hashlib.sha256(b"null").hexdigest()[:16]
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, _Digests):
-        return [_NULL_DIGEST if r is None else _safe_digest(r) for r in value.results]
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
 def _safe_digest(result: Any) -> str | None:
     try:
         return result_digest(result)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """``name`` as part of a file name, with a digest so that no two names collide."""
+    plain = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
+    return f"{plain}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def _process_tag() -> str:
+    """This process, uniquely: its pid and a random nonce (pids are reused)."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 # -- reading ------------------------------------------------------------------

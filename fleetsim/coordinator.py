@@ -531,7 +531,11 @@ class Coordinator:
                 self._event("pod.exited", pod=pod_id, pid=pod.pid, returncode=code,
                             reason=describe_returncode(code))
                 del self.pods[pod_id]
-                if self.spec.restart and not self.stopping.is_set():
+                # A pod that left because another live process owns its id
+                # (superseded, or refused at registration) is not restarted:
+                # a new incarnation would take the id from its rightful owner.
+                if (self.spec.restart and not self.stopping.is_set()
+                        and code not in _NOT_RESTARTED):
                     new = self._spawn(pod_id, pod.incarnation + 1)
                     self.echo(f"{pod_id}: {describe_returncode(code)}; restarted as "
                               f"incarnation {new.incarnation} (pid {new.pid})")
@@ -717,6 +721,11 @@ def spawn_recorded(run_dir: RunDir, kind: str, name: str, argv: list[str],
         with contextlib.suppress(OSError):
             process.stdin.close()
     return process
+
+
+# Pod exits that are not restarted: SUPERSEDED (4) and ID_IN_USE (5) of
+# pods/exitcodes.py (the coordinator does not import the pod package).
+_NOT_RESTARTED = frozenset({4, 5})
 
 
 def pod_sort_key(pod_id: str) -> tuple[str, int]:

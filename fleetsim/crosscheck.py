@@ -24,8 +24,10 @@ so :func:`cross_examine` proves, from both:
 =========================== =================================================
 
 A SIGKILLed client loses at most its last unflushed half second of history.
-Claim tokens only grow, so a pod's history is judged complete below the
-highest token it shows (all of it, if it ends with a clean ``close``).
+Each process keeps its own file. Claim tokens only grow, so a pod process's
+history is judged complete between the lowest and the highest token it
+shows, and an incarnation's histories are judged whole when they all ended
+with a clean ``close``.
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ class CrossExamination:
 
 @dataclass
 class _Pod:
+    """One pod process's history (a file; an id and incarnation may have several)."""
+
     log: ClientLog
     claimed: dict[int, int] = field(default_factory=dict)  # token -> step
+    min_token: int | None = None
     max_token: int = 0
 
 
@@ -94,13 +99,14 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
         result.skipped = [f"{name} (no client histories{where})" for name in CLIENT_INVARIANTS]
         return result
 
-    pods: dict[tuple[str, int], _Pod] = {}
+    pods: dict[tuple[str, int], list[_Pod]] = {}
     submitted: list[tuple[int, str]] = []  # (step id, history file)
     writes: list[tuple[_Pod, dict[str, Any]]] = []
     for log in logs:
         result.counts["bad_lines"] = result.counts.get("bad_lines", 0) + log.bad_lines
         if log.role == "pod" and log.pod is not None and log.incarnation is not None:
-            pod = pods.setdefault((log.pod, int(log.incarnation)), _Pod(log))
+            pod = _Pod(log)
+            pods.setdefault((log.pod, int(log.incarnation)), []).append(pod)
             for record in log.records:
                 kind = record.get("type")
                 if kind == "claim":
@@ -108,6 +114,8 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
                                               strict=False):
                         pod.claimed[int(token)] = int(step_id)
                         pod.max_token = max(pod.max_token, int(token))
+                        pod.min_token = int(token) if pod.min_token is None \
+                            else min(pod.min_token, int(token))
                 elif kind == "write":
                     writes.append((pod, record))
         elif log.role == "submit":
@@ -123,7 +131,7 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
         "pod_histories": sum(1 for log in logs if log.role == "pod"),
         "submit_histories": sum(1 for log in logs if log.role == "submit"),
         "killed_clients": sum(1 for log in logs if not log.complete),
-        "client_claims": sum(len(p.claimed) for p in pods.values()),
+        "client_claims": sum(len(p.claimed) for ps in pods.values() for p in ps),
         "client_writes": len(writes),
         "client_submits": len(submitted),
     })
@@ -150,9 +158,9 @@ def _check_submits(result: CrossExamination, evidence: StoreEvidence,
 
 
 def _check_claims(result: CrossExamination, evidence: StoreEvidence,
-                  pods: dict[tuple[str, int], _Pod], limit: int) -> None:
-    for (pod_id, incarnation), pod in pods.items():
-        for token, step_id in pod.claimed.items():
+                  pods: dict[tuple[str, int], list[_Pod]], limit: int) -> None:
+    for (pod_id, incarnation), processes in pods.items():
+        for token, step_id in (t for p in processes for t in p.claimed.items()):
             endings = evidence.endings.get(token, [])
             if any(e[0] == step_id and e[1] == pod_id and e[2] == incarnation
                    for e in endings):
@@ -230,15 +238,27 @@ def _check_completed(result: CrossExamination, evidence: StoreEvidence, who: str
 
 
 def _check_credits(result: CrossExamination, evidence: StoreEvidence,
-                   pods: dict[tuple[str, int], _Pod], limit: int) -> None:
+                   pods: dict[tuple[str, int], list[_Pod]], limit: int) -> None:
     for token, endings in evidence.endings.items():
         for step_id, pod_id, incarnation, outcome in endings:
             if outcome not in ("completed", "failed"):
                 continue
-            pod = pods.get((pod_id, incarnation))
-            if pod is None or token in pod.claimed:
+            processes = pods.get((pod_id, incarnation), [])
+            if any(token in p.claimed for p in processes):
                 continue
-            if pod.log.complete or token < pod.max_token:
+            # A process claims in token order: a token inside the range of a
+            # process's claims that it never received is not its claim (and
+            # two live processes under one incarnation is a violation too).
+            # Above its highest token a history may just have lost its tail
+            # (a SIGKILL), or the claim was another process's.
+            ranged = [p for p in processes if p.min_token is not None]
+            inside = any(p.min_token is not None and p.min_token <= token < p.max_token
+                         for p in ranged)
+            # Histories that all ended cleanly hold every claim of their
+            # incarnation (a process under the same id and incarnation that
+            # kept no history would break this: see the limits).
+            whole = bool(processes) and all(p.log.complete for p in processes)
+            if inside or whole:
                 result.add("unclaimed_write", limit,
                            f"the store credits {pod_id}/{incarnation} with a {outcome} write"
                            f" of step {step_id} under token {token}, a claim its history"

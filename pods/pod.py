@@ -45,6 +45,7 @@ from fleetsim.errors import (
     PodIdInUse,
     StoreError,
     StoreUnavailable,
+    UnstorableValue,
 )
 from fleetsim.store import ClaimedStep, Store, WriteOutcome, check_storable
 from pods.config import PodConfig
@@ -338,10 +339,11 @@ class Pod:
             # We may have been declared dead: our tokens are probably stale.
             # Completing is still safe (fenced), but a self-fenced pod must not
             # act; remember the tokens and release them when the store is back.
-            with self._lock:
-                self._abandoned += [(i, t) for i, t, _ in outcome.completed]
-                self._abandoned += [(i, t) for i, t, _ in outcome.failed]
-                self._abandoned += outcome.cancelled + outcome.unstarted
+            # _abandon also marks the pod as holding claims, so they are
+            # released before the next claim even if the heartbeat loop's
+            # release of the earlier ones is already under way.
+            self._abandon([*outcome.completed, *outcome.failed, *outcome.cancelled,
+                           *outcome.unstarted])
             return
         refused = self._write("complete", self.store.complete_many, outcome.completed)
         # A completion the store refused for what it carries (not for being
@@ -370,31 +372,37 @@ class Pod:
     ) -> list[tuple[Any, StoreError]]:
         """Write ``items``, fenced by token; return the completions refused for their content.
 
-        A batch that fails for something other than the store being away
-        (a value the server refuses, say) is written again one item at a
-        time, so one bad item cannot hold its batch-mates back. What cannot
-        be written is kept, to be released before the next claim.
+        A batch the store refuses for what it carries (UnstorableValue: a
+        value the server rejects) is written again one item at a time, so
+        one bad item cannot hold its batch-mates back. Any other failure
+        (the store away, a timeout, a deadlock) says nothing about the
+        items: they are kept, to be released before the next claim.
         """
         if not items:
             return []
         try:
             accepted = self._retry(lambda: write(items))
-        except StoreUnavailable as exc:
+        except UnstorableValue as exc:
+            self.history.wrote(kind, items, None)
+            if len(items) == 1:
+                log.warning("could not %s step %d: %s", kind, items[0][0], exc)
+                if kind == "complete":
+                    return [(items[0], exc)]
+                self._abandon(items)
+                return []
+            refused: list[tuple[Any, StoreError]] = []
+            for index, item in enumerate(items):
+                try:
+                    refused += self._write_one(kind, write, item)
+                except StoreError:
+                    # Not the item's fault: stop splitting, keep the rest.
+                    self._abandon(items[index:])
+                    break
+            return refused
+        except StoreError as exc:
             self.history.wrote(kind, items, None)
             log.warning("could not %s %d steps (%s); they are released before the next claim",
                         kind, len(items), exc)
-            self._abandon(items)
-            return []
-        except StoreError as exc:
-            self.history.wrote(kind, items, None)
-            if len(items) > 1:
-                refused: list[tuple[Any, StoreError]] = []
-                for item in items:
-                    refused += self._write(kind, write, [item])
-                return refused
-            log.warning("could not %s step %d: %s", kind, items[0][0], exc)
-            if kind == "complete":
-                return [(items[0], exc)]
             self._abandon(items)
             return []
         self.history.wrote(kind, items, accepted)
@@ -402,6 +410,26 @@ class Pod:
         if rejected:
             log.info("%d %s writes refused: lease lost (steps were requeued)", rejected, kind)
         self._notify("on_write", kind, len(accepted), rejected)
+        return []
+
+    def _write_one(
+        self, kind: str, write: Callable[[Any], Any], item: Any
+    ) -> list[tuple[Any, StoreError]]:
+        """One item of a split batch; raises StoreError unless the store refused its content."""
+        try:
+            accepted = self._retry(lambda: write([item]))
+        except UnstorableValue as exc:
+            self.history.wrote(kind, [item], None)
+            log.warning("could not %s step %d: %s", kind, item[0], exc)
+            if kind == "complete":
+                return [(item, exc)]
+            self._abandon([item])
+            return []
+        except StoreError:
+            self.history.wrote(kind, [item], None)
+            raise
+        self.history.wrote(kind, [item], accepted)
+        self._notify("on_write", kind, len(accepted), 1 - len(accepted))
         return []
 
     def _abandon(self, items: list[Any]) -> None:

@@ -249,8 +249,13 @@ WITH input AS (
     SELECT input.id FROM input
      WHERE (SELECT count(*) FROM done) < (SELECT count(*) FROM input)
        AND input.id NOT IN (SELECT id FROM done)
-       AND (SELECT s.status = 'completed' AND s.claim_token = input.token
-              FROM steps s WHERE s.id = input.id)
+       -- A locking read: it sees the row as last committed, not as of this
+       -- statement's snapshot, so a first attempt that committed while this
+       -- retry waited for the row is seen (and the retry accepted).
+       AND EXISTS (SELECT 1 FROM steps s
+                    WHERE s.id = input.id AND s.status = 'completed'
+                      AND s.claim_token = input.token
+                      FOR SHARE)
 ),"""
     + _REJECT.format(done="done")
     + "SELECT id FROM done UNION ALL SELECT id FROM repeated"
@@ -443,7 +448,20 @@ WITH owner AS (
     SELECT :pod, :incarnation, :pid, :host, statement_timestamp(),
            (SELECT incarnation FROM owner WHERE live AND incarnation <> :incarnation)
      WHERE EXISTS (SELECT 1 FROM pod)
-), orphans AS (
+)
+SELECT EXISTS (SELECT 1 FROM pod) AS registered,
+       p.incarnation, p.pid, p.host,
+       extract(epoch FROM statement_timestamp() - p.heartbeat_at) AS heartbeat_age_s
+  FROM (SELECT 1) AS one
+  LEFT JOIN pods p ON p.id = :pod
+"""
+)
+
+# Run after REGISTER_POD, in its transaction: whatever the id still has
+# claimed (from an earlier incarnation) is requeued, spending an attempt.
+REQUEUE_LEFTOVERS = (
+    """
+WITH orphans AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
            status = CASE WHEN s.attempts + 1 >= s.max_attempts THEN 'dead'
@@ -457,18 +475,13 @@ WITH owner AS (
     + """,
            claimed_by = NULL, cancel_requested = false, limited_claim = false,
            error = 'pod ' || :pod || ' restarted while holding this step'
-     WHERE s.status = 'claimed' AND s.claimed_by = :pod AND EXISTS (SELECT 1 FROM pod)
+     WHERE s.status = 'claimed' AND s.claimed_by = :pod
     RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
               s.claimed_at
 ), """
     + _FINISH.format(ended="orphans", outcome="'lease_lost'")
     + """
-SELECT EXISTS (SELECT 1 FROM pod) AS registered,
-       (SELECT count(*) FROM orphans) AS requeued,
-       p.incarnation, p.pid, p.host,
-       extract(epoch FROM statement_timestamp() - p.heartbeat_at) AS heartbeat_age_s
-  FROM (SELECT 1) AS one
-  LEFT JOIN pods p ON p.id = :pod
+SELECT count(*) FROM orphans
 """
 )
 

@@ -35,6 +35,7 @@ from fleetsim.errors import (
     SchemaMismatch,
     StoreError,
     StoreUnavailable,
+    UnstorableValue,
 )
 from fleetsim.store import pooler
 from fleetsim.store import queries as q
@@ -182,6 +183,10 @@ class Store:
                     f"{' in schema ' + self.config.schema if self.config.schema else ''}:"
                     " run `fleetsim init`"
                 ) from exc
+            if pgcode and pgcode[:2] in ("22", "54"):
+                # A data exception or a limit: the server refused what the
+                # statement carries. Writing it again cannot succeed.
+                raise UnstorableValue(f"the store refused a value: {detail}") from exc
             if pgcode in ("57P01", "57P02", "57P03", "08006", "08003", "08000"):
                 raise StoreUnavailable(
                     f"the store at {self.url_for_display} went away: {detail}"
@@ -578,7 +583,10 @@ class Store:
                 self._special_due = now + SPECIAL_QUEUES_EVERY_S
                 share = max(1, batch // (len(special) + 1))
                 for name in special:
-                    claimed += self._claim_locked(name, pod_id, share, incarnation)
+                    if len(claimed) >= batch:
+                        break
+                    claimed += self._claim_locked(
+                        name, pod_id, min(share, batch - len(claimed)), incarnation)
             claimed += _claimed_steps(self._hot(
                 _CLAIM, queues=queue_list, pod=pod_id, batch=batch - len(claimed),
                 incarnation=incarnation,
@@ -757,19 +765,31 @@ class Store:
         the old one (the restart of a pod its supervisor saw die).
         """
         retry = self.config.retry
-        row = self._rows(
-            q.REGISTER_POD, pod=pod_id, incarnation=incarnation, pid=pid, host=host,
-            live_within=live_within_s,
-            retry_base=retry.base_s, retry_cap=retry.cap_s, retry_jitter=retry.jitter,
-        )[0]
-        if not row.registered:
-            raise PodIdInUse(
-                f"pod id {pod_id!r} is in use by a live process (incarnation"
-                f" {row.incarnation}, pid {row.pid or '?'} on {row.host or '?'},"
-                f" heartbeat {float(row.heartbeat_age_s):.1f}s ago): choose another id,"
-                f" stop that process, or wait {live_within_s:g}s after it died"
-            )
-        return int(row.requeued)
+        with self._transaction() as conn:
+            row = conn.execute(_text(q.REGISTER_POD), {
+                "pod": pod_id, "incarnation": incarnation, "pid": pid, "host": host,
+                "live_within": live_within_s,
+            }).one()
+            if not row.registered:
+                age = row.heartbeat_age_s
+                raise PodIdInUse(
+                    f"pod id {pod_id!r} is in use by a live process (incarnation "
+                    f"{row.incarnation if row.incarnation is not None else '?'}, pid "
+                    f"{row.pid or '?'} on {row.host or '?'}, heartbeat "
+                    f"{f'{float(age):.1f}s ago' if age is not None else 'just now'}):"
+                    f" choose another id, stop that process, or wait {live_within_s:g}s"
+                    " after it died"
+                )
+            # A statement of its own, so a snapshot of its own: it sees every
+            # claim the old incarnation committed before the upsert above got
+            # the pod's row (claims hold it FOR SHARE, so the upsert waited
+            # for them); later ones wait for this transaction, then find the
+            # incarnation changed and claim nothing.
+            requeued = conn.execute(_text(q.REQUEUE_LEFTOVERS), {
+                "pod": pod_id, "retry_base": retry.base_s, "retry_cap": retry.cap_s,
+                "retry_jitter": retry.jitter,
+            }).scalar_one()
+        return int(requeued)
 
     def heartbeat(self, pod_id: str, incarnation: int = 0) -> Heartbeat:
         """Record a heartbeat in database time; learn of cancel requests.

@@ -131,3 +131,63 @@ def test_without_client_histories_the_client_checks_are_skipped_and_said(
     assert report.valid is True
     assert len(report.counts["skipped_checks"]) == len(CLIENT_INVARIANTS)
     assert "skipped (no client histories)" in report.summary()
+
+
+def _history_file(folder: Path, name: str, pod: str, records: list[dict[str, object]],
+                  *, closed: bool) -> None:
+    lines = [{"type": "open", "role": "pod", "pod": pod, "incarnation": 0}, *records]
+    if closed:
+        lines.append({"type": "close"})
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.mark.timeout(60)
+def test_two_processes_under_one_incarnation_and_a_lost_tail_are_no_violation(
+    store: Store, tmp_path: Path
+) -> None:
+    """A second run reuses pod-a/0; its process is killed before its last claim was flushed."""
+    from fleetsim.store import StepSpec
+
+    store.submit_many([StepSpec("default", {})] * 6)
+    runs = []
+    for pid in (1, 2):
+        store.register_pod("pod-a", pid=pid, host="h")
+        steps = store.claim_steps("pod-a", batch=3)
+        store.complete_many([(s.id, s.claim_token, None) for s in steps])
+        store.stop_pod("pod-a")
+        runs.append(steps)
+    folder = tmp_path / "h"
+    folder.mkdir()
+    first, second = runs
+    _history_file(folder, "pod-a.0.1.jsonl", "pod-a", [
+        {"type": "claim", "ids": [s.id for s in first], "tokens": [s.claim_token for s in first]},
+    ], closed=True)
+    # Killed: the second run's file lost its last claim record.
+    _history_file(folder, "pod-a.0.2.jsonl", "pod-a", [
+        {"type": "claim", "ids": [s.id for s in second[:2]],
+         "tokens": [s.claim_token for s in second[:2]]},
+    ], closed=False)
+    report = check(store, final=True, client_histories=folder)
+    assert report.valid is True, report.summary()
+    assert report.counts["clients"]["killed_clients"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_results_are_compared_as_jsonb_keeps_them(store: Store, tmp_path: Path) -> None:
+    """jsonb stores numbers as numeric: 1e16 comes back as an integer, -0.0 as 0."""
+    from fleetsim.client_history import result_digest
+    from fleetsim.store import StepSpec
+
+    [step_id] = store.submit_many([StepSpec("default", {})])
+    store.register_pod("pod-a")
+    [claim] = store.claim_steps("pod-a")
+    result = {"big": 1e16, "zero": -0.0, "half": 0.5, "list": [2.0, "s"]}
+    store.complete(claim.id, claim.claim_token, result)
+    folder = tmp_path / "h"
+    folder.mkdir()
+    _history_file(folder, "pod-a.0.1.jsonl", "pod-a", [
+        {"type": "claim", "ids": [step_id], "tokens": [claim.claim_token]},
+        {"type": "write", "op": "complete", "ids": [step_id], "tokens": [claim.claim_token],
+         "digests": [result_digest(result)], "reply": "accepted", "accepted": [step_id]},
+    ], closed=True)
+    assert _totals(store, folder)["acknowledged_write"] == 0

@@ -31,3 +31,13 @@ def test_a_plain_queue_that_always_fills_the_batch_does_not_starve_a_special_one
     assert store.status_counts()["queued"] > 0, "the plain queue ran dry: nothing proven"
     assert served[special] >= 4, f"the {special} queue starved: {served}"
     assert served["default"] > served[special], served
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_never_returns_more_than_its_batch(store: Store) -> None:
+    store.configure_queue(QueueConfig("limited", concurrency_limit=5))
+    store.configure_queue(QueueConfig("fifo", strict_fifo=True))
+    store.submit_many([StepSpec(q, {}) for q in ("default", "limited", "fifo") for _ in range(3)])
+    store.register_pod("pod-a")
+    for _ in range(9):
+        assert len(store.claim_steps("pod-a", ["default", "limited", "fifo"], batch=1)) <= 1
