@@ -478,9 +478,15 @@ WITH orphans AS (
      WHERE s.status = 'claimed' AND s.claimed_by = :pod
     RETURNING s.id, s.claim_token, CAST(:pod AS text) AS pod, s.claim_incarnation,
               s.claimed_at
-), """
-    + _FINISH.format(ended="orphans", outcome="'lease_lost'")
-    + """
+), recorded AS (
+    -- Stamped with the registration's instant (the statement before this
+    -- one), so the history shows the revocation as the registration's.
+    INSERT INTO finished_attempts (claim_token, step_id, pod_id, incarnation, claimed_at,
+                                   finished_at, outcome)
+    SELECT claim_token, id, pod, coalesce(claim_incarnation, 0), claimed_at,
+           (SELECT started_at FROM pods WHERE id = :pod), 'lease_lost'
+      FROM orphans
+)
 SELECT count(*) FROM orphans
 """
 )
