@@ -640,10 +640,9 @@ WITH lease AS (
             OR s.claimed_by IN (SELECT id FROM unswept))
 ), overdue AS (
     -- Claims past their execution timeout plus the grace, whoever holds
-    -- them. Only when some queue or step has a timeout (evaluated once);
-    -- then this scans the claimed steps of timed queues (no index of
-    -- claimed steps, see above) and, by steps_with_timeout, the steps with
-    -- their own timeout.
+    -- them. Only once some queue or step has a timeout (evaluated once, the
+    -- steps by steps_with_timeout); then this scans steps (no index of
+    -- claimed steps, see above).
     SELECT s.id, s.claimed_by, s.claim_token, s.claim_incarnation, s.claimed_at,
            COALESCE(s.timeout_s, qt.timeout_s) AS timeout_s
       FROM steps s
