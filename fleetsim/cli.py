@@ -1285,6 +1285,19 @@ def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, err
     }, as_json, timeout)
 
 
+@chaos.command("hang")
+@click.argument("pod")
+@option("--for", "duration", type=DURATION, default=None,
+        help="How long the step hangs (default: an hour).")
+@chaos_options
+@click.pass_context
+def chaos_hang(ctx: click.Context, pod: str, duration: float | None, as_json: bool,
+               timeout: float) -> None:
+    """Make a pod's next step hang (an id, `leader` or `random`): try execution timeouts."""
+    check_fault_duration(duration)
+    chaos_request(ctx, "hang", pod, {"for": duration}, as_json, timeout)
+
+
 @chaos.command("store-restart")
 @chaos_options
 @click.pass_context

@@ -51,7 +51,7 @@ from pods.config import PodConfig
 from pods.exitcodes import PodExit
 from pods.hooks import CountingHook, PodHook
 from pods.served_queues import ServedQueues
-from pods.workloads import WorkloadCache, parse_workload
+from pods.workloads import HANG_DEFAULT_MS, Workload, WorkloadCache, parse_workload
 
 log = logging.getLogger("fleetsim.pod")
 T = TypeVar("T")
@@ -110,6 +110,9 @@ class Pod:
         # cannot kill a thread); each still holds a thread of its old pool.
         self.hung_runners = 0
         self.late_results_dropped = 0  # results of those runners once they returned
+        # Chaos (`fleetsim chaos hang`): the next step to start runs the hang
+        # workload for this long instead of its own; None: no such fault.
+        self._hang_next_s: float | None = None
         self.term: int | None = None
         self._last_heartbeat_ok = time.monotonic()
         # When this pod got the store back after losing it for longer than
@@ -377,7 +380,7 @@ class Pod:
                     outcome.running[key] = (
                         time.monotonic() + step.timeout_s, step.timeout_s, lane_index)
             try:
-                workload = self.workloads.for_payload(step.payload)
+                workload = self._take_hang() or self.workloads.for_payload(step.payload)
                 result = workload.run(
                     step.payload, step_id=step.id, attempt=step.attempts, seed=self.config.seed
                 )
@@ -610,7 +613,14 @@ class Pod:
 
     def handle_command(self, command: Any) -> Any:
         """Answer a coordinator command (runs in the bus thread: quick, no store calls)."""
-        from fleetsim.bus import ClearStorageFault, Ok, SelfKill, SetStorageFault, Shutdown
+        from fleetsim.bus import (
+            ClearStorageFault,
+            HangNextStep,
+            Ok,
+            SelfKill,
+            SetStorageFault,
+            Shutdown,
+        )
 
         if isinstance(command, Shutdown):
             self.stopping.set()
@@ -619,6 +629,9 @@ class Pod:
             # Reply first, then die the way a SIGKILL from chaos would.
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
             return Ok({"pid": os.getpid()})
+        if isinstance(command, HangNextStep):
+            self.hang_next_step(command.hang_s)
+            return Ok({"pod": self.config.pod_id, "hang_s": self._hang_next_s})
         if isinstance(command, SetStorageFault | ClearStorageFault):
             from chaos.storage_faults import StorageFault
 
@@ -634,6 +647,23 @@ class Pod:
                 )
             return Ok({"pod": self.config.pod_id})
         raise ConfigError(f"unsupported command {type(command).__name__}")
+
+    def hang_next_step(self, hang_s: float | None = None) -> None:
+        """Make the next step this pod starts hang (``hang_s``; None: an hour), a chaos fault.
+
+        The step's execution timeout, if it has one, fails it; the leader
+        revokes its claim after timeout + dead-after; without a timeout it
+        holds its claim until the hang ends.
+        """
+        with self._lock:
+            self._hang_next_s = HANG_DEFAULT_MS / 1000.0 if hang_s is None else hang_s
+        log.warning("chaos: the next step will hang for %gs", self._hang_next_s)
+
+    def _take_hang(self) -> Workload | None:
+        with self._lock:
+            hang_s, self._hang_next_s = self._hang_next_s, None
+        return None if hang_s is None else Workload(f"hang:{hang_s * 1000:g}", "hang",
+                                                    hang_s * 1000.0)
 
     def _set_fenced(self, fenced: bool) -> None:
         if fenced:

@@ -83,3 +83,17 @@ def test_the_hang_workload() -> None:
     began = time.monotonic()
     assert quick.run({}, step_id=1, attempt=0, seed=0) is None
     assert 0.02 < time.monotonic() - began < 1.0
+
+
+@pytest.mark.timeout(20)
+def test_the_hang_fault_makes_the_next_step_hang_and_only_that_one() -> None:
+    from fleetsim.bus import HangNextStep, Ok
+
+    p = pod(concurrency=1)
+    reply = p.handle_command(HangNextStep(1.0))
+    assert isinstance(reply, Ok) and reply.data["hang_s"] == 1.0
+    out = p._run_batch([step(1, "noop", 0.2), step(2, "noop", 0.2)])
+    assert [(i, e) for i, _, e in out.failed] == [(1, "TimeoutError: timed out after 0.2s")]
+    assert out.unstarted == [(2, 102)]  # the hung lane's next step, released
+    out = p._run_batch([step(3, "noop", 0.2)])
+    assert [i for i, _, _ in out.completed] == [3] and not out.failed
