@@ -179,3 +179,33 @@ def test_submit_and_queue_set_take_a_timeout(tmp_path: Path, store: Store,
     result = fleetsim(run_dir, "queue", "set", "orders", "--timeout", "0", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["timeout_s"] is None
+
+
+@pytest.mark.timeout(60)
+def test_init_gives_a_version_3_store_and_an_early_version_4_store_the_timeouts(
+    store: Store, store_config: StoreConfig
+) -> None:
+    from fleetsim.store.schema import SCHEMA_VERSION
+    from tests.integration.claimers import sql
+
+    def timeout_columns() -> list[str]:
+        return sorted(f"{r[0]}.{r[1]}" for r in sql(
+            store_config, "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND column_name = 'timeout_s'"))
+
+    (step_id,) = store.submit_many([StepSpec("default")])
+    for version in (3, 4):  # a version-3 store; a version-4 one made before the timeouts
+        sql(store_config, """
+            DROP INDEX steps_with_timeout;
+            ALTER TABLE steps DROP COLUMN timeout_s; ALTER TABLE queues DROP COLUMN timeout_s;
+            DELETE FROM fleetsim_schema;
+            INSERT INTO fleetsim_schema (version) VALUES (%(version)s);
+        """, {"version": version})
+        assert timeout_columns() == []
+        store.init_schema()
+        assert store.check_schema() == SCHEMA_VERSION
+        assert timeout_columns() == ["queues.timeout_s", "steps.timeout_s"]
+    store.set_queue_timeout("default", 5.0)
+    store.register_pod("p1")
+    (claimed,) = store.claim_steps("p1", ["default"], 1)
+    assert (claimed.id, claimed.timeout_s) == (step_id, 5.0)
