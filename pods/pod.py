@@ -395,7 +395,7 @@ class Pod:
                     error = f"SystemExit: the handler called sys.exit({exc.code!r})"
                     self.handler_exited.set()
                     self.stopping.set()
-                if self._late(outcome, key):
+                if step.timeout_s is not None and self._late(outcome, key):
                     continue
                 if not isinstance(exc, ConfigError):
                     log.info("step %d failed: %s", step.id, error)
@@ -404,7 +404,7 @@ class Pod:
                 with outcome.lock:
                     outcome.failed.append((step.id, step.claim_token, error))
                 continue
-            if self._late(outcome, key):
+            if step.timeout_s is not None and self._late(outcome, key):
                 continue
             self._notify("on_step_done", step, True, time.perf_counter() - started, None)
             with outcome.lock:
@@ -660,6 +660,8 @@ class Pod:
         log.warning("chaos: the next step will hang for %gs", self._hang_next_s)
 
     def _take_hang(self) -> Workload | None:
+        if self._hang_next_s is None:  # the hot path: no lock taken
+            return None
         with self._lock:
             hang_s, self._hang_next_s = self._hang_next_s, None
         return None if hang_s is None else Workload(f"hang:{hang_s * 1000:g}", "hang",
