@@ -116,9 +116,12 @@ _CLAIM_PICKED = """
     RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
               s.claim_token,
               -- The effective execution timeout: the step's, else its queue's
-              -- (by primary key, and only for a step without its own).
-              COALESCE(s.timeout_s, (SELECT qt.timeout_s FROM queues qt
-                                      WHERE qt.name = s.queue)) AS timeout_s
+              -- (by primary key, for a step without its own, and only if some
+              -- queue has a timeout: that check is one InitPlan per claim).
+              CASE WHEN s.timeout_s IS NOT NULL THEN s.timeout_s
+                   WHEN EXISTS (SELECT 1 FROM queues WHERE timeout_s IS NOT NULL)
+                   THEN (SELECT qt.timeout_s FROM queues qt WHERE qt.name = s.queue)
+              END AS timeout_s
 )
 -- The payload as text: the client decodes a batch's payloads in one call.
 SELECT id, queue, priority, CAST(payload AS text), attempts, max_attempts, claim_token,
