@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fleetsim.bus import BusPartition, ClearStorageFault, Error, SelfKill, SetStorageFault
+from fleetsim.bus import (
+    BusPartition,
+    ClearStorageFault,
+    Error,
+    HangNextStep,
+    SelfKill,
+    SetStorageFault,
+)
 from fleetsim.durations import parse_duration
 from fleetsim.errors import BusError, ConfigError, FleetsimError
 from fleetsim.rundir import pid_alive
@@ -94,6 +101,7 @@ class FaultInjector:
             "heal": self.heal,
             "storage-fault": self.storage_fault,
             "store-restart": lambda _t, _p: self.fleet.restart_store(),
+            "hang": self.hang,
         }
         handler = handlers.get(action)
         if handler is None:
@@ -269,6 +277,13 @@ class FaultInjector:
         return {"pods": applied, "error_rate": command.error_rate,
                 "latency_ms": command.latency_ms, "disconnect_rate": command.disconnect_rate,
                 "reply_loss_rate": command.reply_loss_rate, "for_s": duration}
+
+    def hang(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Make one pod's next step hang (``for`` seconds; default an hour)."""
+        (pod,) = self.resolve(target)
+        hang_s = _duration(params.get("for"))
+        self._check(self.fleet.send_command(pod, HangNextStep(hang_s)))
+        return {"pods": [pod], "for_s": hang_s}
 
     def heal_all(self) -> None:
         """End every fault (the coordinator calls this before stopping)."""

@@ -111,6 +111,7 @@ _DEFAULT_TARGET: Final[dict[str, str | None]] = {
     "heal": "all",
     "storage-fault": "all",
     "store-restart": None,
+    "hang": "random",
 }
 #: Parameter keys per action.
 _PARAMS: Final[dict[str, tuple[str, ...]]] = {

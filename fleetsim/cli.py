@@ -612,14 +612,18 @@ def _warn_unserved(ctx: click.Context, store: Store, only: str | None = None) ->
         help="Attempts before a step goes to the DLQ.")
 @option("--key", default=None, help="Idempotency key (with --count N or --payload-file: "
         "KEY-0 ... KEY-N-1).")
+@option("--timeout", type=DURATION, default=None,
+        help="Execution timeout of each step (e.g. 2s, 5m): an attempt running longer "
+        "fails (retried, or dead at max attempts). Default: the queue's (`queue set "
+        "--timeout`), else none.")
 @store_option
 @schema_option
 @json_option
 @click.pass_context
 def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
            payload: str | None, payload_file: str | None, priority: int,
-           max_attempts: int, key: str | None, store: str | None, schema: str | None,
-           as_json: bool) -> None:
+           max_attempts: int, key: str | None, timeout: float | None, store: str | None,
+           schema: str | None, as_json: bool) -> None:
     """Submit steps to the fleet's store.
 
     \b
@@ -634,6 +638,12 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
              EXIT_USAGE)
     if payload is not None and payload_file is not None:
         fail("give --payload or --payload-file, not both", EXIT_USAGE)
+    if timeout is not None:
+        from fleetsim.store.store import MAX_TIMEOUT_S
+
+        if not 0 < timeout <= MAX_TIMEOUT_S:
+            fail(f"--timeout must be more than 0 and at most {MAX_TIMEOUT_S:g}s (a week)",
+                 EXIT_USAGE)
     if payload_file is not None and ctx.get_parameter_source("count") not in (
             ParameterSource.DEFAULT, None):
         fail("--count and --payload-file exclude each other: the file has one step a line",
@@ -665,11 +675,12 @@ def submit(ctx: click.Context, count: int, queue: str, workload: str | None,
             value = step_payload(base, "--payload")
             for i in range(count):
                 yield StepSpec(queue, value, priority, max_attempts,
-                               (key if count == 1 else f"{key}-{i}") if key else None)
+                               (key if count == 1 else f"{key}-{i}") if key else None,
+                               timeout)
             return
         for i, (where, value) in enumerate(_payload_lines(payload_file)):
             yield StepSpec(queue, step_payload(value, where), priority, max_attempts,
-                           f"{key}-{i}" if key else None)
+                           f"{key}-{i}" if key else None, timeout)
 
     head: list[int] = []  # the first 1001 ids: all of them, if that many or fewer
     last_id = 0
@@ -909,6 +920,13 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
         fail(f"cannot reach the store at {redact(url)}", code)
     if code == PodExit.ID_IN_USE:
         fail(worker.id_in_use or f"pod id {pod_id!r} is in use", code)
+    if worker.hung_runners:
+        # A runner thread left behind on a step past its timeout may run for
+        # hours, and the interpreter joins every pool thread at exit: leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
     sys.exit(int(code))
 
 
@@ -1267,6 +1285,19 @@ def chaos_storage_fault(ctx: click.Context, pod: str | None, all_pods: bool, err
         "disconnect_rate": disconnect_rate, "reply_loss_rate": reply_loss_rate,
         "for": duration,
     }, as_json, timeout)
+
+
+@chaos.command("hang")
+@click.argument("pod")
+@option("--for", "duration", type=DURATION, default=None,
+        help="How long the step hangs (default: an hour).")
+@chaos_options
+@click.pass_context
+def chaos_hang(ctx: click.Context, pod: str, duration: float | None, as_json: bool,
+               timeout: float) -> None:
+    """Make a pod's next step hang (an id, `leader` or `random`): try execution timeouts."""
+    check_fault_duration(duration)
+    chaos_request(ctx, "hang", pod, {"for": duration}, as_json, timeout)
 
 
 @chaos.command("store-restart")
@@ -1827,10 +1858,11 @@ def queue_list(ctx: click.Context, store: str | None, schema: str | None,
 
     def text() -> None:
         for name, row in data.items():
+            timeout = f"{row['timeout_s']:g}s" if row.get("timeout_s") else "-"
             click.echo(f"{name}: limit {row['concurrency_limit'] or '-'}, max length "
                        f"{row['max_length'] or '-'}, fifo {row['strict_fifo']}, paused "
-                       f"{row['paused']}; depth {row.get('depth', 0)}, claimed "
-                       f"{row.get('claimed', 0)}")
+                       f"{row['paused']}, timeout {timeout}; depth {row.get('depth', 0)}, "
+                       f"claimed {row.get('claimed', 0)}")
 
     emit(data, as_json, text)
 
@@ -1843,13 +1875,16 @@ def queue_list(ctx: click.Context, store: str | None, schema: str | None,
         help="Reject submits beyond this many waiting steps (0: no limit).")
 @option("--strict-fifo/--no-strict-fifo", default=None, help="Claim in submission order.")
 @option("--pause/--resume", "paused", default=None, help="Stop or restart claims.")
+@option("--timeout", type=DURATION, default=None,
+        help="Execution timeout of the queue's steps that set none (e.g. 30s; 0: none).")
 @store_option
 @schema_option
 @json_option
 @click.pass_context
 def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
               max_length: int | None, strict_fifo: bool | None, paused: bool | None,
-              store: str | None, schema: str | None, as_json: bool) -> None:
+              timeout: float | None, store: str | None, schema: str | None,
+              as_json: bool) -> None:
     """Create or change a queue's settings (unchanged unless given).
 
     Only the settings given are written, in one transaction: a concurrent
@@ -1870,7 +1905,13 @@ def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
         changes["paused"] = paused
     with open_store(ctx, store, schema) as s:
         updated = change_queue(s, name, **changes)
-    emit(asdict(updated), as_json, lambda: click.echo(
+        if timeout is not None:
+            s.set_queue_timeout(name, timeout or None)
+        current = s.queues().get(name)
+        queue_timeout = current.timeout_s if current else None
+    data = {**asdict(updated), "timeout_s": queue_timeout}
+    emit(data, as_json, lambda: click.echo(
         f"queue {name}: limit {updated.concurrency_limit or '-'}, max length "
         f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "
-        f"paused {updated.paused}"))
+        f"paused {updated.paused}, timeout "
+        + (f"{queue_timeout:g}s" if queue_timeout else "-")))

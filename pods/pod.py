@@ -52,7 +52,7 @@ from pods.config import PodConfig
 from pods.exitcodes import PodExit
 from pods.hooks import CountingHook, PodHook
 from pods.served_queues import ServedQueues
-from pods.workloads import WorkloadCache, parse_workload
+from pods.workloads import HANG_DEFAULT_MS, Workload, WorkloadCache, parse_workload
 
 log = logging.getLogger("fleetsim.pod")
 T = TypeVar("T")
@@ -71,6 +71,17 @@ class _BatchOutcome:
     cancelled: list[tuple[int, int]] = field(default_factory=list)
     unstarted: list[tuple[int, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Steps running with an execution timeout: (id, token) -> (monotonic
+    # deadline, timeout in s, lane index).
+    running: dict[tuple[int, int], tuple[float, float, int]] = field(default_factory=dict)
+    # Steps failed for running past their timeout, with their lane: whatever
+    # their runner returns later is dropped, never written.
+    timed_out: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Lanes whose running step is past its timeout (until it returns).
+    hung: set[int] = field(default_factory=set)
+    # Set when the batch stops waiting for its lanes (its outcome is being
+    # written): a lane that returns after it starts no further step.
+    closed: bool = False
 
 
 class Pod:
@@ -96,6 +107,13 @@ class Pod:
         self._holds_unknown_claims = threading.Event()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="step")
+        # Runner threads left behind running a step past its timeout (Python
+        # cannot kill a thread); each still holds a thread of its old pool.
+        self.hung_runners = 0
+        self.late_results_dropped = 0  # results of those runners once they returned
+        # Chaos (`fleetsim chaos hang`): the next step to start runs the hang
+        # workload for this long instead of its own; None: no such fault.
+        self._hang_next_s: float | None = None
         self.term: int | None = None
         self._last_heartbeat_ok = time.monotonic()
         # When this pod got the store back after losing it for longer than
@@ -258,17 +276,37 @@ class Pod:
                         len(released), ", ".join(map(str, released[:10])))
 
     def _run_batch(self, steps: list[ClaimedStep]) -> _BatchOutcome:
-        """Run a batch on the pool; on stop, wait at most the grace period."""
+        """Run a batch on the pool; on stop, wait at most the grace period.
+
+        A step running past its execution timeout fails (``timed out after
+        Ns``, retried with backoff or dead) without waiting for it: the wait
+        ends at the earliest deadline of the running steps. Its runner thread
+        cannot be killed: it is left behind, and what it returns is dropped.
+        The batch ends once every lane still running is such a hung one; the
+        hung lanes' later steps are released unstarted, and the pod goes on
+        with a fresh pool.
+        """
         outcome = _BatchOutcome()
         started = time.time()
         lanes = [steps[i :: self.config.concurrency] for i in range(self.config.concurrency)]
-        futures: list[Future[None]] = [
-            self._pool.submit(self._run_lane, lane, outcome) for lane in lanes if lane
-        ]
+        lane_of: dict[Future[None], int] = {
+            self._pool.submit(self._run_lane, lane, outcome, index): index
+            for index, lane in enumerate(lanes) if lane
+        }
         started_stop: float | None = None
-        pending = set(futures)
+        pending = set(lane_of)
         while pending:
-            _, pending = wait_futures(pending, timeout=0.1)
+            wait_s = 0.1
+            with outcome.lock:
+                if outcome.running:
+                    earliest = min(d for d, _, _ in outcome.running.values())
+                    wait_s = min(wait_s, max(0.0, earliest - time.monotonic()))
+            _, pending = wait_futures(pending, timeout=wait_s)
+            self._fail_overdue(outcome)
+            with outcome.lock:
+                all_hung = bool(pending) and all(lane_of[f] in outcome.hung for f in pending)
+            if all_hung:
+                break
             if self.stopping.is_set() and started_stop is None:
                 started_stop = time.monotonic()
             if started_stop is not None and (
@@ -276,10 +314,24 @@ class Pod:
             ):
                 log.warning("grace period over with %d lanes still running", len(pending))
                 break
+        with outcome.lock:
+            hung_left = [f for f in pending if lane_of[f] in outcome.hung]
+        if hung_left:
+            # Python cannot kill a thread: each hung runner keeps its thread
+            # (and the old pool's) until its step returns. New batches run on
+            # a fresh pool, so the pod keeps its concurrency meanwhile.
+            self.hung_runners += len(hung_left)
+            log.warning("%d runner threads left behind on steps past their timeout "
+                        "(%d so far); their late results will be dropped",
+                        len(hung_left), self.hung_runners)
+            old = self._pool
+            self._pool = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="step")
+            old.shutdown(wait=False, cancel_futures=True)
         if pending:
             # Steps still running past the grace period are released: whoever
             # claims them next runs them again from the start.
             with outcome.lock:
+                outcome.closed = True
                 finished = {s[0] for s in outcome.completed}
                 finished |= {s[0] for s in outcome.failed}
                 finished |= {s[0] for s in outcome.cancelled}
@@ -291,8 +343,29 @@ class Pod:
             self.history.ran(started, time.time(), len(outcome.completed), len(outcome.failed))
         return outcome
 
-    def _run_lane(self, lane: list[ClaimedStep], outcome: _BatchOutcome) -> None:
+    def _fail_overdue(self, outcome: _BatchOutcome) -> None:
+        """Fail the running steps past their deadline; note their lanes as hung."""
+        now = time.monotonic()
+        with outcome.lock:
+            overdue = [(key, timeout, lane) for key, (deadline, timeout, lane)
+                       in outcome.running.items() if deadline <= now]
+            for key, timeout, lane in overdue:
+                del outcome.running[key]
+                outcome.timed_out[key] = lane
+                outcome.hung.add(lane)
+                outcome.failed.append(
+                    (key[0], key[1], f"TimeoutError: timed out after {timeout:g}s"))
+        for key, timeout, _ in overdue:
+            log.warning("step %d timed out after %gs: failing it; its runner thread is left "
+                        "behind and the lane is lost until it returns", key[0], timeout)
+
+    def _run_lane(self, lane: list[ClaimedStep], outcome: _BatchOutcome, lane_index: int = 0
+                  ) -> None:
         for index, step in enumerate(lane):
+            if outcome.closed:
+                # The batch gave up waiting for this lane (a step of it ran
+                # past its timeout): the rest was released unstarted.
+                return
             if self.stopping.is_set() or self.fenced.is_set():
                 with outcome.lock:
                     outcome.unstarted.extend((s.id, s.claim_token) for s in lane[index:])
@@ -303,8 +376,12 @@ class Pod:
                     outcome.cancelled.append(key)
                 continue
             started = time.perf_counter()
+            if step.timeout_s is not None:
+                with outcome.lock:
+                    outcome.running[key] = (
+                        time.monotonic() + step.timeout_s, step.timeout_s, lane_index)
             try:
-                workload = self.workloads.for_payload(step.payload)
+                workload = self._take_hang() or self.workloads.for_payload(step.payload)
                 result = workload.run(
                     step.payload, step_id=step.id, attempt=step.attempts, seed=self.config.seed
                 )
@@ -319,6 +396,8 @@ class Pod:
                     error = f"SystemExit: the handler called sys.exit({exc.code!r})"
                     self.handler_exited.set()
                     self.stopping.set()
+                if step.timeout_s is not None and self._late(outcome, key):
+                    continue
                 if not isinstance(exc, ConfigError):
                     log.info("step %d failed: %s", step.id, error)
                     log.debug("%s", traceback.format_exc())
@@ -326,12 +405,28 @@ class Pod:
                 with outcome.lock:
                     outcome.failed.append((step.id, step.claim_token, error))
                 continue
+            if step.timeout_s is not None and self._late(outcome, key):
+                continue
             self._notify("on_step_done", step, True, time.perf_counter() - started, None)
             with outcome.lock:
                 if key in self._cancel_requested:
                     outcome.cancelled.append(key)
                 else:
                     outcome.completed.append((step.id, step.claim_token, result))
+
+    def _late(self, outcome: _BatchOutcome, key: tuple[int, int]) -> bool:
+        """Whether a step that just returned had timed out (its result is dropped)."""
+        with outcome.lock:
+            outcome.running.pop(key, None)
+            late = key in outcome.timed_out
+            if late:
+                outcome.hung.discard(outcome.timed_out[key])
+        if late:
+            with self._lock:
+                self.late_results_dropped += 1
+            log.warning("step %d returned after its timeout: late result dropped, "
+                        "never written (its runner thread is free again)", key[0])
+        return late
 
     def _write_back(self, outcome: _BatchOutcome) -> None:
         """Write a batch's outcomes, fenced by token; keep what could not be written."""
@@ -546,7 +641,14 @@ class Pod:
 
     def handle_command(self, command: Any) -> Any:
         """Answer a coordinator command (runs in the bus thread: quick, no store calls)."""
-        from fleetsim.bus import ClearStorageFault, Ok, SelfKill, SetStorageFault, Shutdown
+        from fleetsim.bus import (
+            ClearStorageFault,
+            HangNextStep,
+            Ok,
+            SelfKill,
+            SetStorageFault,
+            Shutdown,
+        )
 
         if isinstance(command, Shutdown):
             self.stopping.set()
@@ -555,6 +657,9 @@ class Pod:
             # Reply first, then die the way a SIGKILL from chaos would.
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
             return Ok({"pid": os.getpid()})
+        if isinstance(command, HangNextStep):
+            self.hang_next_step(command.hang_s)
+            return Ok({"pod": self.config.pod_id, "hang_s": self._hang_next_s})
         if isinstance(command, SetStorageFault | ClearStorageFault):
             from chaos.storage_faults import StorageFault
 
@@ -570,6 +675,25 @@ class Pod:
                 )
             return Ok({"pod": self.config.pod_id})
         raise ConfigError(f"unsupported command {type(command).__name__}")
+
+    def hang_next_step(self, hang_s: float | None = None) -> None:
+        """Make the next step this pod starts hang (``hang_s``; None: an hour), a chaos fault.
+
+        The step's execution timeout, if it has one, fails it; the leader
+        revokes its claim after timeout + dead-after; without a timeout it
+        holds its claim until the hang ends.
+        """
+        with self._lock:
+            self._hang_next_s = HANG_DEFAULT_MS / 1000.0 if hang_s is None else hang_s
+        log.warning("chaos: the next step will hang for %gs", self._hang_next_s)
+
+    def _take_hang(self) -> Workload | None:
+        if self._hang_next_s is None:  # the hot path: no lock taken
+            return None
+        with self._lock:
+            hang_s, self._hang_next_s = self._hang_next_s, None
+        return None if hang_s is None else Workload(f"hang:{hang_s * 1000:g}", "hang",
+                                                    hang_s * 1000.0)
 
     def _set_fenced(self, fenced: bool) -> None:
         if fenced:

@@ -1,8 +1,10 @@
 """Step workloads: what a pod does with a step's payload.
 
 A workload spec is one of ``noop``, ``sleep:<ms>``, ``cpu:<ms>``,
-``fail:<probability>`` or a user handler ``module:function`` that takes the
-step's payload (a dict) and returns a JSON-serialisable result.
+``fail:<probability>``, ``hang`` / ``hang:<ms>`` (a handler that hangs: it
+sleeps an hour, or the time given, to exercise execution timeouts) or a user
+handler ``module:function`` that takes the step's payload (a dict) and
+returns a JSON-serialisable result.
 
 A step may name its own workload in ``payload["workload"]``; otherwise the
 pod's default runs. A payload only *selects* among what the pod allows: the
@@ -27,7 +29,9 @@ from fleetsim.errors import ConfigError
 
 Handler = Callable[[dict[str, Any]], Any]
 
-_BUILTIN = re.compile(r"^(noop|sleep|cpu|fail)(?::(.*))?$")
+_BUILTIN = re.compile(r"^(noop|sleep|cpu|fail|hang)(?::(.*))?$")
+#: How long ``hang`` without a value sleeps: far past any sane timeout.
+HANG_DEFAULT_MS = 3_600_000.0
 _HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _MAX_CACHED = 256
 
@@ -53,7 +57,7 @@ class Workload:
         """Run one step; return its result or raise to fail it."""
         if self.kind == "noop":
             return None
-        if self.kind == "sleep":
+        if self.kind in ("sleep", "hang"):
             time.sleep(self.amount / 1000.0)
             return None
         if self.kind == "cpu":
@@ -91,6 +95,8 @@ def parse_workload(spec: str, *, allowed: frozenset[str] | None = None) -> Workl
             if arg:
                 raise ConfigError(f"invalid workload {spec!r}: noop takes no argument")
             return Workload(spec, kind)
+        if kind == "hang" and not arg:
+            return Workload(spec, kind, HANG_DEFAULT_MS)
         if not arg:
             raise ConfigError(f"invalid workload {spec!r}: {kind} needs a value, e.g. {kind}:"
                               + ("0.1" if kind == "fail" else "10"))
@@ -108,7 +114,8 @@ def parse_workload(spec: str, *, allowed: frozenset[str] | None = None) -> Workl
             raise WorkloadNotAllowed(not_allowed_message(spec, allowed))
         return Workload(spec, "handler", handler=_import_handler(spec))
     raise ConfigError(
-        f"unknown workload {spec!r}: use noop, sleep:<ms>, cpu:<ms>, fail:<p> or module:function"
+        f"unknown workload {spec!r}: use noop, sleep:<ms>, cpu:<ms>, fail:<p>, hang[:<ms>] "
+        "or module:function"
     )
 
 
@@ -131,8 +138,8 @@ def not_allowed_message(spec: str, allowed: frozenset[str]) -> str:
     started_with = ", ".join(sorted(allowed)) or "none"
     return (
         f"workload {spec!r} is not allowed on this pod: a step may name a built-in "
-        f"(noop, sleep:<ms>, cpu:<ms>, fail:<p>) or a handler the pod was started with "
-        f"(--workload/--handler; this pod's: {started_with})"
+        f"(noop, sleep:<ms>, cpu:<ms>, fail:<p>, hang[:<ms>]) or a handler the pod was "
+        f"started with (--workload/--handler; this pod's: {started_with})"
     )
 
 

@@ -45,3 +45,15 @@ def square(payload: dict[str, Any]) -> dict[str, Any]:
     """A user handler with a real result."""
     n = int(payload["n"])
     return {"n": n, "square": n * n}
+
+
+def hang_once(payload: dict[str, Any]) -> Any:
+    """Hang (sleep ``hang_s``) the first time, while the file ``gate`` exists; then succeed."""
+    import time
+
+    gate = Path(payload["gate"])
+    if gate.exists():
+        gate.unlink()
+        time.sleep(float(payload["hang_s"]))
+        return {"late": True}
+    return {"late": False}

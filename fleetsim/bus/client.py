@@ -44,6 +44,7 @@ from fleetsim.bus.messages import (
     Error,
     ErrorCode,
     Event,
+    HangNextStep,
     Hello,
     Message,
     Metrics,
@@ -63,10 +64,11 @@ from fleetsim.errors import BusError, BusTimeout, ProtocolError
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[Shutdown | SelfKill | SetStorageFault | ClearStorageFault], Ok | Error]
+CommandHandler = Callable[
+    [Shutdown | SelfKill | SetStorageFault | ClearStorageFault | HangNextStep], Ok | Error]
 """Handles a pod command in the bus thread; must return quickly (set a flag, hand over)."""
 
-_COMMANDS = (Shutdown, SelfKill, SetStorageFault, ClearStorageFault)
+_COMMANDS = (Shutdown, SelfKill, SetStorageFault, ClearStorageFault, HangNextStep)
 _REPLIES = (Ok, Error)
 
 

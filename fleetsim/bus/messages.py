@@ -25,7 +25,7 @@ Who sends what::
     pod → coordinator (metrics)    Metrics                       (no reply)
     coordinator → pod (control)    Ping, Shutdown, SelfKill,
                                    SetStorageFault, ClearStorageFault,
-                                   BusPartition                → Ok | Error
+                                   BusPartition, HangNextStep  → Ok | Error
     CLI → coordinator (cli)        Ping, StatusRequest, ChaosRequest,
                                    DownRequest                 → Ok | Error
     coordinator → observers (PUB)  Event
@@ -78,6 +78,7 @@ CHAOS_ACTIONS = (
     "heal",
     "storage-fault",
     "store-restart",
+    "hang",
     "run-scenario",
 )
 """Actions a :class:`ChaosRequest` may ask for (extend here, in one place)."""
@@ -250,6 +251,17 @@ class ClearStorageFault(Message):
 
 
 @dataclass(frozen=True)
+class HangNextStep(Message):
+    """Run the hang workload for this pod's next step (``hang_s=None``: an hour)."""
+
+    kind: ClassVar[str] = "hang_next_step"
+    hang_s: float | None = None
+
+    def _validate(self) -> None:
+        _non_negative("hang_s", self.hang_s)
+
+
+@dataclass(frozen=True)
 class BusPartition(Message):
     """Drop all bus traffic for ``duration_s`` (``None``: until healed locally)."""
 
@@ -339,7 +351,8 @@ class Event(Message):
 
 PodReport = Hello | PodHeartbeat
 """Requests a pod sends on the control channel."""
-Command = Ping | Shutdown | SelfKill | SetStorageFault | ClearStorageFault | BusPartition
+Command = (Ping | Shutdown | SelfKill | SetStorageFault | ClearStorageFault | BusPartition
+           | HangNextStep)
 """Requests the coordinator sends to a pod."""
 CliRequest = Ping | StatusRequest | ChaosRequest | DownRequest
 """Requests the CLI sends to the coordinator."""
@@ -358,6 +371,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SetStorageFault,
         ClearStorageFault,
         BusPartition,
+        HangNextStep,
         StatusRequest,
         ChaosRequest,
         DownRequest,
@@ -597,6 +611,7 @@ __all__ = [
     "Error",
     "ErrorCode",
     "Event",
+    "HangNextStep",
     "Hello",
     "Message",
     "Metrics",

@@ -26,18 +26,20 @@ _BACKOFF = (
 
 SUBMIT_MANY = """
 WITH input AS (
-    SELECT t.ord, t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key
+    SELECT t.ord, t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key,
+           t.timeout_s
       FROM ROWS FROM (jsonb_to_recordset(CAST(:items AS jsonb))
                       AS (queue text, priority int, payload jsonb, max_attempts int,
-                          idempotency_key text))
-           WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key, ord)
+                          idempotency_key text, timeout_s float8))
+           WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key,
+                                timeout_s, ord)
 ), new_queues AS (
     INSERT INTO queues (name)
     SELECT DISTINCT queue FROM input
     ON CONFLICT (name) DO NOTHING
 ), inserted AS (
-    INSERT INTO steps (queue, priority, payload, max_attempts, idempotency_key)
-    SELECT queue, priority, payload, max_attempts, idempotency_key
+    INSERT INTO steps (queue, priority, payload, max_attempts, idempotency_key, timeout_s)
+    SELECT queue, priority, payload, max_attempts, idempotency_key, timeout_s
       FROM input
      -- Queues with a max length take the locked path (see Store.submit_many).
      WHERE NOT EXISTS (SELECT 1 FROM queues q
@@ -51,12 +53,13 @@ SELECT id, idempotency_key FROM inserted ORDER BY id
 """
 
 INSERT_STEPS = """
-INSERT INTO steps (queue, priority, payload, max_attempts, idempotency_key)
-SELECT t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key
+INSERT INTO steps (queue, priority, payload, max_attempts, idempotency_key, timeout_s)
+SELECT t.queue, t.priority, t.payload, t.max_attempts, t.idempotency_key, t.timeout_s
       FROM ROWS FROM (jsonb_to_recordset(CAST(:items AS jsonb))
                       AS (queue text, priority int, payload jsonb, max_attempts int,
-                          idempotency_key text))
-           WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key, ord)
+                          idempotency_key text, timeout_s float8))
+           WITH ORDINALITY AS t(queue, priority, payload, max_attempts, idempotency_key,
+                                timeout_s, ord)
  ORDER BY t.ord
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, idempotency_key
@@ -111,10 +114,18 @@ _CLAIM_PICKED = """
      -- whatever the batch size.
      WHERE s.id = ANY(ARRAY(SELECT id FROM picked)) AND s.id = picked.id
     RETURNING s.id, s.queue, s.priority, s.payload, s.attempts, s.max_attempts,
-              s.claim_token
+              s.claim_token,
+              -- The effective execution timeout: the step's, else its queue's
+              -- (by primary key, for a step without its own, and only if some
+              -- queue has a timeout: that check is one InitPlan per claim).
+              CASE WHEN s.timeout_s IS NOT NULL THEN s.timeout_s
+                   WHEN EXISTS (SELECT 1 FROM queues WHERE timeout_s IS NOT NULL)
+                   THEN (SELECT qt.timeout_s FROM queues qt WHERE qt.name = s.queue)
+              END AS timeout_s
 )
 -- The payload as text: the client decodes a batch's payloads in one call.
-SELECT id, queue, priority, CAST(payload AS text), attempts, max_attempts, claim_token
+SELECT id, queue, priority, CAST(payload AS text), attempts, max_attempts, claim_token,
+       timeout_s
   FROM claimed
 """
 
@@ -368,13 +379,14 @@ SELECT id, queue, status, priority, payload, attempts, max_attempts, idempotency
 """
 
 UPSERT_QUEUE = """
-INSERT INTO queues (name, concurrency_limit, max_length, strict_fifo, paused)
-VALUES (:name, :concurrency_limit, :max_length, :strict_fifo, :paused)
+INSERT INTO queues (name, concurrency_limit, max_length, strict_fifo, paused, timeout_s)
+VALUES (:name, :concurrency_limit, :max_length, :strict_fifo, :paused, :timeout_s)
 ON CONFLICT (name) DO UPDATE
    SET concurrency_limit = EXCLUDED.concurrency_limit,
        max_length = EXCLUDED.max_length,
        strict_fifo = EXCLUDED.strict_fifo,
-       paused = EXCLUDED.paused
+       paused = EXCLUDED.paused,
+       timeout_s = EXCLUDED.timeout_s
 """
 
 # When a queue gets a concurrency limit (or strict FIFO), the claims it
@@ -393,10 +405,17 @@ UPDATE steps SET limited_claim = true
                  FOR UPDATE)
 """
 
+# Sets (null: removes) a queue's execution timeout, creating the queue if new.
+SET_QUEUE_TIMEOUT = """
+INSERT INTO queues (name, timeout_s) VALUES (:name, :timeout_s)
+ON CONFLICT (name) DO UPDATE SET timeout_s = EXCLUDED.timeout_s
+"""
+
 SET_PAUSED = "UPDATE queues SET paused = :paused WHERE name = :name RETURNING name"
 
 GET_QUEUES = """
-SELECT name, concurrency_limit, max_length, strict_fifo, paused FROM queues ORDER BY name
+SELECT name, concurrency_limit, max_length, strict_fifo, paused, timeout_s
+  FROM queues ORDER BY name
 """
 
 QUEUE_STATS = """
@@ -591,7 +610,9 @@ SELECT term FROM leader_lease
 """
 
 # One fenced statement: mark silent pods dead, requeue (or dead-letter) every
-# step claimed by a pod that is not alive, and log each action with its term.
+# step claimed by a pod that is not alive, and every claim older than its
+# execution timeout plus :dead_after (the grace) even if its pod is alive
+# (a wedged runner thread), and log each action with its term.
 RECOVER = (
     """
 WITH lease AS (
@@ -639,6 +660,33 @@ WITH lease AS (
        AND s.status = 'claimed'
        AND (s.claimed_by IN (SELECT id FROM newly_dead)
             OR s.claimed_by IN (SELECT id FROM unswept))
+), overdue AS (
+    -- Claims past their execution timeout plus the grace, whoever holds
+    -- them. Only once some queue or step has a timeout (evaluated once, the
+    -- steps by steps_with_timeout); then this scans steps (no index of
+    -- claimed steps, see above).
+    SELECT s.id, s.claimed_by, s.claim_token, s.claim_incarnation, s.claimed_at,
+           COALESCE(s.timeout_s, qt.timeout_s) AS timeout_s
+      FROM steps s
+      LEFT JOIN queues qt ON qt.name = s.queue
+     WHERE EXISTS (SELECT 1 FROM lease)
+       AND (EXISTS (SELECT 1 FROM queues WHERE timeout_s IS NOT NULL)
+            OR EXISTS (SELECT 1 FROM steps WHERE timeout_s IS NOT NULL))
+       AND s.status = 'claimed'
+       AND COALESCE(s.timeout_s, qt.timeout_s) IS NOT NULL
+       AND s.claimed_at < statement_timestamp() - make_interval(
+               secs => COALESCE(s.timeout_s, qt.timeout_s) + CAST(:dead_after AS float8))
+       AND s.id NOT IN (SELECT id FROM orphans)
+), revoked AS (
+    SELECT id, claimed_by, claim_token, claim_incarnation, claimed_at,
+           'pod ' || claimed_by || ' died while holding this step' AS error
+      FROM orphans
+    UNION ALL
+    SELECT id, claimed_by, claim_token, claim_incarnation, claimed_at,
+           'timed out after '
+           || rtrim(rtrim(CAST(CAST(timeout_s AS numeric(14, 3)) AS text), '0'), '.')
+           || 's: revoked from pod ' || claimed_by || ' by the leader' AS error
+      FROM overdue
 ), requeued AS (
     UPDATE steps s
        SET attempts = s.attempts + 1,
@@ -650,13 +698,13 @@ WITH lease AS (
     + _BACKOFF
     + """,
            claimed_by = NULL, cancel_requested = false, limited_claim = false,
-           error = 'pod ' || orphans.claimed_by || ' died while holding this step'
-      FROM orphans
+           error = revoked.error
+      FROM revoked
      -- Re-checked after any row lock wait: the token pins the exact claim.
-     WHERE s.id = orphans.id AND s.status = 'claimed'
-       AND s.claim_token = orphans.claim_token
+     WHERE s.id = revoked.id AND s.status = 'claimed'
+       AND s.claim_token = revoked.claim_token
     RETURNING s.id, s.claim_token, s.status,
-              orphans.claimed_by AS pod, orphans.claim_incarnation, orphans.claimed_at
+              revoked.claimed_by AS pod, revoked.claim_incarnation, revoked.claimed_at
 ), """
     + _FINISH.format(ended="requeued", outcome="'lease_lost'")
     + """, log_dead AS (

@@ -16,6 +16,8 @@ class StepSpec:
     priority: int = 0
     max_attempts: int = 3
     idempotency_key: str | None = None
+    # Execution timeout in seconds; None: the queue's (if any).
+    timeout_s: float | None = None
 
 
 class ClaimedStep(NamedTuple):
@@ -32,6 +34,8 @@ class ClaimedStep(NamedTuple):
     attempts: int
     max_attempts: int
     claim_token: int
+    # The effective execution timeout (the step's, else its queue's); None: none.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class QueueConfig:
     max_length: int | None = None
     strict_fifo: bool = False
     paused: bool = False
+    timeout_s: float | None = None  # execution timeout of its steps; None: none
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,10 @@ DDL: tuple[str, ...] = (
         max_length         integer CHECK (max_length > 0),
         strict_fifo        boolean NOT NULL DEFAULT false,
         paused             boolean NOT NULL DEFAULT false,
-        created_at         timestamptz NOT NULL DEFAULT now()
+        created_at         timestamptz NOT NULL DEFAULT now(),
+        -- Execution timeout of this queue's steps in seconds (null: none),
+        -- unless a step sets its own (steps.timeout_s).
+        timeout_s          double precision CHECK (timeout_s > 0)
     )
     """,
     # A global sequence: claim tokens grow monotonically across the whole
@@ -86,7 +89,9 @@ DDL: tuple[str, ...] = (
         -- Set while the step is claimed through a queue's locked path
         -- (concurrency limit or strict FIFO), so that path can count the
         -- queue's open claims by index; false otherwise.
-        limited_claim     boolean NOT NULL DEFAULT false
+        limited_claim     boolean NOT NULL DEFAULT false,
+        -- This step's execution timeout in seconds (null: its queue's).
+        timeout_s         double precision CHECK (timeout_s > 0)
     ) WITH (fillfactor = 70)
     """,
     # A completion that touches no index. A completion changes status,
@@ -111,6 +116,15 @@ DDL: tuple[str, ...] = (
     # The locked claim path counts its queue's open claims.
     """
     CREATE INDEX IF NOT EXISTS steps_limited_claims ON steps (queue) WHERE limited_claim
+    """,
+    # A store made at version 4 before the timeouts existed gets them here.
+    "ALTER TABLE steps ADD COLUMN IF NOT EXISTS timeout_s double precision CHECK (timeout_s > 0)",
+    "ALTER TABLE queues ADD COLUMN IF NOT EXISTS timeout_s double precision CHECK (timeout_s > 0)",
+    # Recovery looks for overdue claims among the steps with their own
+    # timeout. Partial, and on a column no write after the submit changes,
+    # so completions stay HOT and steps without a timeout cost it nothing.
+    """
+    CREATE INDEX IF NOT EXISTS steps_with_timeout ON steps (id) WHERE timeout_s IS NOT NULL
     """,
     # Partial, so the many steps without a key cost this index nothing when
     # they change status.
@@ -323,8 +337,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE pods ADD COLUMN IF NOT EXISTS swept_at timestamptz",
     ),
     # 3 -> 4: pod registrations are recorded (pod_registrations, created by
-    # DDL); the pods known so far are their own first registration.
+    # DDL); the pods known so far are their own first registration. Steps
+    # and queues got an execution timeout (null: none).
     3: (
+        "ALTER TABLE steps ADD COLUMN IF NOT EXISTS timeout_s double precision"
+        " CHECK (timeout_s > 0)",
+        "ALTER TABLE queues ADD COLUMN IF NOT EXISTS timeout_s double precision"
+        " CHECK (timeout_s > 0)",
         """
         CREATE TABLE IF NOT EXISTS pod_registrations (
             pod_id                text NOT NULL,

@@ -366,6 +366,7 @@ class Store:
             raise ConfigError("a queue's concurrency limit must be at least 1")
         if config.max_length is not None and config.max_length < 1:
             raise ConfigError("a queue's max length must be at least 1")
+        _check_timeout(config.timeout_s)
         with self._transaction() as conn:
             # The row must exist before it is locked: a queue that a submit
             # creates meanwhile would escape the lock (the upsert's own lock,
@@ -383,11 +384,24 @@ class Store:
                     "max_length": config.max_length,
                     "strict_fifo": config.strict_fifo,
                     "paused": config.paused,
+                    "timeout_s": config.timeout_s,
                 },
             )
             if config.concurrency_limit is not None or config.strict_fifo:
                 conn.execute(_text(q.FLAG_OPEN_CLAIMS), {"queue": config.name})
         self._special_queues_at = float("-inf")
+
+    def set_queue_timeout(self, name: str, timeout_s: float | None) -> None:
+        """Set (None: remove) the execution timeout of a queue's steps; creates the queue.
+
+        A step's own timeout (``StepSpec.timeout_s``) wins over its queue's.
+        Claims made from now on carry the new value; the leader's revocation
+        of overdue claims reads it at each pass.
+        """
+        _check_queue_name(name)
+        _check_timeout(timeout_s)
+        with self._transaction() as conn:
+            conn.execute(_text(q.SET_QUEUE_TIMEOUT), {"name": name, "timeout_s": timeout_s})
 
     def set_queue_paused(self, name: str, paused: bool) -> None:
         """Pause (no claims) or resume a queue."""
@@ -397,7 +411,7 @@ class Store:
     def queues(self) -> dict[str, QueueConfig]:
         """Every queue's settings, by name."""
         return {
-            row[0]: QueueConfig(row[0], row[1], row[2], row[3], row[4])
+            row[0]: QueueConfig(row[0], row[1], row[2], row[3], row[4], row[5])
             for row in self._rows(q.GET_QUEUES)
         }
 
@@ -438,7 +452,8 @@ class Store:
         for spec in specs:
             _check_spec(spec)
             check_storable(spec.payload, "a step's payload")
-        if len(specs) >= _COPY_MIN_STEPS and not any(s.idempotency_key for s in specs):
+        if len(specs) >= _COPY_MIN_STEPS and not any(
+                s.idempotency_key or s.timeout_s is not None for s in specs):
             copied = self._submit_by_copy(specs)
             if copied is not None:
                 return copied
@@ -449,6 +464,7 @@ class Store:
                 "payload": s.payload,
                 "max_attempts": s.max_attempts,
                 "idempotency_key": s.idempotency_key,
+                "timeout_s": s.timeout_s,
             }
             for s in specs
         ])
@@ -985,7 +1001,7 @@ def _claimed_steps(rows: Sequence[Any]) -> list[ClaimedStep]:
         return []
     payloads = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
     return [
-        ClaimedStep(row[0], row[1], row[2], payload, row[4], row[5], row[6])
+        ClaimedStep(row[0], row[1], row[2], payload, row[4], row[5], row[6], row[7])
         for row, payload in zip(rows, payloads, strict=True)
     ]
 
@@ -1058,7 +1074,23 @@ def _check_spec(spec: StepSpec) -> None:
             raise ConfigError("an idempotency key cannot contain a NUL character")
     if spec.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    _check_timeout(spec.timeout_s)
     if not isinstance(spec.payload, dict):
         raise ConfigError("a step's payload must be a JSON object")
     if not -(2**31) <= spec.priority < 2**31:
         raise ConfigError("priority must fit in a 32-bit integer")
+
+
+# An execution timeout: positive, finite, at most a week (a bigger one is a
+# typo, and make_interval must hold it).
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is None:
+        return
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+        raise ConfigError("a timeout must be a number of seconds")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ConfigError(f"a timeout must be more than 0 s and at most {MAX_TIMEOUT_S:g} s "
+                          "(a week)")

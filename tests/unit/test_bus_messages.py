@@ -55,6 +55,7 @@ STRATEGIES: dict[type[m.Message], st.SearchStrategy[Any]] = {
     ),
     m.ClearStorageFault: st.builds(m.ClearStorageFault, request_id=ids),
     m.BusPartition: st.builds(m.BusPartition, st.none() | non_negative, request_id=ids),
+    m.HangNextStep: st.builds(m.HangNextStep, st.none() | non_negative, request_id=ids),
     m.StatusRequest: st.builds(m.StatusRequest, request_id=ids),
     m.ChaosRequest: st.builds(
         m.ChaosRequest,
@@ -87,6 +88,7 @@ EXAMPLES: list[m.Message] = [
     m.Ok({"pods": [1, 2]}, request_id=12),
     m.Error("bad-request", "no such pod", request_id=13),
     m.Event("pod.died", 1700000000.0, {"pod_id": "pod-2"}),
+    m.HangNextStep(2.5, request_id=14),
 ]
 
 
