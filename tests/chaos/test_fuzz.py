@@ -46,6 +46,7 @@ def _fleetsim(*args: str, run_dir: Path, timeout: float) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.stress  # nightly; the default run replays a generated case below
 @pytest.mark.timeout(240)
 def test_a_short_campaign_passes_on_the_real_store(pg_url: str, tmp_path: Path) -> None:
     out = _fleetsim("chaos", "fuzz", "--runs", "2", "--duration", "6", "--seed", str(SEED),

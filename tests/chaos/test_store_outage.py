@@ -21,7 +21,10 @@ OUTAGE_S = 6.0  # twice the default dead threshold
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("stagger", [0.0, 1.5], ids=["together", "staggered"])
+@pytest.mark.parametrize("stagger", [
+    pytest.param(0.0, id="together", marks=pytest.mark.stress),  # nightly: the easy case
+    pytest.param(1.5, id="staggered"),
+])
 def test_a_store_outage_of_every_pod_declares_no_pod_dead(
     store: Store, store_config: StoreConfig, tmp_path: Path, stagger: float
 ) -> None:
