@@ -98,7 +98,9 @@ def format_duration(seconds: float) -> str:
         return "0s"
     if micros < 1_000_000:
         return _decimal(micros, 1000) + "ms"
-    millis = (micros + 500) // 1000
+    # Rounded from the seconds, not from the microseconds: rounding twice
+    # can land more than half a millisecond away (1.5194997 s -> 1.52 s).
+    millis = round(seconds * 1000)
     if millis % 3_600_000 == 0:
         return f"{millis // 3_600_000}h"
     if millis % 60_000 == 0:
