@@ -141,17 +141,22 @@ class ClientHistory:
 
     def wrote(self, op: str, sent: list[Any], accepted: Iterable[int] | None) -> None:
         """A fenced write of ``sent`` items ``(id, token, ...)`` and its reply (None: unknown)."""
-        record: dict[str, Any] = {"type": "write", "op": op, "ids": [i[0] for i in sent],
+        ids = [i[0] for i in sent]
+        record: dict[str, Any] = {"type": "write", "op": op, "ids": ids,
                                   "tokens": [i[1] for i in sent]}
         if op == "complete":
-            # Digested now, as sent: a handler may change its result object later.
-            record["digests"] = [_NULL_DIGEST if i[2] is None else _safe_digest(i[2])
-                                 for i in sent]
+            # Digested now, as sent: a handler may change its result object
+            # later. "null": every result was null (most workloads'), spelt once.
+            results = [i[2] for i in sent]
+            record["digests"] = "null" if all(r is None for r in results) else [
+                _NULL_DIGEST if r is None else _safe_digest(r) for r in results]
         if accepted is None:
             record["reply"] = "unknown"
         else:
             record["reply"] = "accepted"
-            record["accepted"] = list(accepted)
+            accepted = list(accepted)
+            # "all": every item sent was accepted (the usual case), spelt once.
+            record["accepted"] = "all" if len(accepted) == len(ids) else accepted
         self.append(record)
 
     def submitted(self, queue: str, ids: Sequence[int]) -> None:
@@ -199,6 +204,22 @@ class ClientHistory:
 
 
 _NULL_DIGEST = hashlib.sha256(b"null").hexdigest()[:16]
+
+
+def sent_digests(record: dict[str, Any]) -> list[str | None]:
+    """The digests of a complete record's results, one per id sent."""
+    digests = record.get("digests")
+    if digests == "null":
+        return [_NULL_DIGEST] * len(record.get("ids", ()))
+    return list(digests) if isinstance(digests, list) else [None] * len(record.get("ids", ()))
+
+
+def accepted_ids(record: dict[str, Any]) -> set[int]:
+    """The ids a write record says were accepted."""
+    accepted = record.get("accepted", ())
+    if accepted == "all":
+        return {int(i) for i in record.get("ids", ())}
+    return {int(i) for i in accepted}
 
 
 def _safe_digest(result: Any) -> str | None:

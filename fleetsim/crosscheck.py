@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetsim.client_history import ClientLog, read_histories, result_digest
+from fleetsim.client_history import (
+    ClientLog,
+    accepted_ids,
+    read_histories,
+    result_digest,
+    sent_digests,
+)
 from fleetsim.store import Store
 from fleetsim.store.evidence import StoreEvidence, decode_result, store_evidence
 
@@ -122,8 +128,8 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
             submitted += [(int(i), log.path.name) for r in log.records
                           if r.get("type") == "submit" for i in r.get("ids", ())]
     completed_acks = {
-        int(i) for _, w in writes if w.get("op") == "complete"
-        and w.get("reply") == "accepted" for i in w.get("ids", ())
+        i for _, w in writes if w.get("op") == "complete" and w.get("reply") == "accepted"
+        for i in accepted_ids(w)
     }
     evidence = store_evidence(store, [i for i, _ in submitted] + sorted(completed_acks))
     result.counts.update({
@@ -183,9 +189,9 @@ def _check_writes(result: CrossExamination, evidence: StoreEvidence,
         ending = _ENDING.get(op)
         if ending is None or write.get("reply") != "accepted":
             continue
-        accepted = {int(i) for i in write.get("accepted", ())}
+        accepted = accepted_ids(write)
         who = f"{pod.log.pod}/{pod.log.incarnation}"
-        digests = write.get("digests") or [None] * len(write.get("ids", ()))
+        digests = sent_digests(write)
         for step_id, token, digest in zip(write.get("ids", ()), write.get("tokens", ()),
                                           digests, strict=False):
             step_id, token = int(step_id), int(token)
