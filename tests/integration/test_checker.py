@@ -454,8 +454,8 @@ def test_revoked_claim_accepted_is_stale(history: History) -> None:
 def test_overlapping_leader_terms_are_split_brain(history: History) -> None:
     history.db.all(
         """UPDATE leader_terms
-              SET ended_at = (SELECT started_at FROM leader_terms WHERE term = 3)
-                             + interval '1 s'
+              SET ended_at = LEAST((SELECT started_at FROM leader_terms WHERE term = 3)
+                                   + interval '1 s', statement_timestamp())
             WHERE term = 2"""
     )
     (witness,) = only(check(history.store), "split_brain")
@@ -470,7 +470,9 @@ def test_recovery_action_outside_its_term_is_split_brain(history: History, how: 
         "after_term": (
             2,
             "pod-1",
-            "(SELECT ended_at FROM leader_terms WHERE term = 2) + interval '1 s'",
+            # Never in the future (future_time): the check comes after this.
+            "LEAST((SELECT ended_at FROM leader_terms WHERE term = 2) + interval '1 s',"
+            " statement_timestamp())",
         ),
         # pod-3 acting inside term 2, which pod-1 held.
         "by_other_pod": (
