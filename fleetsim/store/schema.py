@@ -16,6 +16,18 @@ STEP_STATUSES = ("queued", "claimed", "completed", "failed", "dead", "cancelled"
 TERMINAL_STATUSES = ("completed", "dead", "cancelled")
 ATTEMPT_OUTCOMES = ("completed", "failed", "lease_lost", "released", "cancelled")
 
+# Every registration of a pod id, append-only (schema 4; see DDL below).
+POD_REGISTRATIONS = """
+    CREATE TABLE IF NOT EXISTS pod_registrations (
+        pod_id                text NOT NULL,
+        incarnation           integer NOT NULL,
+        pid                   integer,
+        host                  text,
+        registered_at         timestamptz NOT NULL,
+        replaced_incarnation  integer
+    )
+"""
+
 # Every redrive and purge of a dead step (fleetsim dlq), append-only.
 DLQ_ACTIONS = """
     CREATE TABLE IF NOT EXISTS dlq_actions (
@@ -203,16 +215,7 @@ DDL: tuple[str, ...] = (
     # pid, host) held the id from when, and which live incarnation it
     # replaced, if any. The pods row shows only the latest; the checker needs
     # them all to tell a real claimer from an invented one.
-    """
-    CREATE TABLE IF NOT EXISTS pod_registrations (
-        pod_id                text NOT NULL,
-        incarnation           integer NOT NULL,
-        pid                   integer,
-        host                  text,
-        registered_at         timestamptz NOT NULL,
-        replaced_incarnation  integer
-    )
-    """,
+    POD_REGISTRATIONS,
     # Every redrive and purge of a dead step, append-only (fleetsim dlq): the
     # checker accounts for purged steps and for attempt budgets granted again.
     DLQ_ACTIONS,
@@ -344,16 +347,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " CHECK (timeout_s > 0)",
         "ALTER TABLE queues ADD COLUMN IF NOT EXISTS timeout_s double precision"
         " CHECK (timeout_s > 0)",
-        """
-        CREATE TABLE IF NOT EXISTS pod_registrations (
-            pod_id                text NOT NULL,
-            incarnation           integer NOT NULL,
-            pid                   integer,
-            host                  text,
-            registered_at         timestamptz NOT NULL,
-            replaced_incarnation  integer
-        )
-        """,
+        POD_REGISTRATIONS,
         """
         INSERT INTO pod_registrations (pod_id, incarnation, pid, host, registered_at)
         SELECT id, incarnation, pid, host, started_at FROM pods
