@@ -136,3 +136,16 @@ class Trickle(threading.Thread):
                 store.submit_many([StepSpec("default", {"workload": self.workload})])
                 self.submitted += 1
                 time.sleep(max(0.0, start + self.submitted / self.rate - time.monotonic()))
+
+
+@contextmanager
+def running_pod(pod: Any) -> Iterator[Any]:
+    """Run a pods.pod.Pod in-process on a thread (real store, real threads); stop it after."""
+    thread = threading.Thread(target=pod.run, name=f"pod-{pod.config.pod_id}", daemon=True)
+    thread.start()
+    try:
+        yield pod
+    finally:
+        pod.stopping.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive()

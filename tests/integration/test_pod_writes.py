@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -13,22 +11,11 @@ from fleetsim.errors import InjectedFault
 from fleetsim.store import StepSpec, Store, StoreConfig
 from pods.config import PodConfig
 from pods.pod import Pod
-from tests.helpers import rows, wait_until
+from tests.helpers import rows, running_pod, wait_until
 
 FAST = FleetTimings(heartbeat_s=0.05, lease_s=1.0, renew_s=0.2, dead_after_s=0.5,
                     recovery_s=0.1, grace_s=1.0)
 
-
-@contextmanager
-def running_pod(pod: Pod) -> Iterator[Pod]:
-    thread = threading.Thread(target=pod.run, name="pod", daemon=True)
-    thread.start()
-    try:
-        yield pod
-    finally:
-        pod.stopping.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 @pytest.mark.timeout(60)

@@ -9,10 +9,7 @@ late result is never accepted and the history checks out.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,24 +19,13 @@ from fleetsim.config import FleetTimings
 from fleetsim.store import QueueConfig, StepSpec, Store, StoreConfig, WriteOutcome
 from pods.config import PodConfig
 from pods.pod import Pod
-from tests.helpers import rows, wait_until
+from tests.helpers import rows, running_pod, wait_until
 from tests.integration.test_cli import fleetsim
 
 FAST = FleetTimings(heartbeat_s=0.05, lease_s=1.0, renew_s=0.2, dead_after_s=0.5,
                     recovery_s=0.1, grace_s=1.0)
 HANG_ONCE = "tests.pod_handlers:hang_once"
 
-
-@contextmanager
-def running_pod(pod: Pod) -> Iterator[Pod]:
-    thread = threading.Thread(target=pod.run, name=f"pod-{pod.config.pod_id}", daemon=True)
-    thread.start()
-    try:
-        yield pod
-    finally:
-        pod.stopping.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 def test_the_claim_hands_the_effective_timeout_to_the_pod(store: Store) -> None:
