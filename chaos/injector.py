@@ -5,7 +5,9 @@ Every action returns a JSON-ready dict saying what it did, and is appended to
 replayed. Faults with a duration are healed by a timer; ``heal`` ends them
 early. Kills and pauses are real signals; partitions are the pod's fault
 proxy (store) or a bus partition; storage faults are a bus command the pod
-applies at its SQL layer.
+applies at its SQL layer. A pod that runs in a container of a Docker engine
+this process reaches is killed, frozen and cut off through the engine
+instead (chaos/containers.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from chaos.containers import ContainerEngine, PodContainer
 from fleetsim.bus import (
     BusPartition,
     ClearStorageFault,
@@ -67,6 +70,10 @@ class Fleet(Protocol):
     def restart_store(self) -> dict[str, Any]:
         """Restart the PostgreSQL server; return what happened."""
 
+    # Optional: ``pod_hosts() -> dict[str, str]``, the host name of every
+    # pod the store has alive, lets the injector find pods that run in
+    # containers (see _pod_hosts).
+
 
 @dataclass
 class _ActiveFault:
@@ -79,7 +86,8 @@ class _ActiveFault:
 class FaultInjector:
     """Chaos actions against one fleet."""
 
-    def __init__(self, fleet: Fleet, *, seed: int = 0, log_path: Path | None = None) -> None:
+    def __init__(self, fleet: Fleet, *, seed: int = 0, log_path: Path | None = None,
+                 containers: bool = True) -> None:
         self.fleet = fleet
         self.rng = random.Random(seed)
         self.log_path = log_path
@@ -87,6 +95,11 @@ class FaultInjector:
         self._active: list[_ActiveFault] = []
         # pod -> (when this injector killed it, its pid; None for a remote pod)
         self._killed: dict[str, tuple[float, int | None]] = {}
+        # The Docker engine, looked for on first need (containers=False: never).
+        self._containers = containers
+        self._engine: ContainerEngine | None = None
+        self._engine_why = "not looked for yet"
+        self._engine_checked_at: float | None = None
 
     # -- entry point ----------------------------------------------------------
 
@@ -178,14 +191,60 @@ class FaultInjector:
         gone = {pod for pod, (at, pid) in killed.items()
                 if pid is None and now - at < REMOTE_SILENCE_S}
         remote = set(self.fleet.remote_pods()) - gone
-        return sorted(local | remote, key=_natural_key)
+        in_containers = set(self._containers_of(exclude=set(self.fleet.pod_pids()))) - gone
+        return sorted(local | remote | in_containers, key=_natural_key)
+
+    def faultable_pods(self) -> list[str]:
+        """Live pods that every action can reach: children of this fleet and
+        pods in containers of the engine (remote pods on the bus can only be
+        killed or given storage faults). Scenarios choose among these."""
+        local = set(self.fleet.pod_pids())
+        return [p for p in self.live_pods()
+                if p in local or p in self._containers_of(exclude=local)]
+
+    # -- pods in containers ---------------------------------------------------
+
+    def engine(self) -> ContainerEngine | None:
+        """The Docker engine, if one answers here (looked for again after a
+        minute when it did not)."""
+        if not self._containers:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            if self._engine is None and (self._engine_checked_at is None
+                                         or now - self._engine_checked_at > 60.0):
+                self._engine, self._engine_why = ContainerEngine.connect()
+                self._engine_checked_at = now
+            return self._engine
+
+    def _containers_of(self, exclude: set[str]) -> dict[str, PodContainer]:
+        """Pods the store has alive that run in a container of the engine.
+
+        Children of this fleet (``exclude``) are reached by signals even when
+        the fleet itself runs in a container.
+        """
+        hosts = {pod: host for pod, host in _pod_hosts(self.fleet).items()
+                 if pod not in exclude}
+        engine = self.engine() if hosts else None
+        if engine is None:
+            return {}
+        return engine.containers_for(hosts)
+
+    def _container(self, pod: str) -> PodContainer | None:
+        """The container ``pod`` runs in, when it is not our child and the
+        engine is reachable; else None."""
+        if pod in self.fleet.pod_pids():
+            return None
+        return self._containers_of(exclude=set()).get(pod)
 
     def _pid(self, pod: str) -> int:
         pid = self.fleet.pod_pids().get(pod)
         if pid is None:
             if pod in self.fleet.remote_pods():
                 raise ConfigError(f"{pod} runs on another host: it can be killed (over the bus)"
-                                  " or given storage faults, not paused or partitioned here")
+                                  " or given storage faults, not paused or partitioned here; "
+                                  "in a container of a Docker engine this coordinator reaches"
+                                  f" it could be ({self._engine_why})")
             raise ConfigError(f"no pod named {pod!r}")
         return pid
 
@@ -195,6 +254,16 @@ class FaultInjector:
         """SIGKILL a pod (``leader``, ``random`` or an id)."""
         lead = self.fleet.leader()
         (pod,) = self.resolve(target)
+        term = lead[1] if lead is not None and lead[0] == pod else None
+        container = self._container(pod)
+        if container is not None:
+            engine = self._require_engine()
+            self._resume_if_paused(pod)  # the engine refuses to kill a paused container
+            engine.kill(container)
+            with self._lock:
+                self._killed[pod] = (time.monotonic(), None)
+            return {"pod": pod, "pid": None, "term": term, "via": "engine",
+                    "container": container.name}
         if pod not in self.fleet.pod_pids():
             # Not our child: ask it to SIGKILL itself.
             self._check(self.fleet.send_command(pod, SelfKill()))
@@ -209,21 +278,32 @@ class FaultInjector:
             raise ConfigError(f"{pod} (pid {pid}) is not running") from None
         with self._lock:
             self._killed[pod] = (time.monotonic(), pid)
-        term = lead[1] if lead is not None and lead[0] == pod else None
         return {"pod": pod, "pid": pid, "term": term}
 
     def pause(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
         """SIGSTOP a pod; SIGCONT after ``for`` if given."""
         (pod,) = self.resolve(target)
-        pid = self._pid(pod)
         duration = _duration(params.get("for"))
+        container = self._container(pod)
+        if container is not None:
+            engine = self._require_engine()
+            engine.pause(container)
+            self._track("pause", pod, duration, functools.partial(engine.unpause, container))
+            return {"pod": pod, "pid": None, "for_s": duration, "via": "engine",
+                    "container": container.name}
+        pid = self._pid(pod)
         os.kill(pid, signal.SIGSTOP)
         self._track("pause", pod, duration, lambda: _signal(pid, signal.SIGCONT))
         return {"pod": pod, "pid": pid, "for_s": duration}
 
     def resume(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
-        """SIGCONT a paused pod."""
+        """SIGCONT a paused pod (or thaw its container)."""
         (pod,) = self.resolve(target)
+        container = self._container(pod)
+        if container is not None:
+            self._end(lambda f: f.action == "pause" and f.pod == pod)
+            self._require_engine().unpause(container)
+            return {"pod": pod, "pid": None, "via": "engine", "container": container.name}
         pid = self._pid(pod)
         self._end(lambda f: f.action == "pause" and f.pod == pod)
         _signal(pid, signal.SIGCONT)
@@ -239,6 +319,17 @@ class FaultInjector:
         if mode not in PARTITION_MODES:
             raise ConfigError(f"--mode must be one of {', '.join(PARTITION_MODES)}, got {mode!r}")
         duration = _duration(params.get("for"))
+        container = self._container(pod) if where in ("store", "all") else None
+        if container is not None:
+            # No proxy sits on a container's path: it leaves every network,
+            # which cuts it off the store and the bus alike.
+            engine = self._require_engine()
+            cut = engine.disconnect(container)
+            self._track("partition-network", pod, duration,
+                        functools.partial(engine.reconnect, cut))
+            return {"pod": pod, "from": "network", "mode": "disconnect", "for_s": duration,
+                    "via": "engine", "container": container.name,
+                    "networks": sorted(cut.networks)}
         if where in ("store", "all"):
             self._pid(pod)  # only our own pods reach the store through our proxies
             self.fleet.set_proxy_fault(pod, mode)
@@ -322,6 +413,12 @@ class FaultInjector:
     def _resume_if_paused(self, pod: str) -> None:
         self._end(lambda f: f.action == "pause" and f.pod == pod)
 
+    def _require_engine(self) -> ContainerEngine:
+        engine = self.engine()
+        if engine is None:
+            raise FleetsimError(f"the Docker engine went away: {self._engine_why}")
+        return engine
+
     @staticmethod
     def _check(reply: Any) -> None:
         if isinstance(reply, Error):
@@ -357,6 +454,12 @@ def _duration(value: Any) -> float | None:
         raise ConfigError(f"--for must be longer than zero, got {value!r} (leave it out to "
                           "last until `chaos heal`)")
     return seconds
+
+
+def _pod_hosts(fleet: Fleet) -> dict[str, str]:
+    """The host name of every pod the store has alive, if the fleet can tell."""
+    hosts = getattr(fleet, "pod_hosts", None)
+    return dict(hosts()) if callable(hosts) else {}
 
 
 def _known_pods(fleet: Fleet) -> list[str]:

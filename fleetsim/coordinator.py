@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import IO, Any
 
 from fleetsim.client_history import ClientHistory, NullHistory, history_dir
 from fleetsim.config import FleetTimings
-from fleetsim.errors import ConfigError, FleetNotRunning, FleetsimError
+from fleetsim.errors import ConfigError, FleetNotRunning, FleetsimError, StoreUnavailable
 from fleetsim.rundir import (
     ProcessRecord,
     RunDir,
@@ -190,20 +191,33 @@ class Coordinator:
             )
 
     def _refuse_live_schema(self) -> None:
-        """ConfigError if pods heartbeat in our schema: a live fleet uses it."""
+        """ConfigError if pods of another fleet heartbeat in our schema.
+
+        Only the ids a coordinator spawns (``pod-<n>``) count: pods that
+        joined from elsewhere (``fleetsim pod``, pod containers) go on
+        working while a coordinator restarts, and a coordinator that just
+        died leaves its pods' heartbeats fresh for a moment, so they get
+        until they are stale before the schema counts as taken.
+        """
         assert self.store is not None and self.store_url is not None
-        dead_after = self.spec.timings.dead_after_s
-        live = sorted(
-            (p["id"] for p in self.store.pods()
-             if p["state"] == "alive" and p["heartbeat_age_s"] < dead_after),
-            key=pod_sort_key,
-        )
+        timings = self.spec.timings
+        deadline = time.monotonic() + timings.dead_after_s + timings.heartbeat_s
+        while True:
+            live = sorted(
+                (p["id"] for p in self.store.pods()
+                 if p["state"] == "alive" and p["heartbeat_age_s"] < timings.dead_after_s
+                 and SPAWNED_POD_ID.fullmatch(p["id"])),
+                key=pod_sort_key,
+            )
+            if not live or time.monotonic() > deadline:
+                break
+            time.sleep(timings.heartbeat_s / 2)
         if live:
             shown = ", ".join(live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
             raise ConfigError(
                 f"schema {self.spec.schema} of {redact(self.store_url)} is in use by a live "
-                f"fleet (pods {shown} heartbeat within {dead_after:g}s): stop it with "
-                "`fleetsim down` in its run directory, or use another --schema"
+                f"fleet (pods {shown} heartbeat within {timings.dead_after_s:g}s): stop it "
+                "with `fleetsim down` in its run directory, or use another --schema"
             )
 
     def _start_store(self) -> None:
@@ -327,7 +341,7 @@ class Coordinator:
         used_seed = scenario.effective_seed(seed)
         runner = ScenarioRunner(
             scenario, used_seed, self.injector,
-            pods=lambda: [p for p in self.injector.live_pods() if p in self.pod_pids()],
+            pods=self.injector.faultable_pods,
             leader=lambda: (lead[0] if (lead := self.leader()) else None),
             log_path=self.run_dir.path / "faults.jsonl", stopping=self.stopping,
         )
@@ -343,6 +357,15 @@ class Coordinator:
         """Pods this coordinator runs, with their pids."""
         with self._lock:
             return {pod_id: pod.pid for pod_id, pod in self.pods.items()}
+
+    def pod_hosts(self) -> dict[str, str]:
+        """The host name of every pod the store has alive (for pods in containers)."""
+        if self.store is None:
+            return {}
+        try:
+            return self.store.alive_pod_hosts()
+        except StoreUnavailable:
+            return {}
 
     def remote_pods(self) -> list[str]:
         """Pods on the bus that this coordinator did not spawn (`fleetsim pod --join`)."""
@@ -726,6 +749,10 @@ def spawn_recorded(run_dir: RunDir, kind: str, name: str, argv: list[str],
 # Pod exits that are not restarted: SUPERSEDED (4) and ID_IN_USE (5) of
 # pods/exitcodes.py (the coordinator does not import the pod package).
 _NOT_RESTARTED = frozenset({4, 5})
+
+
+# The ids a coordinator gives the pods it spawns.
+SPAWNED_POD_ID = re.compile(r"pod-\d+")
 
 
 def pod_sort_key(pod_id: str) -> tuple[str, int]:

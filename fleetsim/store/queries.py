@@ -531,6 +531,8 @@ UPDATE pods SET status = 'stopped', died_at = statement_timestamp()
  WHERE id = :pod AND incarnation = :incarnation AND status = 'alive'
 """
 
+ALIVE_POD_HOSTS = "SELECT id, host FROM pods WHERE status = 'alive'"
+
 PODS = """
 WITH done AS (
     SELECT pod_id, count(*) AS n FROM finished_attempts WHERE outcome = 'completed'

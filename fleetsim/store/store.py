@@ -831,6 +831,10 @@ class Store:
         row = self._rows(q.POD_COUNTS)[0]
         return int(row[0]), int(row[1])
 
+    def alive_pod_hosts(self) -> dict[str, str]:
+        """The host name each alive pod registered, by pod id (cheap: no counts)."""
+        return {row.id: row.host for row in self._rows(q.ALIVE_POD_HOSTS) if row.host}
+
     def analyze(self) -> None:
         """Refresh the planner's statistics (after a large bulk submit)."""
         with self._errors(), self._auto.connect() as conn:

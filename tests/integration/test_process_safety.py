@@ -326,3 +326,30 @@ def test_up_refuses_a_schema_a_live_fleet_uses(tmp_path: Path, store: Store,
             fleetsim(run_dir, "down", timeout=90)
     wait_nothing_left(first, schema)
     wait_nothing_left(second, schema)
+
+
+@pytest.mark.timeout(120)
+def test_up_starts_beside_pods_that_joined_the_schema(tmp_path: Path, store: Store,
+                                                      store_config: StoreConfig) -> None:
+    """A coordinator that restarts (the compose `fleet` container killed and
+    started again) finds the pods that joined from elsewhere still working in
+    its schema: they are not another fleet, so `up` starts."""
+    schema = store_config.schema or ""
+    env = {**os.environ, "FLEETSIM_STORE": store_config.url}
+    joined = subprocess.Popen(
+        [sys.executable, "-m", "fleetsim", "pod", "--schema", schema, "--id", "pod-elsewhere-7"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_dir = tmp_path / "fleet"
+    try:
+        wait_until(lambda: any(p["id"] == "pod-elsewhere-7" and p["state"] == "alive"
+                               for p in store.pods()), 30, what="the joined pod registered")
+        up = fleetsim(run_dir, "up", "--detach", "--pods", "2", "--no-fault-proxy",
+                      "--schema", schema, env={"FLEETSIM_STORE": store_config.url},
+                      timeout=100)
+        assert up.returncode == 0, up.stderr
+        assert {"pod-1", "pod-2", "pod-elsewhere-7"} <= {p["id"] for p in store.pods()}
+    finally:
+        fleetsim(run_dir, "down", timeout=90)
+        joined.terminate()
+        joined.wait(timeout=30)
+    wait_nothing_left(run_dir, schema)
