@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,15 +126,33 @@ def _natural(pod: str) -> tuple[str, int]:
 
 
 def _shade(ax: Axes, windows: Sequence[FaultWindow], t0: float, *, labels: bool = True) -> None:
-    """Shade each fault window, with its label along its left edge."""
-    for w in windows:
+    """Shade each fault window, with a short label along its left edge.
+
+    With labels, the y axis gets headroom so the labels sit above the data,
+    and labels of windows that start close together are set side by side.
+    """
+    left, right = ax.get_xlim()
+    near = 0.015 * max(right - left, 1e-9)
+    if labels and windows:
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, bottom + (top - bottom) * 1.6)
+    last_x, level = -math.inf, 0
+    for w in sorted(windows, key=lambda w: w.start):
         colour = FAULT_COLOURS.get(w.action, "#bcbd22")
         a, b = w.start - t0, w.end - t0
         ax.axvspan(a, max(b, a + 0.05), color=colour, alpha=0.13, lw=0)
         ax.axvline(a, color=colour, lw=1.0, alpha=0.8)
         if labels:
-            ax.text(a, 0.98, " " + w.label, transform=ax.get_xaxis_transform(), rotation=90,
-                    va="top", ha="right", fontsize=7, color=colour, clip_on=True)
+            level = level + 1 if a - last_x < near else 0
+            last_x = a
+            ax.annotate(_short(w), xy=(a, 0.98), xycoords=ax.get_xaxis_transform(),
+                        xytext=(9 * level, 0), textcoords="offset points", rotation=90,
+                        va="top", ha="right", fontsize=7, color=colour, annotation_clip=True)
+
+
+def _short(w: FaultWindow) -> str:
+    """The label of a window without its parameters (the fault table has them)."""
+    return w.label.split(" (error")[0].split(" (+")[0].split(" (disconnect")[0]
 
 
 def _fault_legend(windows: Sequence[FaultWindow]) -> list[Any]:
@@ -146,20 +165,27 @@ def _fault_legend(windows: Sequence[FaultWindow]) -> list[Any]:
 
 
 def _finish(fig: Any, ax: Axes, data: ReportData, title: str, path: Path,
-            extra: Sequence[Any] = ()) -> None:
+            extra: Sequence[Any] = (), windows: Sequence[FaultWindow] | None = None) -> None:
     span = data.history.span
     if span is not None:
         ax.set_xlim(0, span[1] - span[0])
     ax.set_title(title, fontsize=11, loc="left")
     ax.grid(True, alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
-    handles = [*handles, *extra, *_fault_legend(data.windows)]
+    shaded = data.windows if windows is None else windows
+    handles = [*handles, *extra, *_fault_legend(shaded)]
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                   frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     _pyplot().close(fig)
+
+
+def _set_span(ax: Axes, data: ReportData) -> None:
+    span = data.history.span
+    if span is not None:
+        ax.set_xlim(0, span[1] - span[0])
 
 
 def _empty(ax: Axes, text: str) -> None:
@@ -172,6 +198,7 @@ def _empty(ax: Axes, text: str) -> None:
 def _plot_throughput(data: ReportData, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 4.2))
+    _set_span(ax, data)
     s = data.series
     if s is None or not s.throughput:
         _empty(ax, "no completed steps")
@@ -179,31 +206,34 @@ def _plot_throughput(data: ReportData, path: Path) -> None:
         last = max(b for per in s.throughput.values() for b in per)
         bins = range(0, last + 1)
         x = [(b + 0.5) * s.width for b in bins]
-        total = [sum(per.get(b, 0) for per in s.throughput.values()) / s.width for b in bins]
-        for pod in sorted(s.throughput, key=_natural):
-            per = s.throughput[pod]
-            ax.plot(x, [per.get(b, 0) / s.width for b in bins], lw=1.0, alpha=0.8, label=pod)
-        ax.plot(x, total, color="black", lw=2.2, label="fleet")
+        pods = sorted(s.throughput, key=_natural)
+        per_pod = [[s.throughput[p].get(b, 0) / s.width for b in bins] for p in pods]
+        # Stacked: each pod's band is its share; the top edge is the fleet.
+        ax.stackplot(x, per_pod, labels=pods, alpha=0.75, lw=0)
+        ax.plot(x, [sum(col) for col in zip(*per_pod, strict=True)], color="black", lw=1.8,
+                label="fleet")
     _shade(ax, data.windows, s.t0 if s else 0.0)
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("completed steps / s")
     ax.set_ylim(bottom=0)
-    width = f" (bins of {s.width:g} s)" if s else ""
+    width = f" (bins of {s.width:g} s; pods stacked)" if s else ""
     _finish(fig, ax, data, f"Throughput: completed steps per second{width}", path)
 
 
 def _plot_latency(data: ReportData, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 4.2))
+    _set_span(ax, data)
     s = data.series
     if s is None or not s.latency:
         _empty(ax, "no completed steps")
     else:
         x = [(row[0] + 0.5) * s.width for row in s.latency]
-        for i, (name, colour) in enumerate((("p50", "#1f77b4"), ("p95", "#ff7f0e"),
-                                            ("p99", "#d62728"))):
-            ax.plot(x, [row[2 + i] for row in s.latency], marker=".", ms=4, lw=1.4,
-                    color=colour, label=name)
+        for i, (name, colour, dash) in enumerate((("p50", "#1f77b4", "-"),
+                                                  ("p95", "#ff7f0e", "--"),
+                                                  ("p99", "#d62728", ":"))):
+            ax.plot(x, [row[2 + i] for row in s.latency], marker=".", ms=4, lw=1.6,
+                    color=colour, ls=dash, label=name)
     _shade(ax, data.windows, s.t0 if s else 0.0)
     ax.set_xlabel("seconds since the run started (by completion time)")
     ax.set_ylabel("submit → completion (s)")
@@ -292,6 +322,7 @@ def _plot_timeline(data: ReportData, path: Path) -> None:
     states = pod_states(data)
     pods = sorted(states, key=_natural)
     fig, ax = plt.subplots(figsize=(12, 1.6 + 0.85 * max(1, len(pods))))
+    _set_span(ax, data)
     s = data.series
     t0 = s.t0 if s else 0.0
     if not pods:
@@ -301,14 +332,21 @@ def _plot_timeline(data: ReportData, path: Path) -> None:
             colour, top, height = _LANE[state]
             ax.broken_barh([(a - t0, max(b - a, 0.02))], (y + top, height),
                            color=colour, alpha=0.85 if state in ("alive", "dead") else 0.95)
-    regs = s.registrations if s else []
-    for r in regs:
-        if r["incarnation"] and r["pod"] in pods:
-            y = pods.index(r["pod"])
-            x = float(r["at"]) - t0
-            ax.plot([x], [y + 0.10], marker="^", color="black", ms=8)
-            ax.text(x, y + 0.02, f" inc {r['incarnation']}", fontsize=7, va="bottom",
-                    fontweight="bold")
+    seen: dict[str, int] = {}
+    for r in (s.registrations if s else []):
+        pod, incarnation = r["pod"], r["incarnation"]
+        before = seen.get(pod)
+        seen[pod] = incarnation
+        if pod not in pods or (before is None and not incarnation):
+            continue
+        # A new incarnation is a restart; the same one again, a pod that was
+        # declared dead and registered again (it rejoined).
+        rejoined = before is not None and before == incarnation
+        x, y = float(r["at"]) - t0, pods.index(pod)
+        ax.plot([x], [y + 0.10], marker="^", ms=8, color="black",
+                markerfacecolor="white" if rejoined else "black")
+        ax.text(x, y + 0.02, f" inc {incarnation}" + (" rejoined" if rejoined else ""),
+                fontsize=7, va="bottom", fontweight="bold")
     for term in (s.terms if s else []):
         if term["pod"] not in pods:
             continue
@@ -318,9 +356,10 @@ def _plot_timeline(data: ReportData, path: Path) -> None:
                        edgecolor="black", lw=0.5)
         ax.text(a, y + _LEADER_BAND[0] + _LEADER_BAND[1] / 2, f" T{term['term']}", fontsize=7,
                 va="center", ha="left", fontweight="bold", clip_on=True)
-    _shade(ax, [w for w in data.windows if w.action in ("kill", "kill-leader",
-                                                           "store-restart", "hang")],
-           t0, labels=False)
+    # Kills and store restarts concern everyone: shaded across; the rest are lane bands.
+    shaded = [w for w in data.windows if w.action in ("kill", "kill-leader", "store-restart",
+                                                      "hang")]
+    _shade(ax, shaded, t0, labels=False)
     ax.set_yticks(range(len(pods)), pods)
     ax.set_ylim(-0.55, len(pods) - 0.45)
     ax.invert_yaxis()
@@ -328,13 +367,16 @@ def _plot_timeline(data: ReportData, path: Path) -> None:
     legend: list[Any] = [Patch(color=_LANE[k][0], label=k) for k in _LANE]
     legend += [Line2D([], [], marker="^", color="black", ls="",
                       label="restarted (new incarnation)"),
+               Line2D([], [], marker="^", color="black", markerfacecolor="white", ls="",
+                      label="registered again (same incarnation)"),
                Patch(facecolor="#f5c400", edgecolor="black", label="leader (term T<n>)")]
-    _finish(fig, ax, data, "Pods: state, restarts and leader tenure", path, legend)
+    _finish(fig, ax, data, "Pods: state, restarts and leader tenure", path, legend, shaded)
 
 
 def _plot_queues(data: ReportData, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 4.2))
+    _set_span(ax, data)
     s = data.series
     if s is None or not s.depth_changes:
         _empty(ax, "no steps submitted")
@@ -358,6 +400,7 @@ def _plot_queues(data: ReportData, path: Path) -> None:
 def _plot_resources(data: ReportData, path: Path) -> None:
     plt = _pyplot()
     fig, (rss, cpu) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
+    _set_span(rss, data)
     s, span = data.series, data.history.span
     t0 = s.t0 if s else (span[0] if span else 0.0)
     series: dict[str, list[dict[str, Any]]] = {}
