@@ -134,8 +134,8 @@ def _shade(ax: Axes, windows: Sequence[FaultWindow], t0: float, *, labels: bool 
     left, right = ax.get_xlim()
     near = 0.015 * max(right - left, 1e-9)
     if labels and windows:
-        bottom, top = ax.get_ylim()
-        ax.set_ylim(bottom, bottom + (top - bottom) * 1.6)
+        # Every plotted quantity is >= 0: the data take the lower 60%.
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.6)
     last_x, level = -math.inf, 0
     for w in sorted(windows, key=lambda w: w.start):
         colour = FAULT_COLOURS.get(w.action, "#bcbd22")
