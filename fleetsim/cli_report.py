@@ -40,6 +40,14 @@ def write_run_report(data: ReportData, run_dir: Path, verdict: dict[str, Any],
     return str(written["index"])
 
 
+def _running(run_dir: RunDir, schema: str) -> bool:
+    """Whether the run directory's fleet is up and works on ``schema``."""
+    try:
+        return bool(run_dir.read_running().get("schema") == schema)
+    except (FleetNotRunning, ConfigError):
+        return False
+
+
 @cli.command("report")
 @click.argument("run_dir", metavar="[RUN_DIR]", required=False,
                 type=click.Path(file_okay=False, path_type=Path))
@@ -50,12 +58,13 @@ def write_run_report(data: ReportData, run_dir: Path, verdict: dict[str, Any],
 @option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="Folder to write index.html and the PNGs to (created; its parent must exist). "
              "Default: RUN_DIR/reports/<schema>/.")
-@option("--final/--not-final", default=True,
-        help="Judge the run as over: steps not finished count as lost (as `check --final`).")
+@option("--final/--not-final", default=None,
+        help="Judge the run as over: steps not finished count as lost (as `check --final`). "
+             "Default: final unless the run directory's fleet is still running this schema.")
 @json_option
 @click.pass_context
 def report(ctx: click.Context, run_dir: Path | None, store: str | None, schema: str | None,
-           out: Path | None, final: bool, as_json: bool) -> None:
+           out: Path | None, final: bool | None, as_json: bool) -> None:
     """Write a run's report: five plots and one index.html that opens from disk.
 
     \b
@@ -84,6 +93,8 @@ def report(ctx: click.Context, run_dir: Path | None, store: str | None, schema: 
     try:
         with open_store(ctx, store, schema) as s:
             name = s.config.schema or "fleetsim"
+            if final is None:
+                final = not _running(ctx.obj["run_dir"], name)
             verdict = check_history(s, final=final,
                                     client_histories=history_dir(folder, name))
             data = gather(s, folder, name, verdict.figures)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ PLOTS = ("throughput", "latency", "timeline", "queues", "resources")
 SCENARIO = """
 name = "brownout-and-kill"
 description = "A storage brownout on every pod, then a leader kill."
-duration = "4s"
+duration = "3s"
 
 [[fault]]
 action = "storage-fault"
@@ -69,12 +71,12 @@ def write_metrics(run_dir: Path, start: float, end: float, pods: int = 3) -> int
 
 @pytest.fixture(scope="module")
 def chaos_run(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One real run with --report: 3 pods, 600 steps, a brownout and a leader kill."""
+    """One real run with --report: 3 pods, 500 steps, a brownout and a leader kill."""
     base = tmp_path_factory.mktemp("report")
     scenario = base / "brownout-and-kill.toml"
     scenario.write_text(SCENARIO)
     run_dir = base / "run"
-    result = fleetsim(run_dir, "run", "--store", pg_url, "--pods", "3", "--steps", "600",
+    result = fleetsim(run_dir, "run", "--store", pg_url, "--pods", "3", "--steps", "500",
                       "--workload", "sleep:10", "--chaos", str(scenario), "--report", "--json",
                       timeout=150)
     assert result.returncode == 0, result.stderr
@@ -108,7 +110,7 @@ def test_run_figures_are_sane_and_the_report_is_written(chaos_run: dict[str, Any
         assert 0 <= p50 <= p95 <= p99
     assert figures["queue_wait_p99_s"] <= figures["e2e_p99_s"]
     assert figures["throughput_steps_per_s"] > 0
-    # The brownout lands while the 600 steps run: there is a window inside the work.
+    # The brownout lands while the 500 steps run: there is a window inside the work.
     assert figures["throughput_in_faults_steps_per_s"] is not None
     assert figures["throughput_in_faults_ratio"] is not None
     assert figures["peak_rss_pod_bytes"] is None or figures["peak_rss_pod_bytes"] > 0
@@ -285,3 +287,29 @@ def test_fault_windows_end_at_restart_heal_or_expiry(tmp_path: Path) -> None:
                    ("store-restart", 6, 7.5, ())]
     assert windows[0].label == "kill pod-1 (T3)"
     assert merge_windows([(0, 2), (1, 3), (5, 6)], clip=(0.5, 5.5)) == [(0.5, 3), (5, 5.5)]
+
+
+@pytest.mark.timeout(120)
+def test_the_page_renders_in_headless_chromium(chaos_run: dict[str, Any],
+                                               tmp_path: Path) -> None:
+    """Not blank, and no console message (the page has no script; a bad resource logs)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium (Debian: apt-get install chromium; .ci/run installs it)")
+    from PIL import Image
+
+    shot = tmp_path / "page.png"
+    rendered = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", f"--screenshot={shot}", "--window-size=1400,3000",
+         Path(chaos_run["data"]["report"]).as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert shot.exists(), rendered.stderr
+    assert "CONSOLE" not in rendered.stderr, rendered.stderr
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1_000_000) or []
+    # A blank page is one colour; plots bring hundreds.
+    assert len(colours) > 100
+    white = max(count for count, _ in colours)
+    assert white < 0.95 * 1400 * 3000
