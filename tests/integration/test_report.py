@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
+from fleetsim.cli import cli
 from fleetsim.figures import FIGURE_NAMES, compute_figures, fault_windows, merge_windows
+from fleetsim.report import gather, write_report
 from fleetsim.store import Store, StoreConfig
-from fleetsim.store.figures import history_figures
 from tests.integration.test_checker import Db
 from tests.integration.test_cli import fleetsim
 
@@ -130,41 +132,42 @@ def test_report_command_with_and_without_metrics(chaos_run: dict[str, Any],
     data, run_dir, url = chaos_run["data"], chaos_run["run_dir"], chaos_run["url"]
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)  # whatever the coordinator wrote: absent first
-    out = tmp_path / "without"
-    result = fleetsim(tmp_path, "report", str(run_dir), "--store", url, "--schema",
-                      data["schema"], "--out", str(out), "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["verdict"] == "valid" and report["index"] == str(out / "index.html")
-    assert report["figures"]["peak_rss_pod_bytes"] is None
-    assert "No metrics recorded" in assert_report(out)
-
     with Store(StoreConfig(url, schema=data["schema"])) as s:
-        span = history_figures(s).span
+        gathered = gather(s, run_dir, data["schema"])
+    assert gathered.figures["peak_rss_pod_bytes"] is None
+    write_report(gathered, tmp_path / "without")
+    assert "No metrics recorded" in assert_report(tmp_path / "without")
+
+    span = gathered.history.span
     assert span is not None
     peak = write_metrics(run_dir, span[0], span[1])
     out = tmp_path / "with"
-    result = fleetsim(tmp_path, "report", str(run_dir), "--store", url, "--schema",
-                      data["schema"], "--out", str(out), "--json")
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)["figures"]
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--store", url, "--schema",
+                                      data["schema"], "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "valid" and report["index"] == str(out / "index.html")
+    figures = report["figures"]
     assert figures["peak_rss_pod_bytes"] == peak
     assert figures["peak_rss_coordinator_bytes"] == 80 * 2**20
-    assert_report(out)
+    assert "No metrics recorded" not in assert_report(out)
 
-    checked = fleetsim(run_dir, "check", "--store", url, "--schema", data["schema"], "--json")
-    assert checked.returncode == 0, checked.stderr
+    checked = CliRunner().invoke(cli, ["--run-dir", str(run_dir), "check", "--store", url,
+                                       "--schema", data["schema"], "--json"])
+    assert checked.exit_code == 0, checked.output
     assert set(FIGURE_NAMES) <= set(json.loads(checked.stdout)["figures"])
 
 
 def test_report_rejects_bad_input(tmp_path: Path, pg_url: str) -> None:
-    missing = fleetsim(tmp_path, "report", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "no run directory" in missing.stderr
-    out = fleetsim(tmp_path, "report", "--store", pg_url, "--schema", "x",
-                   "--out", str(tmp_path / "a" / "b"))
-    assert out.returncode == 2 and "does not exist" in out.stderr
-    nothing = fleetsim(tmp_path, "report", "--store", pg_url, "--schema", "no_such_schema_x")
-    assert nothing.returncode == 2 and nothing.stderr.count("\n") == 1
+    def report(*args: str) -> Result:
+        return CliRunner().invoke(cli, ["--run-dir", str(tmp_path), "report", *args])
+
+    missing = report(str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and "no run directory" in missing.stderr
+    out = report("--store", pg_url, "--schema", "x", "--out", str(tmp_path / "a" / "b"))
+    assert out.exit_code == 2 and "does not exist" in out.stderr
+    nothing = report("--store", pg_url, "--schema", "no_such_schema_x")
+    assert nothing.exit_code == 2 and nothing.stderr.count("\n") == 1
 
 
 # -- known answers ------------------------------------------------------------------
