@@ -44,6 +44,7 @@ from fleetsim.errors import (
     SchemaMismatch,
     StoreUnavailable,
 )
+from fleetsim.figures import compute_figures, figure_rows
 from fleetsim.rundir import RunDir
 from fleetsim.status import status_data, unserved_warning
 from fleetsim.store import StepSpec, Store, StoreConfig, redact
@@ -965,6 +966,9 @@ def fleet_bus_secret(run_dir: RunDir, data: dict[str, Any]) -> bytes:
 @option("--fault-proxy/--no-fault-proxy", default=None,
         help="Route each pod's store traffic through a fault proxy (default: only with "
         "--chaos).")
+@option("--report", "write_report", is_flag=True,
+        help="At the end, write the run's report (plots, index.html) to "
+        "RUN_DIR/reports/<schema>/ (see `fleetsim report`).")
 @json_option
 @click.pass_context
 def run(ctx: click.Context, /, **params: Any) -> None:
@@ -1028,15 +1032,25 @@ def run(ctx: click.Context, /, **params: Any) -> None:
 
         report = _with_store_retry(lambda: check_history(
             store, final=True, client_histories=coordinator.client_history_dir))
+        from fleetsim.cli_report import gather_run
+
+        gathered = _with_store_retry(lambda: gather_run(
+            store, ctx.obj["run_dir"].path, schema, report.figures,
+            series=params["write_report"]))
     finally:
         coordinator.stop()
     result = _run_result(summary, steps, spec, schema)
     result["valid"] = bool(result["valid"] and report.valid)
     result["violations"] = [v.as_dict() for v in report.violations]
-    result["figures"] = report.figures
+    result["figures"] = gathered.figures
     if scenario:
         result["scenario"] = coordinator.scenario.scenario.name
         result["faults_applied"] = coordinator.scenario.applied
+    if params["write_report"]:
+        from fleetsim.cli_report import write_run_report
+
+        result["report"] = write_run_report(gathered, ctx.obj["run_dir"].path,
+                                            report.as_dict(), say)
     emit(result, as_json, lambda: _print_run_table(result))
     sys.exit(EXIT_OK if result["valid"] else EXIT_FAILURE)
 
@@ -1109,6 +1123,7 @@ def _print_run_table(result: dict[str, Any]) -> None:
         ("dead (DLQ)", result["dead"]), ("elapsed (first claim → last completion)",
                                          f"{result['elapsed_s']} s"),
         ("throughput", f"{result['steps_per_s']} steps/s"),
+        *figure_rows(result.get("figures") or {}),
         ("history kept in schema", result["schema"]),
         ("verdict", "VALID" if result["valid"] else "INVALID"),
     ]
@@ -1479,10 +1494,11 @@ def check(ctx: click.Context, store: str | None, schema: str | None, final: bool
             folder = client_history or history_dir(ctx.obj["run_dir"].path,
                                                     s.config.schema or "fleetsim")
             report = check_history(s, final=final, client_histories=folder)
+            figures = {**report.figures, **compute_figures(s, ctx.obj["run_dir"].path)}
             _warn_unserved(ctx, s)  # e.g. why steps are still in flight
     except SchemaMismatch as exc:
         fail(str(exc), EXIT_UNKNOWN)
-    emit(report.as_dict(), as_json, lambda: click.echo(report.summary()))
+    emit({**report.as_dict(), "figures": figures}, as_json, lambda: click.echo(report.summary()))
     sys.exit(report.exit_code)
 
 
@@ -1915,3 +1931,6 @@ def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
         f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "
         f"paused {updated.paused}, timeout "
         + (f"{queue_timeout:g}s" if queue_timeout else "-")))
+
+
+from fleetsim import cli_report  # noqa: E402, F401  (registers `fleetsim report`)

@@ -728,7 +728,7 @@ SELECT count(s), count(*) - count(s),
 
 LATENCY = """
 SELECT count(*),
-       percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY s),
+       percentile_cont(ARRAY[0.5, 0.9, 0.95, 0.99]) WITHIN GROUP (ORDER BY s),
        max(s)
   FROM (SELECT CAST(extract(epoch FROM finished_at - claimed_at) AS float8) AS s
           FROM step_attempts WHERE outcome = 'completed') c
@@ -910,7 +910,7 @@ def _figures(conn: Connection) -> dict[str, dict[str, Any]]:
     failover = conn.execute(sa.text(FAILOVER)).one()
     orphan = conn.execute(sa.text(ORPHAN_RECOVERY)).one()
     latency = conn.execute(sa.text(LATENCY)).one()
-    p50, p90, p99 = latency[1] if latency[1] is not None else (None, None, None)
+    p50, p90, p95, p99 = latency[1] if latency[1] is not None else (None, None, None, None)
     return {
         "failover": {
             **_figure(failover.n, failover.median, failover.max),
@@ -936,6 +936,7 @@ def _figures(conn: Connection) -> dict[str, dict[str, Any]]:
             **_figure(latency[0], p50, latency[2]),
             "p50_s": _round(p50),
             "p90_s": _round(p90),
+            "p95_s": _round(p95),
             "p99_s": _round(p99),
         },
     }
