@@ -86,3 +86,105 @@ def test_no_engine_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no.sock")
     found, why = ContainerEngine.connect()
     assert found is None and "no Docker engine answers" in why and "\n" not in why
+
+
+# -- the injector's routing: which pods go to the engine ----------------------
+
+
+class _Engine:
+    """Records what the injector asks of the engine (its calls are the compose
+    tier's to prove on a real one)."""
+
+    def __init__(self, hosts: dict[str, str]) -> None:
+        self.hosts = hosts  # host -> container name
+        self.calls: list[tuple[str, str]] = []
+
+    def containers_for(self, hosts: dict[str, str]) -> dict[str, Any]:
+        from chaos.containers import PodContainer
+
+        return {pod: PodContainer(host, self.hosts[host], "running")
+                for pod, host in hosts.items() if host in self.hosts}
+
+    def kill(self, target: Any) -> None:
+        self.calls.append(("kill", target.name))
+
+    def pause(self, target: Any) -> None:
+        self.calls.append(("pause", target.name))
+
+    def unpause(self, target: Any) -> None:
+        self.calls.append(("unpause", target.name))
+
+    def disconnect(self, target: Any) -> Any:
+        from chaos.containers import Disconnection
+
+        self.calls.append(("disconnect", target.name))
+        return Disconnection(target, {"tier_default": ["pod"]})
+
+    def reconnect(self, cut: Any) -> None:
+        self.calls.append(("reconnect", cut.container.name))
+
+
+class _Fleet:
+    """One child (pid of this test process), one bus-only remote pod, one pod in
+    a container and one in the store with no container."""
+
+    def pod_pids(self) -> dict[str, int]:
+        import os
+
+        return {"pod-1": os.getpid()}
+
+    def remote_pods(self) -> list[str]:
+        return ["far-1"]
+
+    def pod_hosts(self) -> dict[str, str]:
+        return {"pod-1": socket.gethostname(), "far-1": "elsewhere",
+                "pod-c0ffee-1": "c0ffee", "pod-beef-1": "beef", "pod-gone-1": "gone"}
+
+    def leader(self) -> tuple[str, int] | None:
+        return ("pod-c0ffee-1", 4)
+
+    def send_command(self, pod_id: str, command: Any) -> Any:
+        raise AssertionError(f"{pod_id} is reached through the engine, not the bus")
+
+
+def injector_with(engine: _Engine, tmp_path: Any) -> Any:
+    from chaos.injector import FaultInjector
+
+    injector = FaultInjector(_Fleet(), log_path=tmp_path / "faults.jsonl")  # type: ignore[arg-type]
+    injector._engine = engine  # type: ignore[assignment]  # as if it answered
+    injector._engine_checked_at = 0.0
+    return injector
+
+
+def test_container_pods_are_targets_and_go_to_the_engine(tmp_path: Any) -> None:
+    import json
+
+    engine = _Engine({"c0ffee": "tier-pod-1", "beef": "tier-pod-2"})
+    injector = injector_with(engine, tmp_path)
+    assert injector.live_pods() == ["far-1", "pod-1", "pod-beef-1", "pod-c0ffee-1"]
+    # Scenarios choose among pods every action reaches: not a bus-only remote pod.
+    assert injector.faultable_pods() == ["pod-1", "pod-beef-1", "pod-c0ffee-1"]
+
+    killed = injector.apply("kill-leader", None, {})
+    assert killed["via"] == "engine" and killed["term"] == 4
+    # Killed through the engine: no longer a target, though its container
+    # may still be listed for a moment.
+    assert "pod-c0ffee-1" not in injector.live_pods()
+    injector.apply("pause", "pod-beef-1", {"for": "1h"})
+    injector.apply("partition", "pod-beef-1", {"for": "1h"})
+    injector.apply("heal", "pod-beef-1", {})
+    assert engine.calls == [("kill", "tier-pod-1"), ("pause", "tier-pod-2"),
+                            ("disconnect", "tier-pod-2"), ("unpause", "tier-pod-2"),
+                            ("reconnect", "tier-pod-2")]
+    logged = [json.loads(line) for line in (tmp_path / "faults.jsonl").read_text().splitlines()]
+    assert [(r["action"], r["result"].get("container")) for r in logged] == [
+        ("kill-leader", "tier-pod-1"), ("pause", "tier-pod-2"), ("partition", "tier-pod-2"),
+        ("heal", None)]
+
+
+def test_a_pod_in_no_container_is_refused_with_the_reason(tmp_path: Any) -> None:
+    injector = injector_with(_Engine({}), tmp_path)
+    with pytest.raises(ConfigError, match="another host"):
+        injector.apply("pause", "far-1", {})
+    with pytest.raises(ConfigError, match="no pod named 'pod-gone-1'"):
+        injector.apply("pause", "pod-gone-1", {})
