@@ -159,6 +159,10 @@ def experiment_from(scenario: Scenario) -> Experiment:
     settings: dict[str, Any] = dict(scenario.workload.as_dict())  # hints, lowest
     if "rate" in settings:
         settings["rate"] = float(settings["rate"])
+        if "steps" not in settings:
+            # A trickle hint: that many steps/s while the scenario runs (as the
+            # test harness does), ending a little before its faults do.
+            settings["duration"] = max(1.0, scenario.duration_s - 2.0)
     groups: tuple[PodGroup, ...] = ()
     if "fleet" in raw:
         fleet_settings, groups = _parse_fleet(source, raw["fleet"])
@@ -170,7 +174,10 @@ def experiment_from(scenario: Scenario) -> Experiment:
     load = _parse_load(source, raw.get("load"))
     if load.steps is not None:
         settings["steps"] = load.steps
+        settings.pop("duration", None)
         settings.pop("rate", None)
+        if load.rate is not None:
+            settings["rate"] = load.rate  # drain mode, submitted at that rate
     if load.duration_s is not None:
         settings.pop("steps", None)
         settings["duration"] = load.duration_s

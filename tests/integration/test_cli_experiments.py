@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from chaos.scenario import find_scenario, list_scenarios
 from fleetsim.errors import FleetsimError
 from fleetsim.store import Store, StoreConfig
 from tests.integration.test_cli import fleetsim
@@ -179,3 +180,51 @@ def test_repeat_runs_one_seed_after_another_and_summarises(tmp_path: Path,
         assert data["spread"]["claim_to_completion_p99_s"]["runs"] == 2
     finally:
         drop(env["FLEETSIM_STORE"], *(r["schema"] for r in data["runs"]))
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(240)
+def test_the_documented_example_passes(tmp_path: Path, env: dict[str, str]) -> None:
+    """Issue 14's bar: two speeds, a limited strict-FIFO queue, a mix at 40/s for 30 s,
+    the leader killed every 5 s, four thresholds; and with e2e_p99_s < 0.000001 it fails."""
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "two-speed-fleet.toml"
+    result = fleetsim(tmp_path / "run", "run", str(example), "--json", env=env, timeout=200)
+    data = json.loads(result.stdout) if result.stdout else {}
+    try:
+        assert result.returncode == 0, result.stderr
+        assert [t["passed"] for t in data["thresholds"]] == [True] * 4
+        assert all(q["completed"] == q["submitted"] > 0 for q in data["queues"].values())
+    finally:
+        if data:
+            drop(env["FLEETSIM_STORE"], data["schema"])
+    broken = tmp_path / "broken.toml"
+    broken.write_text(example.read_text() + 'e2e_p99_s = "< 0.000001"\n')
+    failed = fleetsim(tmp_path / "run", "run", str(broken), env=env, timeout=200)
+    bundle = next((tmp_path / "run" / "failures").iterdir(), None)
+    try:
+        assert failed.returncode == 1
+        assert "error: threshold e2e_p99_s < 0.000001 failed: " in failed.stderr
+    finally:
+        if bundle is not None:
+            drop(env["FLEETSIM_STORE"], bundle.name)
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", [s.name for s in list_scenarios()])
+def test_every_shipped_scenario_runs_as_an_experiment(name: str, tmp_path: Path,
+                                                      env: dict[str, str]) -> None:
+    if name in ("store-restart", "mixed"):
+        pytest.skip("restarts the store: needs the embedded one (the test store is shared)")
+    result = fleetsim(tmp_path / "run", "run", name, "--json", env=env, timeout=170)
+    data = json.loads(result.stdout) if result.stdout else {}
+    try:
+        assert result.returncode == 0, result.stderr
+        hints = find_scenario(name).workload
+        assert data["pods"] == hints.pods and data["completed"] > 0
+        if hints.steps is not None:
+            assert data["submitted"] == hints.steps
+        assert data["workload"] == hints.workload and data["scenario"] == name
+    finally:
+        if data:
+            drop(env["FLEETSIM_STORE"], data["schema"])

@@ -180,3 +180,13 @@ def test_a_replay_schedule_pins_random_picks_to_the_pods_they_hit() -> None:
     assert [(f.offset_s, f.action, f.target) for f in planned] == [
         (1.0, "kill", "pod-3"), (2.0, "kill-leader", "leader"), (3.0, "pause", "pod-2"),
         (3.0, "pause", "pod-5"), (4.0, "kill", "random")]
+
+
+def test_the_documented_example_is_a_valid_experiment() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "two-speed-fleet.toml"
+    e = find_experiment(str(path))
+    assert [g.name for g in e.groups] == ["slow", "fast"] and e.has_faults
+    assert {q.name: q.strict_fifo for q in e.queues} == {"orders": True, "bulk": False}
+    assert len(e.load.mix) == 2 and len(e.thresholds) == 4
