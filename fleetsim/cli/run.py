@@ -160,6 +160,14 @@ def _check_workloads(params: dict[str, Any], experiment: Any) -> None:
     for entry in experiment.load.mix:
         if entry.workload:
             check_workload(entry.workload, handlers)
+    # A step in a queue no pod serves would never run: the run could only time out.
+    served = {q for g in experiment.groups for q in g.queues} if experiment.groups else set(
+        params["queues"])
+    for index, entry in enumerate(experiment.load.mix):
+        if entry.queue and "*" not in served and entry.queue not in served:
+            raise ConfigError(f"{experiment.scenario.source}: load.mix[{index}].queue: no pod "
+                              f"serves queue {entry.queue!r} (the pods serve "
+                              f"{', '.join(sorted(served))})")
 
 
 def _exit_for(result: dict[str, Any]) -> None:

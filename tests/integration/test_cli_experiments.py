@@ -154,14 +154,19 @@ def test_a_failed_threshold_exits_1_naming_it_and_leaves_a_failure_bundle(
 
 
 @pytest.mark.timeout(30)
-def test_an_unknown_figure_is_refused_before_anything_starts(tmp_path: Path,
-                                                             env: dict[str, str]) -> None:
-    path = tmp_path / "typo.toml"
-    path.write_text('name = "typo"\n[load]\nsteps = 5\n[thresholds]\ne2e_p99 = "< 2"\n')
+@pytest.mark.parametrize(("text", "error"), [
+    ('[load]\nsteps = 5\n[thresholds]\ne2e_p99 = "< 2"\n',
+     "thresholds.e2e_p99: unknown figure (did you mean 'e2e_p99_s'?)"),
+    ('[fleet]\nqueues = ["a"]\n[load]\nsteps = 5\n[[load.mix]]\nqueue = "b"\n',
+     "load.mix[0].queue: no pod serves queue 'b' (the pods serve a)"),
+])
+def test_a_bad_experiment_is_refused_before_anything_starts(
+        tmp_path: Path, env: dict[str, str], text: str, error: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\n' + text)
     result = fleetsim(tmp_path / "run", "run", str(path), env=env)
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        f"error: {path}: thresholds.e2e_p99: unknown figure (did you mean 'e2e_p99_s'?)")
+    assert result.stderr.strip() == f"error: {path}: {error}"
     assert not (tmp_path / "run" / "logs").exists()  # no fleet was started
 
 
