@@ -51,7 +51,8 @@ FIGURE_NAMES: Final = frozenset({
     "claim_to_completion_p50_s", "claim_to_completion_p99_s",
     "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
     "queue_wait_p50_s", "queue_wait_p95_s", "queue_wait_p99_s",
-    "success_pct", "throughput_in_faults_ratio", "throughput_steps_per_s",
+    "success_pct", "throughput_steps_per_s", "throughput_in_faults_steps_per_s",
+    "throughput_outside_faults_steps_per_s", "throughput_in_faults_ratio",
     "peak_rss_pod_bytes", "peak_rss_coordinator_bytes",
 })
 
