@@ -13,8 +13,9 @@ and the thresholds. ``fleetsim replay`` runs it again from that record. A
 run that fails (invalid, a threshold failed, not drained in time) also
 leaves ``<run dir>/failures/<schema>/``: the pod logs, the coordinator's
 lines, ``faults.jsonl``, the history export, the checker's witnesses, the
-client histories, the record, and ``README.txt`` with the command that
-replays it.
+client histories, the metrics series (``metrics.jsonl``, if the fleet
+wrote one), the record, and ``README.txt`` with the command that replays
+it.
 """
 
 from __future__ import annotations
@@ -407,6 +408,9 @@ def _bundle_files(folder: Path, plan: RunPlan, record: dict[str, Any], lines: li
     with open(folder / "faults.jsonl", "w", encoding="utf-8") as out:
         for line in _read_new(faults_log, offset):
             out.write(json.dumps(line) + "\n")
+    metrics = plan.run_dir / "metrics.jsonl"  # the metrics series, where the fleet keeps one
+    if metrics.is_file():
+        shutil.copyfile(metrics, folder / "metrics.jsonl")
     histories = Path(coordinator.client_history_dir)
     if histories.is_dir():
         shutil.copytree(histories, folder / "client-history", dirs_exist_ok=True)
