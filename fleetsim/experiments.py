@@ -38,8 +38,12 @@ from fleetsim.thresholds import evaluate
 
 __all__ = [
     "RECORD_FILE",
+    "NotDrained",
     "RunPlan",
     "find_record",
+    "flat_figures",
+    "fleet_spec",
+    "packaged_text",
     "replayed_schedule",
     "run_experiment",
 ]
