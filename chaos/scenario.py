@@ -75,6 +75,7 @@ from fleetsim.errors import ConfigError
 
 __all__ = [
     "ACTIONS",
+    "EXPERIMENT_KEYS",
     "MAX_EVENTS",
     "FaultLog",
     "FaultSpec",
@@ -121,7 +122,10 @@ _PARAMS: Final[dict[str, tuple[str, ...]]] = {
 _TIMING_KEYS: Final = ("at", "every", "start", "until", "count", "for", "jitter")
 _FAULT_KEYS: Final = ("action", "target", *_TIMING_KEYS)
 _ALL_PARAM_KEYS: Final = tuple(sorted({k for keys in _PARAMS.values() for k in keys}))
-_TOP_KEYS: Final = ("name", "description", "duration", "seed", "workload", "fault")
+#: The sections an experiment adds (parsed by chaos.experiment; kept raw here).
+EXPERIMENT_KEYS: Final = ("fleet", "queue", "load", "thresholds")
+_TOP_KEYS: Final = ("name", "description", "duration", "seed", "workload", "fault",
+                    *EXPERIMENT_KEYS)
 _WORKLOAD_KEYS: Final = ("pods", "steps", "workload", "rate")
 _PARTITION_FROM: Final = ("store", "bus", "all")
 _PARTITION_MODE: Final = ("blackhole", "reset")
@@ -278,6 +282,9 @@ class Scenario:
     seed: int | None = None
     workload: WorkloadHints = WorkloadHints()
     source: str = "<string>"
+    #: The experiment sections ([fleet], [[queue]], [load], [thresholds]) as
+    #: read, unvalidated: chaos.experiment parses them; `chaos run` ignores them.
+    experiment: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def effective_seed(self, override: int | None = None) -> int:
         """The seed to run with: ``override`` (the CLI's --seed), else the file's, else 0."""
@@ -477,14 +484,17 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
             "name", f"invalid name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)"
         )
     description = top.string("description") or ""
-    duration_s = top.duration("duration", required=True, positive=True)
-    assert duration_s is not None
-    seed = top.integer("seed")
-    workload = _parse_workload(source, data.get("workload"))
-
     raw_faults = data.get("fault", [])
     if not isinstance(raw_faults, list) or not all(isinstance(f, dict) for f in raw_faults):
         raise top.error("fault", "expected an array of tables ([[fault]] sections)")
+    # An experiment without faults needs no fault window; a scenario always has one.
+    is_experiment = any(key in data for key in EXPERIMENT_KEYS)
+    duration_s = top.duration("duration", required=bool(raw_faults) or not is_experiment,
+                              positive=True)
+    if duration_s is None:
+        duration_s = 0.0
+    seed = top.integer("seed")
+    workload = _parse_workload(source, data.get("workload"))
     faults = tuple(
         _parse_fault(_Fields(source, f"fault[{index}]", entry), index, _us(duration_s))
         for index, entry in enumerate(raw_faults)
@@ -500,6 +510,7 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
         seed=seed,
         workload=workload,
         source=source,
+        experiment={key: data[key] for key in EXPERIMENT_KEYS if key in data},
     )
 
 

@@ -43,3 +43,33 @@ class FleetTimings:
         """Inverse of to_dict (unknown keys are ignored)."""
         fields = cls.__dataclass_fields__
         return cls(**{k: float(v) for k, v in data.items() if k in fields})
+
+
+@dataclass(frozen=True)
+class PodGroup:
+    """Pods that share a workload and the queues they serve (a heterogeneous fleet).
+
+    A fleet of groups numbers its pods across them in order: groups of 2 and
+    3 pods run pod-1, pod-2 (the first) and pod-3 .. pod-5 (the second), so
+    chaos selectors such as ``pod-3`` or ``round-robin`` work unchanged.
+    """
+
+    name: str
+    pods: int = 1
+    workload: str = "noop"
+    concurrency: int = 1
+    batch: int = 50
+    queues: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        if self.pods < 1:
+            raise ConfigError(f"pod group {self.name!r}: pods must be at least 1")
+        if self.concurrency < 1 or self.batch < 1:
+            raise ConfigError(f"pod group {self.name!r}: concurrency and batch must be "
+                              "at least 1")
+        if not self.queues:
+            raise ConfigError(f"pod group {self.name!r}: serves no queue")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "queues": list(self.queues)}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fleetsim.client_history import ClientHistory, NullHistory, history_dir
-from fleetsim.config import FleetTimings
+from fleetsim.config import FleetTimings, PodGroup
 from fleetsim.errors import ConfigError, FleetNotRunning, FleetsimError, StoreUnavailable
 from fleetsim.rundir import (
     ProcessRecord,
@@ -66,6 +66,10 @@ class FleetSpec:
     bus_host: str = "127.0.0.1"  # another address needs CURVE keys
     bus_keys: Path | None = None  # directory from `fleetsim keys generate`
     client_history: bool = True  # pods and the submitter keep client histories
+    # Pod groups with their own workload, concurrency, batch and queues; when
+    # given, ``pods`` must be their total and the per-pod fields above are
+    # only the defaults of a pod outside every group (there is none).
+    groups: tuple[PodGroup, ...] = ()
 
     @property
     def submit_queue(self) -> str:
@@ -79,6 +83,23 @@ class FleetSpec:
             raise ConfigError("--steps must be >= 0")
         if self.rate < 0:
             raise ConfigError("--rate must be >= 0")
+        if self.groups and sum(g.pods for g in self.groups) != self.pods:
+            raise ConfigError(f"the pod groups hold {sum(g.pods for g in self.groups)} pods, "
+                              f"not {self.pods}")
+
+    def group_of(self, pod_id: str) -> PodGroup | None:
+        """The group of ``pod-N`` (groups number their pods in order), or None."""
+        if not self.groups or not pod_id.startswith("pod-"):
+            return None
+        try:
+            number = int(pod_id.removeprefix("pod-"))
+        except ValueError:
+            return None
+        for group in self.groups:
+            if number <= group.pods:
+                return group
+            number -= group.pods
+        return None
 
 
 @dataclass
@@ -325,8 +346,11 @@ class Coordinator:
             self.bus.publish("fault.applied", **result)
         return result
 
-    def run_scenario(self, spec: str | None, seed: int | None = None) -> dict[str, Any]:
-        """Start a scenario (a packaged name or a .toml path) in the background."""
+    def run_scenario(self, spec: Any, seed: int | None = None,
+                     schedule: list[Any] | None = None) -> dict[str, Any]:
+        """Start a scenario (a packaged name, a .toml path, or a parsed Scenario) in the
+        background; ``schedule`` (planned faults) replaces the one its seed gives (a replay).
+        """
         from chaos.runner import ScenarioRunner
         from chaos.scenario import find_scenario
 
@@ -334,7 +358,7 @@ class Coordinator:
             raise ConfigError("name a scenario (see `fleetsim chaos list`)")
         if self.scenario is not None and not self.scenario.done.is_set():
             raise ConfigError(f"scenario {self.scenario.scenario.name!r} is still running")
-        scenario = find_scenario(spec)
+        scenario = find_scenario(spec) if isinstance(spec, str) else spec
         # An explicit seed wins, then the scenario file's, then the fleet's.
         if seed is None:
             seed = scenario.seed if scenario.seed is not None else self.spec.seed
@@ -345,6 +369,8 @@ class Coordinator:
             leader=lambda: (lead[0] if (lead := self.leader()) else None),
             log_path=self.run_dir.path / "faults.jsonl", stopping=self.stopping,
         )
+        if schedule is not None:
+            runner.schedule = schedule
         self.scenario = runner
         runner.start()
         return {"action": "run-scenario", "scenario": scenario.name, "seed": used_seed,
@@ -432,17 +458,21 @@ class Coordinator:
     def pod_command(self, pod_id: str, incarnation: int) -> list[str]:
         """The command line of one pod (the store URL goes in the environment)."""
         spec, t = self.spec, self.spec.timings
+        group = spec.group_of(pod_id)
+        workload = group.workload if group else spec.workload
+        concurrency = group.concurrency if group else spec.concurrency
+        batch = group.batch if group else spec.batch
         cmd = [
             sys.executable, "-m", "fleetsim", "pod",
             "--id", pod_id, "--incarnation", str(incarnation),
-            "--schema", spec.schema, "--workload", spec.workload,
-            "--concurrency", str(spec.concurrency), "--batch", str(spec.batch),
+            "--schema", spec.schema, "--workload", workload,
+            "--concurrency", str(concurrency), "--batch", str(batch),
             "--seed", str(spec.seed),
             "--heartbeat", str(t.heartbeat_s), "--lease", str(t.lease_s),
             "--renew", str(t.renew_s), "--dead-after", str(t.dead_after_s),
             "--recovery", str(t.recovery_s), "--grace", str(t.grace_s),
         ]
-        for queue in spec.queues:
+        for queue in group.queues if group else spec.queues:
             cmd += ["--queue", queue]
         if spec.client_history:
             cmd += ["--client-history", str(self.client_history_dir)]

@@ -99,7 +99,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         for name, value in item.user_properties:
             if name == "seed":
                 report.sections.append(("seed", f"seed={value} (FLEETSIM_TEST_SEED={value})"))
+        for bundle in _failure_bundles(item):
+            # A `fleetsim run` the test started that did not pass: where its
+            # logs, history and replay command are (docs/experiments.md).
+            readme = bundle / "README.txt"
+            report.sections.append((f"failure bundle {bundle}", readme.read_text()
+                                    if readme.is_file() else str(bundle)))
     return report
+
+
+def _failure_bundles(item: pytest.Item) -> list[Path]:
+    """Failure bundles of runs under the test's temporary folders."""
+    funcargs = getattr(item, "funcargs", {})
+    folders = [funcargs[name] for name in ("tmp_path", "private_tmp")
+               if isinstance(funcargs.get(name), Path)]
+    return sorted({readme.parent for folder in folders if folder.is_dir()
+                   for readme in folder.glob("*/failures/*/README.txt")})
 
 
 def repo_root() -> Path:

@@ -6,17 +6,14 @@ line of :mod:`fleetsim.cli`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-from fleetsim.cli import cli, emit, fail, json_option, open_store, option, schema_option
+from fleetsim.cli.common import cli, emit, fail, json_option, open_store, option, schema_option
 from fleetsim.errors import ConfigError, FleetNotRunning, SchemaMismatch
-from fleetsim.report import ReportData, gather, write_report
+from fleetsim.report import gather, write_report
 from fleetsim.rundir import RunDir
-from fleetsim.store import Store
 
 REPORTS_FOLDER = "reports"
 
@@ -24,20 +21,6 @@ REPORTS_FOLDER = "reports"
 def default_out(run_dir: Path, schema: str) -> Path:
     """Where a run's report goes by default: ``<run dir>/reports/<schema>/``."""
     return run_dir / REPORTS_FOLDER / schema
-
-
-def gather_run(store: Store, run_dir: Path, schema: str, checker_figures: dict[str, Any],
-               *, series: bool) -> ReportData:
-    """What ``fleetsim run`` reports: its figures, and (``series``) the plots' data."""
-    return gather(store, run_dir, schema, checker_figures, series=series)
-
-
-def write_run_report(data: ReportData, run_dir: Path, verdict: dict[str, Any],
-                     say: Callable[[str], None]) -> str:
-    """Write the report of ``fleetsim run --report``; return the path of its index.html."""
-    written = write_report(data, default_out(run_dir, data.schema), verdict)
-    say(f"report: {written['index']}")
-    return str(written["index"])
 
 
 def _running(run_dir: RunDir, schema: str) -> bool:
