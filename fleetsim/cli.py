@@ -145,6 +145,10 @@ schema_option = option(
     help="PostgreSQL schema holding the fleetsim tables (default: the running fleet's, "
     "else 'fleetsim').",
 )
+metrics_port_option = option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=0,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: off).",
+)
 
 
 def open_store(ctx: click.Context, url: str | None, schema: str | None) -> Store:
@@ -269,6 +273,10 @@ def fleet_options(f: F) -> F:
         store_option,
         option("--seed", type=int, default=0, help="Seed for seeded workloads and chaos."),
         timing_options,
+        option("--metrics/--no-metrics", default=True,
+               help="Pods send metrics; the coordinator writes metrics.jsonl in the run "
+               "directory (`fleetsim metrics`)."),
+        metrics_port_option,
     ]
     for decorator in reversed(decorators):
         f = decorator(f)
@@ -312,6 +320,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         rate=params["rate"], fault_proxy=params["fault_proxy"],
         bus_host=params["bus_host"], bus_keys=params["bus_keys"],
         handlers=tuple(params["handlers"]),
+        metrics=params["metrics"], metrics_port=params["metrics_port"],
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -443,7 +452,8 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv.append("-v")
     argv += ["up", "--no-status-line"]
     for name in ("pods", "concurrency", "batch", "workload", "schema", "seed", "steps",
-                 "rate", "heartbeat", "lease", "renew", "dead_after", "recovery", "grace"):
+                 "rate", "heartbeat", "lease", "renew", "dead_after", "recovery", "grace",
+                 "metrics_port"):
         argv += [f"--{name.replace('_', '-')}", str(params[name])]
     for queue in params["queues"]:
         argv += ["--queue", queue]
@@ -451,6 +461,7 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv += ["--handler", handler]
     argv.append("--restart" if params["restart"] else "--no-restart")
     argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
+    argv.append("--metrics" if params["metrics"] else "--no-metrics")
     argv += ["--bus-host", params["bus_host"]]
     if params["bus_keys"]:
         argv += ["--bus-keys", str(Path(params["bus_keys"]).resolve())]
@@ -843,6 +854,7 @@ def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) ->
         help="Folder for this pod's client history (what it invoked and was told; "
              "`fleetsim check` cross-examines it with the store's).")
 @timing_options
+@metrics_port_option
 @click.pass_context
 def pod(ctx: click.Context, /, **params: Any) -> None:
     """Run one pod in the foreground (how pods on other hosts join a fleet)."""
@@ -913,6 +925,12 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
                                   handler=worker.handle_command, keys=client_keys,
                                   secret=secret,
                                   heartbeat_interval_s=config.timings.heartbeat_s * 2)
+    if params["metrics_port"]:
+        from fleetsim.prometheus import serve
+        from pods.metrics import pod_figures
+
+        worker.enable_metrics()
+        serve(lambda: pod_figures(worker), params["metrics_port"])
     worker.install_signal_handlers()
     code = worker.run()
     store.close()
@@ -997,6 +1015,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         restart=bool(scenario), timings=timings_from(params),
         fault_proxy=bool(scenario) if fault_proxy is None else fault_proxy,
         handlers=tuple(params["handlers"]),
+        metrics=params["metrics"], metrics_port=params["metrics_port"],
     )
     coordinator = Coordinator(spec, echo=say)
     coordinator.install_signal_handlers()
@@ -1915,3 +1934,6 @@ def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
         f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "
         f"paused {updated.paused}, timeout "
         + (f"{queue_timeout:g}s" if queue_timeout else "-")))
+
+
+import fleetsim.cli_metrics  # noqa: E402, F401  (registers `fleetsim metrics` on cli)
