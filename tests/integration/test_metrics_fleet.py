@@ -56,12 +56,12 @@ def test_fleet_metrics_series_cli_and_prometheus(tmp_path: Path, store: Store,
         pods = samples(run_dir, "pod")
         assert {p["pod"] for p in pods} == {"pod-1", "pod-2"}
         for line in pods:
-            assert POD_FIELDS <= set(line), POD_FIELDS - set(line)
+            assert set(line) >= POD_FIELDS, POD_FIELDS - set(line)
             assert line["rss_bytes"] > 10_000_000 and line["threads"] >= 1
         assert sum(max(p["completed"] for p in pods if p["pod"] == pod)
                    for pod in ("pod-1", "pod-2")) == 600
         fleet_lines = samples(run_dir, "fleet")
-        assert all(FLEET_FIELDS <= set(line) for line in fleet_lines)
+        assert all(set(line) >= FLEET_FIELDS for line in fleet_lines)
         busy = [line for line in fleet_lines if line["e2e_p50_s"] is not None]
         assert busy and all(0 < line["e2e_p50_s"] <= line["e2e_p99_s"] < 30 for line in busy)
         drained = wait_until(lambda: [s for s in samples(run_dir, "store")
