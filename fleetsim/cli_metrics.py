@@ -144,10 +144,15 @@ def _print_table(doc: dict[str, Any]) -> None:
     fleet, coordinator, store = doc["fleet"], doc["coordinator"], doc["store"]
     state = "running" if doc["running"] else "stopped"
     if fleet:
+        # Nothing completed in the last second (an idle or finished fleet):
+        # the whole run's percentiles say more than dashes.
+        prefix, when = ("e2e", "last second") if fleet.get("e2e_p50_s") is not None else (
+            "e2e_all", "whole run")
+        p50, p95, p99 = (fleet.get(f"{prefix}_p{p}_s") for p in (50, 95, 99))
         click.echo(
             f"fleet ({state}, {now - fleet['t']:.0f}s ago): {_num(fleet['steps_per_s'])} "
             f"steps/s, completed {fleet['completed']}, e2e p50/p95/p99 "
-            f"{_ms(fleet['e2e_p50_s'])}/{_ms(fleet['e2e_p95_s'])}/{_ms(fleet['e2e_p99_s'])} ms")
+            f"{_ms(p50)}/{_ms(p95)}/{_ms(p99)} ms ({when})")
     if coordinator:
         click.echo(f"coordinator: rss {_mb(coordinator.get('rss_bytes'))} MB, "
                    f"cpu {_num(coordinator.get('cpu_percent'))}%")
