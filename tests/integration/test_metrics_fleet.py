@@ -106,6 +106,12 @@ def test_fleet_metrics_series_cli_and_prometheus(tmp_path: Path, store: Store,
     assert after.returncode == 0, after.stderr
     doc = json.loads(after.stdout)
     assert doc["running"] is False and doc["pods"]["pod-2"]["incarnation"] == 1
+    # --follow on a stopped fleet prints what there is and returns.
+    followed = fleetsim(run_dir, "metrics", "--follow", "--csv")
+    assert followed.returncode == 0, followed.stderr
+    rows = followed.stdout.splitlines()
+    assert rows[0].startswith("scope,pod,incarnation,t,rss_bytes,cpu_percent")
+    assert {row.split(",")[1] for row in rows[1:]} == {"", "pod-1", "pod-2"}
 
 
 def test_metrics_without_a_fleet_says_so(tmp_path: Path) -> None:
