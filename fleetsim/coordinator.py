@@ -641,6 +641,7 @@ class Coordinator:
     def stop(self, grace_s: float | None = None) -> None:
         """Stop every pod gracefully (SIGKILL after the grace period), then the store."""
         self.stopping.set()
+        stop_started = time.time()
         grace = self.spec.timings.grace_s if grace_s is None else grace_s
         if self.injector is not None:
             self.injector.heal_all()  # a paused pod cannot handle SIGTERM
@@ -660,9 +661,15 @@ class Coordinator:
         with self._lock:
             self.pods.clear()
         if self.metrics is not None:
-            # The pods' last snapshots are on their way: the final sample takes them.
-            if pods:
-                time.sleep(0.3)
+            # A pod stopping gracefully sends its last snapshot before it exits:
+            # wait (briefly) until the bus has it, so the final sample does.
+            if self.bus is not None:
+                graceful = {p.pod_id for p in pods if p.process.returncode == 0}
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline and any(
+                        self.bus.metrics.get(pod_id, {}).get("ts", 0.0) < stop_started
+                        for pod_id in graceful):
+                    time.sleep(0.02)
             self.metrics.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
