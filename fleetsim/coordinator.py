@@ -70,6 +70,9 @@ class FleetSpec:
     # given, ``pods`` must be their total and the per-pod fields above are
     # only the defaults of a pod outside every group (there is none).
     groups: tuple[PodGroup, ...] = ()
+    metrics: bool = True  # pods send metrics; the coordinator writes metrics.jsonl
+    metrics_port: int = 0  # a Prometheus endpoint on this port (0: none)
+    metrics_host: str = "127.0.0.1"
 
     @property
     def submit_queue(self) -> str:
@@ -150,6 +153,8 @@ class Coordinator:
         self._leaderless_since: float | None = None
         self._actions_after: int | None = None
         self._watch_at = 0.0
+        self.metrics: Any = None  # fleetsim.metrics_recorder.MetricsRecorder
+        self.metrics_server: Any = None  # the Prometheus endpoint's HTTP server
 
     # -- start ------------------------------------------------------------
 
@@ -169,6 +174,7 @@ class Coordinator:
             self._start_store()
             self._refuse_live_schema()
             self._start_bus()
+            self._start_metrics()
             if spec.fault_proxy:
                 self._start_proxies()
             from chaos.injector import FaultInjector
@@ -296,6 +302,29 @@ class Coordinator:
         )
         endpoints = self.bus.start_and_wait()
         self.echo(f"bus: control {endpoints.control}, cli {endpoints.cli}")
+
+    def _start_metrics(self) -> None:
+        """The metrics.jsonl recorder and, with a port, the Prometheus endpoint."""
+        if not self.spec.metrics:
+            return
+        from fleetsim.metrics import metrics_path
+        from fleetsim.metrics_recorder import MetricsRecorder
+
+        assert self.store_url is not None
+        url, schema = self.store_url, self.spec.schema
+        self.metrics = MetricsRecorder(
+            metrics_path(self.run_dir.path), lambda: dict(self.bus.metrics),
+            # A connection of its own: a slow store delays only the store lines.
+            lambda: Store(StoreConfig(url, schema=schema, pool_size=1, statement_timeout_s=5.0,
+                                      application_name="coordinator-metrics")))
+        self.metrics.start()
+        if self.spec.metrics_port:
+            from fleetsim.prometheus import serve
+
+            self.metrics_server = serve(self.metrics.figures, self.spec.metrics_port,
+                                        self.spec.metrics_host)
+            self.echo(f"metrics: http://{self.spec.metrics_host}:{self.spec.metrics_port}"
+                      "/metrics")
 
     def _start_proxies(self) -> None:
         from chaos.proxy_process import ProxyControl
@@ -481,8 +510,9 @@ class Coordinator:
         if (self.bus is not None and self.bus.endpoints is not None
                 and self.bus_secret_file is not None):
             cmd += ["--join", self.bus.endpoints.control,
-                    "--metrics-endpoint", self.bus.endpoints.metrics,
                     "--bus-secret-file", str(self.bus_secret_file.resolve())]
+            if spec.metrics:
+                cmd += ["--metrics-endpoint", self.bus.endpoints.metrics]
             if spec.bus_keys is not None:
                 cmd += ["--bus-keys", str(spec.bus_keys.resolve())]
         return cmd
@@ -664,6 +694,7 @@ class Coordinator:
     def stop(self, grace_s: float | None = None) -> None:
         """Stop every pod gracefully (SIGKILL after the grace period), then the store."""
         self.stopping.set()
+        stop_started = time.time()
         grace = self.spec.timings.grace_s if grace_s is None else grace_s
         if self.injector is not None:
             self.injector.heal_all()  # a paused pod cannot handle SIGTERM
@@ -682,6 +713,20 @@ class Coordinator:
                 pod.process.wait()
         with self._lock:
             self.pods.clear()
+        if self.metrics is not None:
+            # A pod stopping gracefully sends its last snapshot before it exits:
+            # wait (briefly) until the bus has it, so the final sample does.
+            if self.bus is not None:
+                graceful = {p.pod_id for p in pods if p.process.returncode == 0}
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline and any(
+                        self.bus.metrics.get(pod_id, {}).get("ts", 0.0) < stop_started
+                        for pod_id in graceful):
+                    time.sleep(0.02)
+            self.metrics.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         if self.bus is not None:
             self.bus.stop()
         if self.proxies is not None:

@@ -227,6 +227,7 @@ def fleet_spec(plan: RunPlan) -> Any:
         restart=faults if restart is None else bool(restart), timings=timings,
         fault_proxy=faults if fault_proxy is None else bool(fault_proxy),
         handlers=tuple(handlers), groups=groups,
+        metrics=bool(params.get("metrics", True)), metrics_port=int(params.get("metrics_port", 0)),
     )
 
 

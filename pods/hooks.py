@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from fleetsim.store import ClaimedStep
 
 
 class PodHook:
     """Base class: every method is a no-op."""
+
+    def on_claim_done(self, duration_s: float, count: int) -> None:
+        """A claim returned ``count`` steps after ``duration_s`` (before on_claimed)."""
 
     def on_claimed(self, steps: Sequence[ClaimedStep]) -> None:
         """Steps were claimed."""
@@ -26,6 +29,12 @@ class PodHook:
 
     def on_write(self, kind: str, accepted: int, rejected: int) -> None:
         """A fenced write of ``kind`` (complete, fail, release) was accepted/refused."""
+
+    def on_accepted(self, kind: str, step_ids: Collection[int]) -> None:
+        """The store accepted the fenced write of ``kind`` for these steps."""
+
+    def on_store_error(self, operation: str) -> None:
+        """A store call (claim, a write, heartbeat) failed."""
 
     def on_leadership(self, term: int | None) -> None:
         """The pod became leader for ``term``, or lost leadership (None)."""
@@ -57,6 +66,10 @@ class CountingHook(PodHook):
         with self._lock:
             self.counts[f"{kind}d" if kind.endswith("e") else f"{kind}ed"] += accepted
             self.counts["lease_lost"] += rejected
+
+    def on_store_error(self, operation: str) -> None:
+        with self._lock:
+            self.counts["store_errors"] += 1
 
     def on_leadership(self, term: int | None) -> None:
         with self._lock:

@@ -121,6 +121,8 @@ class Pod:
         self._store_back_at = float("-inf")
         self.bus: Any = None  # a fleetsim.bus.PodBusClient when joined to a coordinator
         self.metrics_enabled = False  # only with a metrics endpoint to push to
+        # Histograms and gauges (pods.metrics.PodMetrics), once enable_metrics() ran.
+        self.metrics: Any = None
         self.storage_faults: Any = None  # a chaos.storage_faults.StorageFaultInjector
         self.id_in_use: str | None = None  # why registration was refused, if it was
         # What this pod invoked and was told, outside the store (evidence
@@ -178,6 +180,8 @@ class Pod:
             threading.Thread(target=self._election_loop, name="election", daemon=True),
             threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True),
         ]
+        if self.metrics_enabled:
+            self.enable_metrics()
         if self.bus is not None:
             self.bus.start()
         for thread in threads:
@@ -192,6 +196,15 @@ class Pod:
         if self.handler_exited.is_set():
             return PodExit.CRASHED
         return PodExit.SUPERSEDED if self.superseded.is_set() else PodExit.OK
+
+    def enable_metrics(self) -> Any:
+        """Install the metrics hook (latency histograms, gauges) if not yet; return it."""
+        if self.metrics is None:
+            from pods.metrics import PodMetrics
+
+            self.metrics = PodMetrics()
+            self.hooks.append(self.metrics)
+        return self.metrics
 
     def _shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -208,9 +221,20 @@ class Pod:
         except StoreError as exc:
             log.warning("shutdown without the store (recovery will requeue): %s", exc)
         if self.bus is not None:
+            self._send_last_metrics()
             self.bus.close()
         self.history.close()
         log.info("stopped: %s", self.counters.snapshot())
+
+    def _send_last_metrics(self, timeout_s: float = 0.5) -> None:
+        """Send the final counters before the bus closes (it drops what is unsent)."""
+        if not self.metrics_enabled or self.metrics is None:
+            return
+        sent = self.bus.stats.metrics_sent
+        self._report_to_bus()
+        deadline = time.monotonic() + timeout_s
+        while self.bus.stats.metrics_sent == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     # -- the claim loop ---------------------------------------------------
 
@@ -224,10 +248,12 @@ class Pod:
             try:
                 if self._holds_unknown_claims.is_set():
                     self._release_unknown_claims()
+                claim_started = time.perf_counter()
                 steps = self.store.claim_steps(
                     cfg.pod_id, self.served_queues.current(), cfg.batch,
                     incarnation=cfg.incarnation,
                 )
+                self._notify("on_claim_done", time.perf_counter() - claim_started, len(steps))
             except ClaimInterrupted as exc:
                 # Part of the claim committed: run those steps. The failed
                 # part may have committed too, unseen: release it after them.
@@ -237,6 +263,7 @@ class Pod:
                 steps = exc.steps
             except StoreError as exc:
                 log.warning("claim failed: %s", exc)
+                self._notify("on_store_error", "claim")
                 # Unless the statement surely never ran (a fault injected
                 # before it), the claim may have committed without us.
                 if not isinstance(exc, InjectedFault) or exc.took_effect:
@@ -496,6 +523,7 @@ class Pod:
             return refused
         except StoreError as exc:
             self.history.wrote(kind, items, None)
+            self._notify("on_store_error", kind)
             log.warning("could not %s %d steps (%s); they are released before the next claim",
                         kind, len(items), exc)
             self._abandon(items)
@@ -505,6 +533,7 @@ class Pod:
         if rejected:
             log.info("%d %s writes refused: lease lost (steps were requeued)", rejected, kind)
         self._notify("on_write", kind, len(accepted), rejected)
+        self._notify("on_accepted", kind, accepted)
         return []
 
     def _write_one(
@@ -525,6 +554,7 @@ class Pod:
             raise
         self.history.wrote(kind, [item], accepted)
         self._notify("on_write", kind, len(accepted), 1 - len(accepted))
+        self._notify("on_accepted", kind, accepted)
         return []
 
     def _abandon(self, items: list[Any]) -> None:
@@ -580,6 +610,7 @@ class Pod:
                 beat = self.store.heartbeat(cfg.pod_id, cfg.incarnation)
             except StoreError as exc:
                 log.debug("heartbeat failed: %s", exc)
+                self._notify("on_store_error", "heartbeat")
                 continue
             now = time.monotonic()
             if now - self._last_heartbeat_ok > cfg.timings.dead_after_s:
@@ -636,8 +667,10 @@ class Pod:
             claimed=counts.get("claimed", 0), completed=counts.get("completed", 0),
             failed=counts.get("failed", 0),
         ))
-        if self.metrics_enabled:
-            self.bus.send_metrics({k: float(v) for k, v in counts.items()}, {})
+        if self.metrics_enabled and self.metrics is not None:
+            counters, gauges = self.metrics.snapshot(counts)
+            gauges["leader_term"] = float(self.term or 0)
+            self.bus.send_metrics(counters, gauges)
 
     def handle_command(self, command: Any) -> Any:
         """Answer a coordinator command (runs in the bus thread: quick, no store calls)."""

@@ -12,6 +12,7 @@ module                commands
 :mod:`.queue`         queue ..., dlq ...
 :mod:`.keys`          keys generate
 :mod:`.report`        report
+:mod:`.metrics`       metrics
 ====================  ==================================================
 
 Exit codes and the option conventions are in :mod:`.common`. Command
@@ -23,7 +24,7 @@ so ``from fleetsim.cli import option, emit, fail, open_store`` works.
 from __future__ import annotations
 
 # Imported for their side effect: each registers its commands on `cli`.
-from fleetsim.cli import chaos, fleet, history, keys, queue, report, run, selftest
+from fleetsim.cli import chaos, fleet, history, keys, metrics, queue, report, run, selftest
 from fleetsim.cli.common import (
     DEFAULTS,
     DURATION,
@@ -58,7 +59,8 @@ __all__ = [
     "DEFAULTS", "DURATION", "EXIT_FAILURE", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_STORE",
     "EXIT_USAGE", "FleetsimGroup", "chaos", "check_workload", "cli", "emit", "exit_code_for",
     "fail", "fleet", "fleet_bus_secret", "fleet_options", "fleet_using", "handler_option",
-    "history", "json_option", "keys", "main", "open_store", "option", "queue", "report", "run",
+    "history", "json_option", "keys", "main", "metrics", "open_store", "option", "queue",
+    "report", "run",
     "schema_option", "scratch_store", "selftest", "store_option", "timing_options",
     "timings_from", "warn_unserved",
 ]

@@ -139,6 +139,10 @@ schema_option = option(
     help="PostgreSQL schema holding the fleetsim tables (default: the running fleet's, "
     "else 'fleetsim').",
 )
+metrics_port_option = option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=0,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: off).",
+)
 
 
 def open_store(ctx: click.Context, url: str | None, schema: str | None) -> Store:
@@ -225,6 +229,10 @@ def fleet_options(f: F) -> F:
         store_option,
         option("--seed", type=int, default=0, help="Seed for seeded workloads and chaos."),
         timing_options,
+        option("--metrics/--no-metrics", default=True,
+               help="Pods send metrics; the coordinator writes metrics.jsonl in the run "
+               "directory (`fleetsim metrics`)."),
+        metrics_port_option,
     ]
     for decorator in reversed(decorators):
         f = decorator(f)

@@ -31,6 +31,7 @@ from fleetsim.cli.common import (
     fleet_using,
     handler_option,
     json_option,
+    metrics_port_option,
     open_store,
     option,
     schema_option,
@@ -125,6 +126,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         rate=params["rate"], fault_proxy=params["fault_proxy"],
         bus_host=params["bus_host"], bus_keys=params["bus_keys"],
         handlers=tuple(params["handlers"]),
+        metrics=params["metrics"], metrics_port=params["metrics_port"],
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -256,7 +258,8 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv.append("-v")
     argv += ["up", "--no-status-line"]
     for name in ("pods", "concurrency", "batch", "workload", "schema", "seed", "steps",
-                 "rate", "heartbeat", "lease", "renew", "dead_after", "recovery", "grace"):
+                 "rate", "heartbeat", "lease", "renew", "dead_after", "recovery", "grace",
+                 "metrics_port"):
         argv += [f"--{name.replace('_', '-')}", str(params[name])]
     for queue in params["queues"]:
         argv += ["--queue", queue]
@@ -264,6 +267,7 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
         argv += ["--handler", handler]
     argv.append("--restart" if params["restart"] else "--no-restart")
     argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
+    argv.append("--metrics" if params["metrics"] else "--no-metrics")
     argv += ["--bus-host", params["bus_host"]]
     if params["bus_keys"]:
         argv += ["--bus-keys", str(Path(params["bus_keys"]).resolve())]
@@ -630,6 +634,7 @@ def _check_fleet_allows(ctx: click.Context, workload: str, store: str | None) ->
         help="Folder for this pod's client history (what it invoked and was told; "
              "`fleetsim check` cross-examines it with the store's).")
 @timing_options
+@metrics_port_option
 @click.pass_context
 def pod(ctx: click.Context, /, **params: Any) -> None:
     """Run one pod in the foreground (how pods on other hosts join a fleet)."""
@@ -700,6 +705,12 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
                                   handler=worker.handle_command, keys=client_keys,
                                   secret=secret,
                                   heartbeat_interval_s=config.timings.heartbeat_s * 2)
+    if params["metrics_port"]:
+        from fleetsim.prometheus import serve
+        from pods.metrics import pod_figures
+
+        worker.enable_metrics()
+        serve(lambda: pod_figures(worker), params["metrics_port"])
     worker.install_signal_handlers()
     code = worker.run()
     store.close()

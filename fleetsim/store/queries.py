@@ -121,11 +121,15 @@ _CLAIM_PICKED = """
               CASE WHEN s.timeout_s IS NOT NULL THEN s.timeout_s
                    WHEN EXISTS (SELECT 1 FROM queues WHERE timeout_s IS NOT NULL)
                    THEN (SELECT qt.timeout_s FROM queues qt WHERE qt.name = s.queue)
-              END AS timeout_s
+              END AS timeout_s,
+              -- How long the step waited since its submission, in database
+              -- time (pods add their own run and write time: end-to-end latency).
+              CAST(EXTRACT(EPOCH FROM statement_timestamp() - s.created_at) AS float8)
+                AS waited_s
 )
 -- The payload as text: the client decodes a batch's payloads in one call.
 SELECT id, queue, priority, CAST(payload AS text), attempts, max_attempts, claim_token,
-       timeout_s
+       timeout_s, waited_s
   FROM claimed
 """
 

@@ -36,6 +36,8 @@ class ClaimedStep(NamedTuple):
     claim_token: int
     # The effective execution timeout (the step's, else its queue's); None: none.
     timeout_s: float | None = None
+    # Seconds from its submission to this claim, in database time (None: unknown).
+    waited_s: float | None = None
 
 
 @dataclass(frozen=True)

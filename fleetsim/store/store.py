@@ -1005,7 +1005,8 @@ def _claimed_steps(rows: Sequence[Any]) -> list[ClaimedStep]:
         return []
     payloads = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
     return [
-        ClaimedStep(row[0], row[1], row[2], payload, row[4], row[5], row[6], row[7])
+        ClaimedStep(row[0], row[1], row[2], payload, row[4], row[5], row[6], row[7],
+                    row[8])
         for row, payload in zip(rows, payloads, strict=True)
     ]
 
