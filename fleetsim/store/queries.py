@@ -557,11 +557,16 @@ POD_COUNTS = """
 SELECT count(*) FILTER (WHERE status = 'alive'), count(*) FROM pods
 """
 
+# A term starts when the lease row is taken, not when the statement began:
+# an acquire that waited for a concurrent release (and then found the lease
+# free) must not be stamped before that release's end, or the history would
+# show two terms overlapping that never did. Hence clock_timestamp() in SET,
+# evaluated on the row version the update applies to.
 ACQUIRE_LEASE = """
 WITH won AS (
     UPDATE leader_lease
-       SET holder = :pod, term = term + 1, acquired_at = statement_timestamp(),
-           expires_at = statement_timestamp() + make_interval(secs => CAST(:ttl AS float8))
+       SET holder = :pod, term = term + 1, acquired_at = clock_timestamp(),
+           expires_at = clock_timestamp() + make_interval(secs => CAST(:ttl AS float8))
      WHERE id = 1 AND (holder IS NULL OR expires_at <= statement_timestamp())
     RETURNING term, acquired_at, expires_at
 ), closed AS (
@@ -571,7 +576,7 @@ WITH won AS (
     INSERT INTO leader_terms (term, pod_id, started_at, expires_at)
     SELECT term, :pod, acquired_at, expires_at FROM won
 )
-SELECT term, extract(epoch FROM expires_at - statement_timestamp()) FROM won
+SELECT term, extract(epoch FROM expires_at - clock_timestamp()) FROM won
 """
 
 RENEW_LEASE = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import threading
 from datetime import datetime
 from itertools import pairwise
@@ -14,6 +15,7 @@ import pytest
 
 from fleetsim.errors import NotLeader
 from fleetsim.store import Lease, StepSpec, Store, StoreConfig
+from fleetsim.store import queries as q
 from fleetsim.store.store import _CLAIM
 from tests.integration.claimers import sql, wait_db_time_past, wait_for
 
@@ -290,3 +292,44 @@ def test_recovery_does_not_wait_for_a_claim_in_flight_and_sweeps_it_once_it_ends
     assert store.recover("boss", lease.term, dead_after_s=0.0).requeued == ()
     assert sql(store_config, "SELECT swept_at IS NOT NULL FROM pods WHERE id = 'victim'") == [
         (True,)]
+
+
+@pytest.mark.timeout(30)
+def test_an_acquire_that_waited_for_a_release_starts_after_it(
+        store: Store, store_config: StoreConfig) -> None:
+    """An acquire that began while another pod's acquire was committing, and
+    that waited for it, found the lease already released when it woke: its
+    term must start after that release ended, not when its statement began.
+
+    Found by a short fleet run: pod-1's first term lasted 9 ms (acquired,
+    then released at shutdown) while pod-2's acquire, begun in between,
+    waited and won; its term was stamped 1 ms before term 1's end and the
+    checker saw split brain. Here pod-1's acquire and release run in one
+    transaction, which leaves the row in the same states for the waiter.
+    """
+    holder = psycopg2.connect(store_config.url,
+                              options=f"-c search_path={store_config.schema}")
+    try:
+        with holder.cursor() as cur:
+            cur.execute(psycopg2_style(q.ACQUIRE_LEASE), {"pod": "pod-1", "ttl": 30.0})
+            ((term, _),) = cur.fetchall()
+            acquired: list[Lease | None] = []
+            waiter = threading.Thread(
+                target=lambda: acquired.append(store.acquire_leadership("pod-2", ttl_s=30)))
+            waiter.start()  # pod-2's acquire sees the lease free and waits for the row
+            wait_for(lambda: sql(store_config,
+                                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                 " AND query LIKE '%%leader_lease%%'"), 10, "the acquire waiting")
+            cur.execute(psycopg2_style(q.RELEASE_LEASE), {"pod": "pod-1", "term": term})
+            assert cur.fetchall() == [(term,)]
+        holder.commit()
+        waiter.join(10)
+    finally:
+        holder.close()
+    assert acquired and acquired[0] is not None and acquired[0].term == term + 1
+    assert_terms_never_overlap(store_config)
+
+
+def psycopg2_style(statement: str) -> str:
+    """A store statement's ``:name`` parameters as psycopg2's ``%(name)s``."""
+    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", statement)
