@@ -1915,3 +1915,6 @@ def queue_set(ctx: click.Context, name: str, concurrency_limit: int | None,
         f"{updated.max_length or '-'}, strict fifo {updated.strict_fifo}, "
         f"paused {updated.paused}, timeout "
         + (f"{queue_timeout:g}s" if queue_timeout else "-")))
+
+
+import fleetsim.cli_bench  # noqa: E402,F401  (registers `fleetsim bench`)
