@@ -425,6 +425,14 @@ SELECT queue, depth, queued, claimed, completed, failed, dead, cancelled
 
 STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
 
+# Whether any step is still to run: waiting ones by the steps_claimable index;
+# claimed ones (no index) only once none waits. Cheap enough to poll while a
+# fleet drains, unlike STATUS_COUNTS (a scan of every row).
+HAS_OPEN_STEPS = """
+SELECT EXISTS (SELECT 1 FROM steps WHERE waiting)
+    OR EXISTS (SELECT 1 FROM steps WHERE status = 'claimed')
+"""
+
 # A (re)registering pod holds no work from before: whatever its id still has
 # claimed is requeued now, spending an attempt, as recovery would.
 #

@@ -442,3 +442,20 @@ def test_bulk_submit_keeps_awkward_queue_names_and_payloads_intact(
     assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
         (s.queue, s.payload, s.priority, 2) for s in specs]
     assert sorted(store.queues()) == sorted(set(awkward))
+
+
+def test_has_open_steps_until_every_step_is_finished(retry_store: Store) -> None:
+    store = retry_store
+    assert not store.has_open_steps()  # nothing submitted
+    ok, bad = store.submit_many([StepSpec("default"), StepSpec("default", max_attempts=2)])
+    assert store.has_open_steps()  # queued
+    store.register_pod("pod-a")
+    claimed = {s.id: s for s in store.claim_steps("pod-a", batch=2)}
+    assert store.has_open_steps()  # claimed, none waiting
+    store.complete(ok, claimed[ok].claim_token)
+    store.fail(bad, claimed[bad].claim_token, "boom")
+    assert store.has_open_steps()  # failed, waiting for its retry
+    [retry] = wait_for(lambda: store.claim_steps("pod-a"), 10, "the retry")
+    assert store.has_open_steps()  # claimed again
+    store.fail(bad, retry.claim_token, "boom again")  # its last attempt: dead
+    assert not store.has_open_steps()
