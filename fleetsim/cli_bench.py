@@ -67,6 +67,10 @@ def _store_url(ctx: click.Context, url: str | None) -> Iterator[str]:
         help="Trials per configuration (medians and ranges are reported).")
 @option("--reference-only", is_flag=True,
         help="Only the raw SKIP LOCKED loop: what a bare queue gets on this server.")
+@option("--chaos", default=None, metavar="FAULT[,FAULT...]",
+        help="Instead of throughput: failover and orphan re-claim figures over --repeat "
+        "trials of each fault: kill-leader, kill, pause-leader, partition-leader, "
+        "storage-brownout.")
 @option("--timeout", type=float, default=600.0, env="FLEETSIM_BENCH_TIMEOUT",
         help="Give up on a trial not drained after this many seconds.")
 @option("--json", "json_file", default=None, metavar="FILE", env="FLEETSIM_BENCH_JSON",
@@ -97,6 +101,9 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
     With --baseline, exits 1 if a ratio regressed beyond --max-regression.
     Ctrl-C stops the current trial cleanly and prints what was measured.
     """
+    if params["chaos"]:
+        _bench_chaos(ctx, params)
+        return
     tolerance = parse_tolerance(params["max_regression"])
     baseline = load_baseline(params["baseline"]) if params["baseline"] else None
     plan = BenchPlan(
@@ -164,6 +171,35 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
     if regressions:
         fail(f"{len(regressions)} figure(s) regressed beyond {tolerance:.0%}: "
              + ", ".join(f"{r.key} {r.figure}" for r in regressions))
+    sys.exit(EXIT_OK)
+
+
+def _bench_chaos(ctx: click.Context, params: dict[str, Any]) -> None:
+    """`bench --chaos`: the chaos table (and JSON)."""
+    from fleetsim.bench.chaos import chaos_table_lines, parse_faults, run_chaos
+
+    faults = parse_faults(params["chaos"])
+
+    def say(line: str) -> None:
+        click.echo(f"bench: {line}", err=True)
+
+    with _store_url(ctx, params["store"]) as url:
+        rows = run_chaos(url, faults, params["repeat"], say)
+    data = {"chaos": rows, "repeat": params["repeat"],
+            "command": "fleetsim " + shlex.join(sys.argv[1:])}
+    if params["json_file"] and params["json_file"] != "-":
+        Path(params["json_file"]).write_text(json.dumps(data, indent=2) + "\n")
+    if params["json_file"] == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for line in chaos_table_lines(rows) if rows else ["nothing was measured"]:
+            click.echo(line)
+        click.echo("\nfigures from the checker, database time: failover = the old leader's "
+                   "last sign of life -> the next term; orphan re-claim = a dead pod's claim "
+                   "-> its step claimed again. Medians of the trials' medians, max of maxima.")
+    invalid = [r["fault"] for r in rows if r["valid"] < r["trials"]]
+    if invalid:
+        fail(f"invalid or failed trials: {', '.join(invalid)}")
     sys.exit(EXIT_OK)
 
 

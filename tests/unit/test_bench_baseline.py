@@ -110,3 +110,16 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch,
         result = _run_cli(monkeypatch, _report([0.8]), *args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.count("error:") == 1
+
+
+def test_chaos_faults_are_checked_and_tabled() -> None:
+    from fleetsim.bench.chaos import chaos_table_lines, parse_faults
+
+    assert parse_faults("kill-leader, pause-leader") == ("kill-leader", "pause-leader")
+    with pytest.raises(ConfigError):
+        parse_faults("kill-everyone")
+    row = {"fault": "kill-leader", "trials": 2, "valid": 2,
+           "failover": {"median_s": 2.4, "max_s": 2.9},
+           "orphan_recovery": {"median_s": None, "max_s": None}}
+    header, _, line = chaos_table_lines([row])
+    assert "failover median" in header and "2.40 s" in line and "2/2" in line
