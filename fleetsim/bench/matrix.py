@@ -116,7 +116,7 @@ class BenchReport:
             "completed": completed, "steps": steps,
             "success_pct": 100.0 * completed / steps if steps else None,
             "steps_s": spread("steps_s"), "ratio": spread("ratio"),
-            "cpu_ratio": spread("cpu_ratio"),
+            "cpu_ratio": spread("cpu_ratio"), "server_cpu_ratio": spread("server_cpu_ratio"),
             "e2e_p50_s": median("e2e_p50_s"), "e2e_p95_s": median("e2e_p95_s"),
             "e2e_p99_s": median("e2e_p99_s"),
             "rss_pod": peak("rss_pod"), "rss_coordinator": peak("rss_coordinator"),
@@ -217,4 +217,7 @@ def _pair(report: BenchReport, done: dict[str, dict[str, Any]], repeat: int) -> 
         trial["ratio"] = trial["steps_s"] / ref["steps_s"]
         if trial.get("cpu_us_per_step") and ref.get("cpu_us_per_step"):
             trial["cpu_ratio"] = trial["cpu_us_per_step"] / ref["cpu_us_per_step"]
+        if trial.get("server_cpu_us_per_step") and ref.get("server_cpu_us_per_step"):
+            trial["server_cpu_ratio"] = (trial["server_cpu_us_per_step"]
+                                         / ref["server_cpu_us_per_step"])
 
