@@ -186,12 +186,15 @@ def run_fleet(config: FleetConfig, url: str, steps: int, timeout_s: float = 600.
         backends |= set(server.backends_of_ports(observer, _ports(members)))
         server_after = server.backend_cpu(backends) if server_before is not None else None
         watch.stop()
-        time.sleep(0.6)  # let the clients' statistics reach pg_stat_database
-        xacts_after = server.transactions(observer)
         ours.send("finish")
         completed, window_s = server.drain_window(observer, schema)
         e2e = server.completion_percentiles(observer, schema)
         child.join(60)
+        # A backend reports its transactions when its client leaves (a busy
+        # one may hold them back for seconds): count once the pods are gone.
+        # Their goodbyes (a few statements each) count too.
+        time.sleep(0.5)
+        xacts_after = server.transactions(observer)
     finally:
         if watch is not None:
             watch.stop()
