@@ -50,7 +50,8 @@ def _store_url(ctx: click.Context, url: str | None) -> Iterator[str]:
 
     click.echo("store: the run directory's embedded PostgreSQL (--store for another)",
                err=True)
-    with borrowed_embedded(ctx.obj["run_dir"]) as embedded:
+    run_dir = ctx.obj["run_dir"].ensure()
+    with borrowed_embedded(run_dir) as embedded:
         yield embedded
 
 
