@@ -40,3 +40,19 @@ def test_a_tiny_bench_prints_the_table_and_writes_the_json(
     assert fleet["e2e_p50_s"] <= fleet["e2e_p95_s"] <= fleet["e2e_p99_s"]
     assert {"cores", "cpu_model", "postgresql", "python"} <= set(data["machine"])
     assert all("error" not in t for t in data["trials"])
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(180)
+def test_bench_chaos_reports_the_failover_of_a_killed_leader(
+        pg_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
+         "--chaos", "kill-leader", "--repeat", "1", "--store", pg_url, "--json", "-"],
+        capture_output=True, text=True, timeout=170, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(proc.stdout)["chaos"]
+    assert row["fault"] == "kill-leader" and row["valid"] == row["trials"] == 1
+    # A new term came, after the lease at most plus slack (3 s lease by default).
+    assert 0 < row["failover"]["median_s"] < 10
