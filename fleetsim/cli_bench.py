@@ -244,6 +244,30 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def time_split_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each fleet's time goes, beside its reference: client and server CPU, round trips."""
+    refs = {(r["key"].split(" ", 1)[1]): r for r in rows if r["kind"] == "reference"}
+    lines = []
+    for row in rows:
+        if row["kind"] != "fleet":
+            continue
+        pods, _, rest = row["key"].partition(" ")
+        ref = refs.get(f"procs={pods.split('=')[1]} {rest.split(' ', 1)[1]}")
+        if ref is None or row["cpu_us_per_step"] is None or ref["cpu_us_per_step"] is None:
+            continue
+        mine = row["cpu_us_per_step"] + (row["server_cpu_us_per_step"] or 0.0)
+        theirs = ref["cpu_us_per_step"] + (ref["server_cpu_us_per_step"] or 0.0)
+        lines.append(
+            f"{row['key']}: client {_num(row['pods_cpu_us_per_step'], '.1f')} (pods) + "
+            f"{_num(row['coordinator_cpu_us_per_step'], '.1f')} (coordinator) µs/step vs "
+            f"{ref['cpu_us_per_step']:.1f}; server {_num(row['server_cpu_us_per_step'], '.1f')}"
+            f" vs {_num(ref['server_cpu_us_per_step'], '.1f')}; xacts/step "
+            f"{_num(row['transactions_per_step'], '.3f')} vs "
+            f"{_num(ref['transactions_per_step'], '.3f')}: "
+            f"{mine / theirs:.1f}x the reference's CPU per step" if theirs else "")
+    return ["", "where the time goes:", *lines] if lines else []
+
+
 def print_table(report: BenchReport, machine: dict[str, Any]) -> None:
     """The table for people, with what its columns mean."""
     rows = report.rows()
@@ -259,6 +283,8 @@ def print_table(report: BenchReport, machine: dict[str, Any]) -> None:
         "pods + coordinator (reference: its claimers), user + system; server µs/step: the "
         "backends serving them (local server only); xacts/step: the database's commits per "
         "step (other clients count too).")
+    for line in time_split_lines(rows):
+        click.echo(line)
     click.echo(f"machine: {machine['cores']} cores, {machine['cpu_model']}, "
                f"{machine['postgresql']}, Python {machine['python']}, load "
                f"{machine['loadavg_1m']:.1f}")

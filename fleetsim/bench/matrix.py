@@ -121,6 +121,8 @@ class BenchReport:
             "e2e_p99_s": median("e2e_p99_s"),
             "rss_pod": peak("rss_pod"), "rss_coordinator": peak("rss_coordinator"),
             "cpu_us_per_step": median("cpu_us_per_step"),
+            "pods_cpu_us_per_step": median("pods_cpu_us_per_step"),
+            "coordinator_cpu_us_per_step": median("coordinator_cpu_us_per_step"),
             "server_cpu_us_per_step": median("server_cpu_us_per_step"),
             "transactions_per_step": median("transactions_per_step"),
         }
