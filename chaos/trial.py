@@ -110,6 +110,7 @@ class TrialResult:
     killed: bool | None = None  # for a mutant: was it caught
     note: str = ""
     witnesses: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)  # the checker's (failover, ...)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -158,7 +159,8 @@ def run_trial(store_url: str, trial: Trial, *, name: str = "trial", seed: int = 
             totals["submit_error"] = 1
         result = TrialResult(name, trial.description, report.verdict, totals,
                              round(time.monotonic() - started, 1), applied,
-                             witnesses=[v.message for v in report.violations[:5]])
+                             witnesses=[v.message for v in report.violations[:5]],
+                             figures=report.figures)
     except Exception as exc:  # a row of a table, not the end of the campaign
         fleet.stop(grace_s=1.0)
         return TrialResult(name, trial.description, "error", {},

@@ -275,19 +275,23 @@ def _wait_drained(store: Store, steps: int, timeout_s: float, coordinator: Any,
     while True:
         if coordinator.stopping.is_set():
             raise KeyboardInterrupt
+        now = time.monotonic()
         try:
-            counts = store.status_counts()
+            # An index probe every poll; the counts (a scan of every step)
+            # only for the progress line and the timeout's message.
+            if not store.has_open_steps():
+                return
+            if now > deadline or now >= next_report:
+                counts = store.status_counts()
+                waiting = counts["queued"] + counts["claimed"] + counts["failed"]
+                if now > deadline:
+                    raise NotDrained(f"not drained after {timeout_s:.0f}s: {waiting} steps "
+                                     "left")
+                say(f"  {steps - waiting}/{steps} done")
+                next_report = now + 2.0
         except StoreUnavailable:
             time.sleep(0.5)
             continue
-        waiting = counts["queued"] + counts["claimed"] + counts["failed"]
-        if waiting == 0:
-            return
-        if time.monotonic() > deadline:
-            raise NotDrained(f"not drained after {timeout_s:.0f}s: {waiting} steps left")
-        if time.monotonic() >= next_report:
-            say(f"  {steps - waiting}/{steps} done")
-            next_report = time.monotonic() + 2.0
         coordinator.poll()
         time.sleep(0.05)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -567,12 +568,28 @@ class Pod:
         self._holds_unknown_claims.set()
 
     def _retry(self, call: Callable[[], T]) -> T:
-        """Retry a store call on transient errors, for at most one lease period."""
+        """Retry a store call on transient errors, for at most one lease period.
+
+        Waits 0.05 s (+ up to 0.05 s of jitter) after the first failure,
+        doubling up to 0.5 s; gives up once a failure ends a lease period
+        after the first attempt started.
+        """
+        started = time.monotonic()
+        try:
+            # The first attempt without tenacity: building its Retrying for
+            # every write cost about a tenth of the pod's own work per batch.
+            return call()
+        except StoreUnavailable:
+            lease_s = self.config.timings.lease_s
+            if time.monotonic() - started >= lease_s:
+                raise
+        time.sleep(0.05 + random.uniform(0, 0.05))  # the wait after the first attempt
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(StoreUnavailable),
-            wait=(tenacity.wait_exponential(multiplier=0.05, max=0.5)
+            # Attempt n here is attempt n + 1 of the whole: 0.05 * 2**n.
+            wait=(tenacity.wait_exponential(multiplier=0.1, max=0.5)
                   + tenacity.wait_random(0, 0.05)),
-            stop=tenacity.stop_after_delay(self.config.timings.lease_s),
+            stop=tenacity.stop_after_delay(max(0.0, lease_s - (time.monotonic() - started))),
             reraise=True,
         )
         return retrying(call)

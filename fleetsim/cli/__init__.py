@@ -13,6 +13,7 @@ module                commands
 :mod:`.keys`          keys generate
 :mod:`.report`        report
 :mod:`.metrics`       metrics
+:mod:`.bench`         bench
 ====================  ==================================================
 
 Exit codes and the option conventions are in :mod:`.common`. Command
@@ -24,7 +25,18 @@ so ``from fleetsim.cli import option, emit, fail, open_store`` works.
 from __future__ import annotations
 
 # Imported for their side effect: each registers its commands on `cli`.
-from fleetsim.cli import chaos, fleet, history, keys, metrics, queue, report, run, selftest
+from fleetsim.cli import (
+    bench,
+    chaos,
+    fleet,
+    history,
+    keys,
+    metrics,
+    queue,
+    report,
+    run,
+    selftest,
+)
 from fleetsim.cli.common import (
     DEFAULTS,
     DURATION,
@@ -57,7 +69,8 @@ from fleetsim.cli.common import (
 
 __all__ = [
     "DEFAULTS", "DURATION", "EXIT_FAILURE", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_STORE",
-    "EXIT_USAGE", "FleetsimGroup", "chaos", "check_workload", "cli", "emit", "exit_code_for",
+    "EXIT_USAGE", "FleetsimGroup", "bench", "chaos", "check_workload", "cli", "emit",
+    "exit_code_for",
     "fail", "fleet", "fleet_bus_secret", "fleet_options", "fleet_using", "handler_option",
     "history", "json_option", "keys", "main", "metrics", "open_store", "option", "queue",
     "report", "run",

@@ -429,6 +429,14 @@ SELECT queue, depth, queued, claimed, completed, failed, dead, cancelled
 
 STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
 
+# Whether any step is still to run: waiting ones by the steps_claimable index;
+# claimed ones (no index) only once none waits. Cheap enough to poll while a
+# fleet drains, unlike STATUS_COUNTS (a scan of every row).
+HAS_OPEN_STEPS = """
+SELECT EXISTS (SELECT 1 FROM steps WHERE waiting)
+    OR EXISTS (SELECT 1 FROM steps WHERE status = 'claimed')
+"""
+
 # A (re)registering pod holds no work from before: whatever its id still has
 # claimed is requeued now, spending an attempt, as recovery would.
 #
@@ -748,8 +756,12 @@ SELECT (SELECT count(*) FROM steps) AS submitted,
                             WHERE outcome = 'completed')
                           - (SELECT min(claimed_at) FROM step_attempts)) AS window_s,
        (SELECT count(*) FROM done WHERE n > 1) AS duplicates,
+       -- NOT IN (a hashed subplan), not NOT EXISTS: right after a run the
+       -- statistics know nothing of the attempts, and the anti join planned on
+       -- them loops over every pair (10 s for 20,000 steps, past the
+       -- statement timeout on a busy machine). step_id is never NULL.
        (SELECT count(*) FROM steps s WHERE s.status = 'completed'
-           AND NOT EXISTS (SELECT 1 FROM done d WHERE d.step_id = s.id)) AS unbacked,
+           AND s.id NOT IN (SELECT step_id FROM done)) AS unbacked,
        (SELECT count(DISTINCT pod_id) FROM finished_attempts
          WHERE outcome = 'completed') AS pods_with_work
 """

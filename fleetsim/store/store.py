@@ -425,6 +425,14 @@ class Store:
         counts.update({row[0]: int(row[1]) for row in self._rows(q.STATUS_COUNTS)})
         return counts
 
+    def has_open_steps(self) -> bool:
+        """Whether any step is queued, failed (waiting for a retry) or claimed.
+
+        A cheap poll for "drained" (an index probe while steps wait), unlike
+        :meth:`status_counts`, which reads every row.
+        """
+        return bool(self._rows(q.HAS_OPEN_STEPS)[0][0])
+
     # -- submit -----------------------------------------------------------
 
     def submit(
