@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import fleetsim.cli_bench as cli_bench
 import pytest
 from click.testing import CliRunner
 
+import fleetsim.cli.bench as cli_bench
 from fleetsim.bench import BenchPlan, BenchReport
 from fleetsim.bench.baseline import baseline_of, compare, parse_tolerance
 from fleetsim.cli import cli
