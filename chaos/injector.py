@@ -337,7 +337,8 @@ class FaultInjector:
                         lambda: self.fleet.set_proxy_fault(pod, None))
         if where in ("bus", "all"):
             # The pod itself goes deaf and mute on the bus; it ends by itself.
-            self._check(self.fleet.send_command(pod, BusPartition(duration or 10.0)))
+            self._check(self.fleet.send_command(
+                pod, BusPartition(duration or BusPartition.DEFAULT_S)))
         return {"pod": pod, "from": where, "mode": mode, "for_s": duration}
 
     def heal(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from fleetsim.config import FleetTimings, PodGroup
 from fleetsim.errors import ConfigError, FleetsimError, StoreUnavailable
-from fleetsim.store import QueueConfig, Store, redact
+from fleetsim.store import QueueConfig, Store, redact_argv
 from fleetsim.thresholds import evaluate
 
 __all__ = [
@@ -395,7 +395,7 @@ def _record(plan: RunPlan, result: dict[str, Any], pods: list[dict[str, Any]],
         "seed": plan.seed,
         "schema": plan.schema,
         "params": params,
-        "command": [redact(arg) if "://" in arg else arg for arg in plan.command],
+        "command": redact_argv(plan.command),
         "pods": pods,
         "faults": [r for r in fault_records if r.get("type") == "fault"],
         "valid": result["valid"],

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleetsim.bus import BusPartition
 from fleetsim.store import Store
 from fleetsim.store.figures import (
     HistoryFigures,
@@ -157,8 +158,16 @@ def fault_windows(
         elif action == "store-restart":
             end = start + (_number(result.get("downtime_s")) or 0.0)
             label = "store restart"
+        elif action == "partition" and result.get("from") == "bus":
+            # The pod ends a bus partition itself (10 s when no --for was given).
+            end = start + (for_s or BusPartition.DEFAULT_S)
+            label = _fault_label(action, pods, result)
         elif action in _ENDS:
-            ends = [_ended(records[i + 1:], _ENDS[action], pod, start + (for_s or math.inf))
+            # A pod in a container is partitioned through the engine, tracked
+            # (and ended) as partition-network rather than partition-store.
+            kind = ("partition-network" if action == "partition"
+                    and result.get("from") == "network" else _ENDS[action])
+            ends = [_ended(records[i + 1:], kind, pod, start + (for_s or math.inf))
                     for pod in pods]
             end = min(max(ends, default=span[1]), span[1])
             label = _fault_label(action, pods, result)

@@ -146,10 +146,13 @@ class Histogram:
             if not key.startswith(prefix):
                 continue
             index = key[len(prefix):]
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"histogram {name}: {key!r} holds {value!r}")
             if index == "sum":
                 total = float(value)
                 continue
-            if not index.isdigit() or int(index) >= len(counts):
+            # isascii: str.isdigit() also accepts "²", which int() refuses.
+            if not (index.isascii() and index.isdigit()) or int(index) >= len(counts):
                 raise ConfigError(f"histogram {name}: no bucket {index!r}")
             if not math.isfinite(value) or value != int(value) or value < 0:
                 raise ConfigError(f"histogram {name}: bucket {index} holds {value!r}")

@@ -267,6 +267,9 @@ class BusPartition(Message):
 
     kind: ClassVar[str] = "bus_partition"
     duration_s: float | None
+    #: What `fleetsim chaos partition --from bus` asks for without ``--for``
+    #: (a pod cut off the bus cannot be told to heal).
+    DEFAULT_S: ClassVar[float] = 10.0
 
     def _validate(self) -> None:
         _non_negative("duration_s", self.duration_s)

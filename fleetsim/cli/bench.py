@@ -26,6 +26,7 @@ from fleetsim.bench.baseline import (
 )
 from fleetsim.cli.common import EXIT_OK, cli, fail, option, store_option
 from fleetsim.errors import ConfigError
+from fleetsim.store.url import redact_argv
 
 EXIT_INTERRUPTED = 130
 
@@ -141,7 +142,7 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
         report = run_bench(plan, url, say)
     machine = machine_facts(pg_version)
     rows = report.rows()
-    command = "fleetsim " + shlex.join(sys.argv[1:])
+    command = "fleetsim " + shlex.join(redact_argv(sys.argv[1:]))
     data = {**report.as_dict(), "machine": machine, "command": command}
     regressions, missing = ([], []) if baseline is None else compare(baseline, rows, tolerance)
     if baseline is not None:
@@ -187,7 +188,7 @@ def _bench_chaos(ctx: click.Context, params: dict[str, Any]) -> None:
     with _store_url(ctx, params["store"]) as url:
         rows = run_chaos(url, faults, params["repeat"], say)
     data = {"chaos": rows, "repeat": params["repeat"],
-            "command": "fleetsim " + shlex.join(sys.argv[1:])}
+            "command": "fleetsim " + shlex.join(redact_argv(sys.argv[1:]))}
     if params["json_file"] and params["json_file"] != "-":
         Path(params["json_file"]).write_text(json.dumps(data, indent=2) + "\n")
     if params["json_file"] == "-":

@@ -15,7 +15,7 @@ from fleetsim.store.records import (
 )
 from fleetsim.store.schema import SCHEMA_VERSION, STEP_STATUSES
 from fleetsim.store.store import LeaderTransaction, Store, StoreConfig
-from fleetsim.store.url import redact, validate_url
+from fleetsim.store.url import redact, redact_argv, validate_url
 from fleetsim.store.values import check_storable, storable_text
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "WriteOutcome",
     "check_storable",
     "redact",
+    "redact_argv",
     "storable_text",
     "validate_url",
 ]

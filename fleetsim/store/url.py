@@ -7,6 +7,7 @@ it, so every message that names a URL goes through :func:`redact`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fleetsim.errors import ConfigError
@@ -35,6 +36,24 @@ def redact(url: str) -> str:
     if query:
         rebuilt += f"?{query}"
     return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def redact_argv(args: Iterable[str]) -> list[str]:
+    """A command line with the password of every URL in it redacted.
+
+    Handles a bare URL argument and the ``--option=URL`` form: command lines
+    end up in replay records, failure bundles and benchmark baselines.
+    """
+    redacted = []
+    for arg in args:
+        if "://" not in arg:
+            redacted.append(arg)
+        elif arg.startswith("-") and "=" in arg:
+            name, _, value = arg.partition("=")
+            redacted.append(f"{name}={redact(value)}")
+        else:
+            redacted.append(redact(arg))
+    return redacted
 
 
 def validate_url(url: str) -> str:

@@ -316,3 +316,25 @@ def test_the_page_renders_in_headless_chromium(chaos_run: dict[str, Any],
     assert len(colours) > 100
     white = max(count for count, _ in colours)
     assert white < 0.95 * 1400 * 3000
+
+
+def test_container_and_bus_partitions_end_when_they_end(tmp_path: Path) -> None:
+    """A container's partition is tracked as partition-network, a bus
+    partition ends by itself: neither lasts to the end of the run."""
+    t = 1000.0
+    records = [
+        {"type": "action", "ts": t, "action": "partition", "target": "pod-c-1", "params": {},
+         "result": {"pod": "pod-c-1", "from": "network", "mode": "disconnect", "for_s": None,
+                    "via": "engine", "container": "tier-pod-1"}},
+        {"type": "action", "ts": t + 5, "action": "heal", "target": None, "params": {},
+         "result": {"healed": ["partition-network:pod-c-1"]}},
+        {"type": "action", "ts": t + 6, "action": "partition", "target": "pod-d-1",
+         "params": {"for": 2}, "result": {"pod": "pod-d-1", "from": "network", "for_s": 2}},
+        {"type": "action", "ts": t + 7, "action": "end-partition-network", "target": "pod-d-1",
+         "params": {}, "result": {"expired": True}},
+        {"type": "action", "ts": t + 10, "action": "partition", "target": "pod-2",
+         "params": {}, "result": {"pod": "pod-2", "from": "bus", "for_s": None}},
+    ]
+    (tmp_path / "faults.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    windows = fault_windows(tmp_path, (t - 1, t + 100), [])
+    assert [(w.start - t, w.end - t) for w in windows] == [(0, 5), (6, 7), (10, 20)]

@@ -190,3 +190,14 @@ def test_the_documented_example_is_a_valid_experiment() -> None:
     assert [g.name for g in e.groups] == ["slow", "fast"] and e.has_faults
     assert {q.name: q.strict_fifo for q in e.queues} == {"orders": True, "bulk": False}
     assert len(e.load.mix) == 2 and len(e.thresholds) == 4
+
+
+def test_a_recorded_command_line_never_keeps_a_password() -> None:
+    """Replay records, bundles and bench baselines keep the command line."""
+    from fleetsim.store import redact_argv
+
+    args = ["run", "x.toml", "--store=postgresql://u:secret@h/db", "--store",
+            "postgresql://v:hidden@h/db?password=also", "--seed", "3"]
+    shown = " ".join(redact_argv(args))
+    assert "secret" not in shown and "hidden" not in shown and "also" not in shown, shown
+    assert "--store=postgresql://u:***@h/db" in shown and "--seed 3" in shown

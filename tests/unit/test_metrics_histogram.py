@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,16 @@ def test_wire_round_trip_and_broken_wire_forms() -> None:
         Histogram([1, 2, 3])
     with pytest.raises(ConfigError, match="negative"):
         Histogram([-1] + [0] * len(BUCKETS_S))
+
+
+@pytest.mark.parametrize("counters", [
+    {"h.e2e_s.²": 1.0},  # a digit to str.isdigit(), not to int()
+    {"h.e2e_s.1": "1"},
+    {"h.e2e_s.sum": None},
+    {"h.e2e_s.-1": 1.0},
+])
+def test_a_malformed_snapshot_is_refused_with_a_config_error(counters: dict[str, Any]) -> None:
+    """Refused the one way the recorder and the Prometheus collector catch, so
+    one pod's bad snapshot never stops the fleet's series."""
+    with pytest.raises(ConfigError):
+        Histogram.from_counters(counters, "e2e_s")
