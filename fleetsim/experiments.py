@@ -303,10 +303,13 @@ def _result(plan: RunPlan, spec: Any, summary: dict[str, Any], load: Any,
             report: Any, figures: Mapping[str, Any]) -> dict[str, Any]:
     steps = load.accepted
     window = summary["window_s"] or 0.0
-    # Every step accounted for; the checker adds the invariants.
+    # Every step accounted for; the checker adds the invariants. A submit
+    # retried after its reply was lost may have landed twice: the store may
+    # hold up to that many more steps than were acknowledged, never fewer.
+    in_store = summary["submitted"]
     valid = (
-        summary["submitted"] == steps
-        and summary["completed"] + summary["dead"] + summary["cancelled"] == steps
+        steps <= in_store <= steps + load.indeterminate
+        and summary["completed"] + summary["dead"] + summary["cancelled"] == in_store
         and summary["duplicate_completions"] == 0
         and summary["completed_without_attempt"] == 0
     )
@@ -326,6 +329,7 @@ def _result(plan: RunPlan, spec: Any, summary: dict[str, Any], load: Any,
         "duplicate_completions": summary["duplicate_completions"],
         "seed": plan.seed,
         "rejected": sum(load.rejected.values()),
+        "indeterminate": load.indeterminate,
         "lost": int(totals.get("lost_step", 0)),
         "violations_total": sum(int(v) for v in totals.values()),
         "violations": [v.as_dict() for v in report.violations],

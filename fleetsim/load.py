@@ -66,6 +66,9 @@ class LoadGenerator(threading.Thread):
         self.stopping = stopping or threading.Event()
         self.submitted: Counter[str] = Counter()  # accepted steps per queue
         self.rejected: Counter[str] = Counter()  # refused by a full queue, per queue
+        # Steps of submits whose reply was lost (the store went away
+        # mid-call) and that were sent again: each may be in the store twice.
+        self.indeterminate = 0
         self.error: str | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -103,6 +106,9 @@ class LoadGenerator(threading.Thread):
         except FleetsimError as exc:
             self.error = str(exc)
             log.warning("load stopped: %s", exc)
+        except Exception as exc:  # anything else must not pass for a finished load
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("load stopped")
         finally:
             self.finished_at = time.monotonic()
             history.close()
@@ -114,15 +120,20 @@ class LoadGenerator(threading.Thread):
         for kind, n in by_kind.items():
             try:
                 ids = self._with_retry(lambda k=kind, n=n: self.store.submit_many(
-                    [k.spec()] * n))
+                    [k.spec()] * n), n)
             except QueueFull:
                 self.rejected[kind.queue] += n
                 continue
             history.submitted(kind.queue, ids)
             self.submitted[kind.queue] += len(ids)
 
-    def _with_retry(self, call: Any) -> list[int]:
-        """Retry while the store is unavailable (a fault may be restarting it)."""
+    def _with_retry(self, call: Any, steps: int) -> list[int]:
+        """Retry while the store is unavailable (a fault may be restarting it).
+
+        A failed call may have committed before its reply was lost, so each
+        retry counts ``steps`` as indeterminate: the run then allows that
+        many more steps in the store than were acknowledged.
+        """
         from fleetsim.errors import StoreUnavailable
 
         deadline = time.monotonic() + 30.0
@@ -133,4 +144,5 @@ class LoadGenerator(threading.Thread):
             except StoreUnavailable:
                 if time.monotonic() > deadline or self.stopping.is_set():
                     raise
+                self.indeterminate += steps
                 self.stopping.wait(0.5)

@@ -201,3 +201,37 @@ def test_a_recorded_command_line_never_keeps_a_password() -> None:
     shown = " ".join(redact_argv(args))
     assert "secret" not in shown and "hidden" not in shown and "also" not in shown, shown
     assert "--store=postgresql://u:***@h/db" in shown and "--seed 3" in shown
+
+
+class _LosingStore:
+    """A store whose first submit commits and then loses its reply (the
+    store went away mid-call); unit-level: the run-level check is in
+    fleetsim.experiments._result."""
+
+    def __init__(self, fail_with: Exception) -> None:
+        self.fail_with = fail_with
+        self.stored: list[int] = []
+
+    def submit_many(self, specs: list[Any]) -> list[int]:
+        ids = list(range(len(self.stored) + 1, len(self.stored) + len(specs) + 1))
+        self.stored += ids
+        if len(self.stored) == len(specs):  # the first call: committed, reply lost
+            raise self.fail_with
+        return ids
+
+
+def test_a_submit_sent_again_after_a_lost_reply_counts_as_indeterminate() -> None:
+    from fleetsim.errors import StoreUnavailable
+
+    store = _LosingStore(StoreUnavailable("connection lost"))
+    load = LoadGenerator(store, [StepKind(1.0, "default", None)], count=20, rate=0, seed=1)  # type: ignore[arg-type]
+    load.run()
+    assert load.error is None and load.accepted == 20
+    assert load.indeterminate == 20 and len(store.stored) == 40  # may have landed twice
+
+
+def test_a_load_that_dies_of_anything_is_an_error_not_a_short_pass() -> None:
+    load = LoadGenerator(_LosingStore(OSError("disk full")), [StepKind(1.0, "default", None)],  # type: ignore[arg-type]
+                         count=20, rate=0, seed=1)
+    load.run()
+    assert load.error is not None and "disk full" in load.error
