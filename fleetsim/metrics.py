@@ -212,7 +212,8 @@ def read_samples(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
     """The complete lines of ``path`` from byte ``offset``, and the offset after them.
 
     A last line still being written (no newline yet) is left for the next
-    read; a line that is not a JSON object is skipped.
+    read; a line that is not a JSON object with a ``kind`` and a numeric
+    ``t`` is skipped (every reader may rely on those two).
     """
     try:
         with path.open("rb") as f:
@@ -227,7 +228,9 @@ def read_samples(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
             sample = json.loads(line)
         except ValueError:
             continue
-        if isinstance(sample, dict) and "kind" in sample:
+        if (isinstance(sample, dict) and isinstance(sample.get("kind"), str)
+                and isinstance(sample.get("t"), int | float)
+                and not isinstance(sample["t"], bool)):
             samples.append(sample)
     return samples, offset + end
 

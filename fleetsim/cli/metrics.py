@@ -127,16 +127,26 @@ def _print_csv(doc: dict[str, Any], header: bool) -> None:
     sys.stdout.flush()
 
 
+def _figure(value: Any) -> float | None:
+    """A sample's number, or None (absent, or not a number in a damaged file)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value * 1000:.1f}"
+    number = _figure(value)
+    return "-" if number is None else f"{number * 1000:.1f}"
 
 
 def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value / 2**20:.0f}"
+    number = _figure(value)
+    return "-" if number is None else f"{number / 2**20:.0f}"
 
 
 def _num(value: Any, spec: str = ".0f") -> str:
-    return "-" if value is None else format(value, spec)
+    number = _figure(value)
+    return "-" if number is None else format(number, spec)
 
 
 def _print_table(doc: dict[str, Any]) -> None:
@@ -150,8 +160,8 @@ def _print_table(doc: dict[str, Any]) -> None:
             "e2e_all", "whole run")
         p50, p95, p99 = (fleet.get(f"{prefix}_p{p}_s") for p in (50, 95, 99))
         click.echo(
-            f"fleet ({state}, {now - fleet['t']:.0f}s ago): {_num(fleet['steps_per_s'])} "
-            f"steps/s, completed {fleet['completed']}, e2e p50/p95/p99 "
+            f"fleet ({state}, {now - fleet['t']:.0f}s ago): {_num(fleet.get('steps_per_s'))} "
+            f"steps/s, completed {fleet.get('completed')}, e2e p50/p95/p99 "
             f"{_ms(p50)}/{_ms(p95)}/{_ms(p99)} ms ({when})")
     if coordinator:
         click.echo(f"coordinator: rss {_mb(coordinator.get('rss_bytes'))} MB, "
