@@ -97,8 +97,13 @@ class ContainerEngine:
         if not wanted:
             return {}
         by_host: dict[str, list[Any]] = {}
-        for container in self._client.containers.list(all=True):
+        for container in self._engine("list its containers", self._client.containers.list,
+                                      all=True):
             if container.status not in _FAULTABLE:
+                continue
+            # A container on the host's network reports the host's name: it
+            # is not the host a pod registered from, whatever it says.
+            if container.attrs.get("HostConfig", {}).get("NetworkMode") == "host":
                 continue
             name = container.attrs.get("Config", {}).get("Hostname") or ""
             for host in {name, container.id[:12]}:
@@ -125,13 +130,18 @@ class ContainerEngine:
 
     def unpause(self, target: PodContainer) -> None:
         """Thaw a paused container; nothing if it is not paused any more."""
-        container = self._client.containers.get(target.id)
+        container = self._get(target)
         if container.status == "paused":
             self._call("unpause", target, lambda c: c.unpause())
 
     def disconnect(self, target: PodContainer) -> Disconnection:
-        """Take the container off every network; what to reconnect on heal."""
-        container = self._client.containers.get(target.id)
+        """Take the container off every network; what to reconnect on heal.
+
+        All or nothing: if one network refuses, those already cut are
+        reconnected before the error is raised, so no container is left cut
+        off with nobody tracking it.
+        """
+        container = self._get(target)
         networks = container.attrs.get("NetworkSettings", {}).get("Networks") or {}
         cut = Disconnection(target)
         for name, settings in networks.items():
@@ -139,7 +149,13 @@ class ContainerEngine:
             # name); the short id is an alias the engine adds by itself.
             aliases = [a for a in (settings or {}).get("Aliases") or []
                        if not target.id.startswith(a)]
-            self._client.networks.get(name).disconnect(container, force=True)
+            try:
+                self._engine(f"disconnect {target.name} from {name}",
+                             lambda n=name: self._client.networks.get(n).disconnect(
+                                 container, force=True))
+            except FleetsimError:
+                self.reconnect(cut)
+                raise
             cut.networks[name] = aliases
         if not cut.networks:
             raise ConfigError(f"container {target.name} is on no network to cut it off from")
@@ -147,18 +163,32 @@ class ContainerEngine:
 
     def reconnect(self, cut: Disconnection) -> None:
         """Put the container back on the networks a partition took it off."""
-        container = self._client.containers.get(cut.container.id)
+        if not cut.networks:
+            return
+        container = self._get(cut.container)
         now_on = container.attrs.get("NetworkSettings", {}).get("Networks") or {}
         for name, aliases in cut.networks.items():
             if name not in now_on:
-                self._client.networks.get(name).connect(container, aliases=aliases or None)
+                self._engine(f"reconnect {cut.container.name} to {name}",
+                             lambda n=name, a=aliases: self._client.networks.get(n).connect(
+                                 container, aliases=a or None))
+
+    def _get(self, target: PodContainer) -> Any:
+        return self._engine(f"find container {target.name}", self._client.containers.get,
+                            target.id)
 
     def _call(self, what: str, target: PodContainer, action: Any) -> None:
+        container = self._get(target)
+        self._engine(f"{what} container {target.name}", action, container)
+
+    @staticmethod
+    def _engine(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``; the engine's errors (the docker package
+        raises its own kinds and requests') as one FleetsimError line."""
         try:
-            action(self._client.containers.get(target.id))
+            return call(*args, **kwargs)
         except Exception as exc:
-            raise FleetsimError(f"the engine refused to {what} container {target.name}: "
-                              f"{_one_line(exc)}") from exc
+            raise FleetsimError(f"the Docker engine could not {what}: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -100,6 +100,7 @@ class FaultInjector:
         self._engine: ContainerEngine | None = None
         self._engine_why = "not looked for yet"
         self._engine_checked_at: float | None = None
+        self._engine_lock = threading.Lock()
 
     # -- entry point ----------------------------------------------------------
 
@@ -199,8 +200,8 @@ class FaultInjector:
         pods in containers of the engine (remote pods on the bus can only be
         killed or given storage faults). Scenarios choose among these."""
         local = set(self.fleet.pod_pids())
-        return [p for p in self.live_pods()
-                if p in local or p in self._containers_of(exclude=local)]
+        in_containers = self._containers_of(exclude=local)
+        return [p for p in self.live_pods() if p in local or p in in_containers]
 
     # -- pods in containers ---------------------------------------------------
 
@@ -209,7 +210,9 @@ class FaultInjector:
         minute when it did not)."""
         if not self._containers:
             return None
-        with self._lock:
+        # Not under self._lock: connecting may take the engine's timeout, and
+        # heals and expiry timers need that lock meanwhile.
+        with self._engine_lock:
             now = time.monotonic()
             if self._engine is None and (self._engine_checked_at is None
                                          or now - self._engine_checked_at > 60.0):
@@ -228,7 +231,13 @@ class FaultInjector:
         engine = self.engine() if hosts else None
         if engine is None:
             return {}
-        return engine.containers_for(hosts)
+        try:
+            return engine.containers_for(hosts)
+        except FleetsimError as exc:
+            # The engine went away (or restarts): faults on the fleet's own
+            # pods go on; container pods are out of reach meanwhile.
+            log.warning("pods in containers are out of reach: %s", exc)
+            return {}
 
     def _container(self, pod: str) -> PodContainer | None:
         """The container ``pod`` runs in, when it is not our child and the

@@ -188,3 +188,51 @@ def test_a_pod_in_no_container_is_refused_with_the_reason(tmp_path: Any) -> None
         injector.apply("pause", "far-1", {})
     with pytest.raises(ConfigError, match="no pod named 'pod-gone-1'"):
         injector.apply("pause", "pod-gone-1", {})
+
+
+def test_a_partition_the_engine_half_refuses_is_undone_not_left_behind() -> None:
+    """Two networks; the second refuses the disconnect: the first is
+    reconnected and the error is one FleetsimError line."""
+    from chaos.containers import PodContainer
+    from fleetsim.errors import FleetsimError
+
+    events: list[str] = []
+    connected = {"first": {"Aliases": ["pod"]}, "second": {"Aliases": []}}
+
+    class Network:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def disconnect(self, container: Any, force: bool) -> None:
+            if self.name == "second":
+                raise RuntimeError("500 Server Error: boom\n(details)")
+            events.append(f"disconnect {self.name}")
+            del connected[self.name]
+
+        def connect(self, container: Any, aliases: Any) -> None:
+            events.append(f"connect {self.name} {aliases}")
+            connected[self.name] = {"Aliases": aliases}
+
+    class Container:
+        status = "running"
+
+        @property
+        def attrs(self) -> dict[str, Any]:
+            return {"NetworkSettings": {"Networks": dict(connected)}}
+
+    class Client:
+        class containers:  # the docker package's attribute names
+            @staticmethod
+            def get(container_id: str) -> Any:
+                return Container()
+
+        class networks:
+            @staticmethod
+            def get(name: str) -> Network:
+                return Network(name)
+
+    engine = ContainerEngine(Client())
+    with pytest.raises(FleetsimError, match="could not disconnect tier-pod-1 from second: "
+                                            "500 Server Error: boom"):
+        engine.disconnect(PodContainer("f" * 64, "tier-pod-1", "running"))
+    assert events == ["disconnect first", "connect first ['pod']"]
