@@ -120,6 +120,8 @@ def parse_thresholds(table: object, source: str = "<string>",
             parsed.append(Threshold(name, f"== {str(raw).lower()}", "==", raw))
             continue
         if isinstance(raw, int | float):
+            if not math.isfinite(raw):
+                raise ConfigError(f"{where}: {raw!r} is not a finite number")
             parsed.append(Threshold(name, f"== {raw:g}", "==", float(raw)))
             continue
         if not isinstance(raw, str):
@@ -129,7 +131,10 @@ def parse_thresholds(table: object, source: str = "<string>",
             raise ConfigError(f"{where}: invalid condition {raw!r} (expected <, <=, >, >=, == "
                               'or != and a number, e.g. "< 2.0")')
         op, number = match.groups()
-        parsed.append(Threshold(name, f"{op} {number}", op, float(number.replace("_", ""))))
+        expected = float(number.replace("_", ""))
+        if not math.isfinite(expected):  # "< 1e400" would pass any value
+            raise ConfigError(f"{where}: {number} is not a finite number")
+        parsed.append(Threshold(name, f"{op} {number}", op, expected))
     return tuple(parsed)
 
 

@@ -90,7 +90,7 @@ def baseline_of(rows: list[dict[str, Any]], machine: dict[str, Any],
     for row in rows:
         if row["kind"] != "fleet":
             continue
-        entry = {name: row[name] for name, _ in FIGURES if row.get(name)}
+        entry = {name: row[name] for name, _ in FIGURES if row.get(name) is not None}
         if entry:
             figures[row["key"]] = entry
     return {"format": FORMAT, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -112,11 +112,15 @@ def compare(baseline: dict[str, Any], rows: list[dict[str, Any]],
             tolerance: float) -> tuple[list[Regression], list[str]]:
     """Regressions of ``rows`` against ``baseline``, and the configurations not compared.
 
-    A figure is taken as its median over the repeats.
+    A figure is taken as its median over the repeats. A baseline figure
+    this run did not measure is listed as not compared; ConfigError if
+    nothing at all could be compared (a gate that compares nothing passes
+    nothing).
     """
     regressions: list[Regression] = []
     current = {row["key"]: row for row in rows if row["kind"] == "fleet"}
     missing = []
+    compared = 0
     for key, figures in sorted(baseline.get("figures", {}).items()):
         row = current.get(key)
         if row is None:
@@ -126,11 +130,19 @@ def compare(baseline: dict[str, Any], rows: list[dict[str, Any]],
             base = figures.get(name)
             now = row.get(name)
             now_value = now["median"] if isinstance(now, dict) else now
-            if base is None or now_value is None:
+            if base is None:
                 continue
+            if now_value is None:
+                missing.append(f"{key} {name}")
+                continue
+            compared += 1
             base_value = base["median"] if isinstance(base, dict) else float(base)
             worse = (now_value < base_value * (1 - tolerance) if higher_is_better
                      else now_value > base_value * (1 + tolerance))
             if worse:
                 regressions.append(Regression(key, name, base_value, now_value, tolerance))
+    if not compared:
+        raise ConfigError("nothing of the baseline was measured in this run (its "
+                          f"configurations: {', '.join(sorted(baseline.get('figures', {})))}"
+                          "): run them to compare")
     return regressions, missing

@@ -123,3 +123,9 @@ def test_chaos_faults_are_checked_and_tabled() -> None:
            "orphan_recovery": {"median_s": None, "max_s": None}}
     header, _, line = chaos_table_lines([row])
     assert "failover median" in header and "2.40 s" in line and "2/2" in line
+
+
+def test_a_baseline_nothing_of_which_was_measured_fails_instead_of_passing() -> None:
+    baseline = {"format": 1, "figures": {"pods=50 batch=50": {"ratio": 0.7}}}
+    with pytest.raises(ConfigError, match="nothing of the baseline was measured"):
+        compare(baseline, [], 0.1)

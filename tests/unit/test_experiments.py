@@ -235,3 +235,9 @@ def test_a_load_that_dies_of_anything_is_an_error_not_a_short_pass() -> None:
                          count=20, rate=0, seed=1)
     load.run()
     assert load.error is not None and "disk full" in load.error
+
+
+@pytest.mark.parametrize("condition", ["< 1e400", "> -1e999"])
+def test_a_threshold_that_no_value_could_fail_is_refused(condition: str) -> None:
+    with pytest.raises(ConfigError, match="not a finite number"):
+        parse_thresholds({"e2e_p99_s": condition})
