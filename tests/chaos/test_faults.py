@@ -76,15 +76,18 @@ def test_partition_leader_from_store_replaced_recovered_late_writes_rejected(
         wait_until(lambda: leader in busy_pods(store), 10, what="the leader to hold steps")
         held = [r[0] for r in rows(store, "SELECT id FROM steps WHERE claimed_by = :p"
                                           " AND status = 'claimed'", p=leader)]
+        # Cut off long enough that its steps are recovered by others while it
+        # still is: a new term after at most a lease, the dead threshold after
+        # its last heartbeat, then a recovery pass (5 leases leave room for a
+        # loaded machine; seen to take over 9 s under a load of 15).
         fleet.injector.apply("partition", leader, {"from": "store", "mode": "blackhole",
-                                                   "for": 3 * LEASE})
+                                                   "for": 5 * LEASE})
         wait_until(lambda: newer_leader(store, term), 3 * LEASE,
                    what="a new leader while the old one is cut off")
-        # Its steps are recovered by others while it is still partitioned.
         wait_until(lambda: rows(store, "SELECT count(DISTINCT step_id) FROM step_attempts"
                                        " WHERE step_id = ANY(:ids) AND pod_id <> :p",
                                 ids=held, p=leader)[0][0] == len(held),
-                   3 * LEASE, what="the partitioned leader's steps re-claimed")
+                   4 * LEASE, what="the partitioned leader's steps re-claimed")
         drain_and_check(store, fleet, 2000)
     late = rows(store, "SELECT count(*) FROM step_attempts WHERE pod_id = :p"
                        " AND rejected_at IS NOT NULL", p=leader)[0][0]
