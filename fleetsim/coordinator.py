@@ -614,6 +614,9 @@ class Coordinator:
                 self._event("pod.exited", pod=pod_id, pid=pod.pid, returncode=code,
                             reason=describe_returncode(code))
                 del self.pods[pod_id]
+                # Before a restart registers the next incarnation (which the
+                # record is fenced against anyway).
+                self._record_exit(pod, code)
                 # A pod that left because another live process owns its id
                 # (superseded, or refused at registration) is not restarted:
                 # a new incarnation would take the id from its rightful owner.
@@ -627,6 +630,28 @@ class Coordinator:
             if exits:
                 self._write_run_file("ready")
         return exits
+
+    def _record_exit(self, pod: PodProcess, code: int) -> None:
+        """Tell the store a pod process is gone (reaped: a certain death).
+
+        Its lease is freed and its death recorded at once, fenced by its
+        incarnation and pid (Store.record_exit), instead of waiting for the
+        lease and the dead threshold to run out. If that fails (the store
+        away, a pooler, no right to terminate backends) nothing is lost: the
+        pod's silence gives it away as before, only later.
+        """
+        if self.store is None or self.stopping.is_set():
+            return
+        try:
+            record = self.store.record_exit(pod.pod_id, pod.incarnation, pod.pid,
+                                            returncode=code)
+        except FleetsimError as exc:
+            log.warning("%s exited; its death is left to the dead threshold: %s",
+                        pod.pod_id, exc)
+            return
+        if record.recorded:
+            self._event("pod.exit_recorded", pod=pod.pod_id, incarnation=pod.incarnation,
+                        ended_term=record.ended_term, backends=record.backends)
 
     def run_forever(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> None:
         """Supervise until ``stopping`` is set (by a signal or a command)."""
