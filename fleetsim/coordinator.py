@@ -131,6 +131,7 @@ class Coordinator:
         self.echo = echo or (lambda line: None)
         self.pods: dict[str, PodProcess] = {}
         self._spawned: set[str] = set()  # every pod id spawned, running or not
+        self._exits_seen: set[int] = set()  # pids whose exit was given to the store
         self.store_url: str | None = None
         self.store: Store | None = None
         self.embedded: Any = None  # fleetsim.store.embedded.EmbeddedPostgres
@@ -536,6 +537,8 @@ class Coordinator:
         with self._lock:
             self.pods[pod_id] = pod
             self._spawned.add(pod_id)
+        threading.Thread(target=self._watch_exit, args=(pod,), daemon=True,
+                         name=f"exit-{pod_id}").start()
         self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
         return pod
 
@@ -615,7 +618,7 @@ class Coordinator:
                             reason=describe_returncode(code))
                 del self.pods[pod_id]
                 # Before a restart registers the next incarnation (which the
-                # record is fenced against anyway).
+                # record is fenced against anyway), unless _watch_exit did.
                 self._record_exit(pod, code)
                 # A pod that left because another live process owns its id
                 # (superseded, or refused at registration) is not restarted:
@@ -631,15 +634,35 @@ class Coordinator:
                 self._write_run_file("ready")
         return exits
 
+    def _watch_exit(self, pod: PodProcess) -> None:
+        """Record a pod's death the moment its process ends (a thread per pod).
+
+        poll() reaps and restarts at its callers' pace (0.05 to 0.25 s);
+        this waits for the exit itself, without reaping it (WNOWAIT), so
+        the store learns of it within milliseconds.
+        """
+        try:
+            info = os.waitid(os.P_PID, pod.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # already reaped: poll() records it
+            return
+        if info is None:
+            return
+        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+        self._record_exit(pod, -info.si_status if killed else info.si_status)
+
     def _record_exit(self, pod: PodProcess, code: int) -> None:
-        """Tell the store a pod process is gone (reaped: a certain death).
+        """Tell the store a pod process is gone (it exited: a certain death).
 
         Its lease is freed and its death recorded at once, fenced by its
         incarnation and pid (Store.record_exit), instead of waiting for the
         lease and the dead threshold to run out. If that fails (the store
         away, a pooler, no right to terminate backends) nothing is lost: the
-        pod's silence gives it away as before, only later.
+        pod's silence gives it away as before, only later. Once per process.
         """
+        with self._lock:
+            if pod.pid in self._exits_seen:
+                return
+            self._exits_seen.add(pod.pid)
         if self.store is None or self.stopping.is_set():
             return
         try:

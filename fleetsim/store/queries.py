@@ -842,3 +842,13 @@ VALUES (:pod, :incarnation, :pid, :registered_at, clock_timestamp(), :returncode
 ON CONFLICT (pod_id, registered_at) DO NOTHING
 RETURNING exited_at
 """
+
+# Whether a pod whose exit was recorded is still alive (the leader looks for
+# one between its recovery passes, so a certain death is acted on at once).
+UNMARKED_EXITS = """
+SELECT EXISTS (SELECT 1 FROM pods p
+                WHERE p.status = 'alive'
+                  AND EXISTS (SELECT 1 FROM pod_exits e
+                               WHERE e.pod_id = p.id AND e.registered_at = p.started_at
+                                 AND e.incarnation = p.incarnation))
+"""

@@ -898,6 +898,14 @@ class Store:
         return ExitRecord(recorded is not None, None if ended is None else int(ended),
                           len(pids))
 
+    def has_unmarked_exits(self) -> bool:
+        """Whether some pod's exit was recorded (record_exit) but recovery has not marked it.
+
+        Cheap (the pods, and pod_exits by primary key): the leader asks
+        between its recovery passes, and runs one at once if so.
+        """
+        return bool(self._rows(q.UNMARKED_EXITS)[0][0])
+
     def stop_pod(self, pod_id: str, incarnation: int = 0) -> None:
         """Mark a pod stopped after a graceful shutdown."""
         self._rows(q.STOP_POD + " RETURNING id", pod=pod_id, incarnation=incarnation)
