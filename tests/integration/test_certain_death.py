@@ -8,6 +8,7 @@ once. Every test also shows what an unfenced version would do wrong.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import pytest
 from fleetsim.checker import check
 from fleetsim.store import StepSpec, Store, StoreConfig, pod_application_name
 from fleetsim.store import queries as q
+from fleetsim.store.store import _COMPLETE
 from tests.integration.claimers import sql, wait_for
 from tests.integration.test_store_leader import (
     assert_actions_inside_their_terms,
@@ -43,14 +45,20 @@ def pod_connection(config: StoreConfig, pod_id: str, incarnation: int) -> Iterat
         conn.close()
 
 
-def late_statement(config: StoreConfig, conn: Any, statement: str) -> threading.Thread:
-    """Send ``statement`` from ``conn`` in a thread; return once it is running."""
+def late_statement(config: StoreConfig, conn: Any, statement: str,
+                   params: dict[str, Any] | None = None) -> threading.Thread:
+    """Send ``statement`` from ``conn`` in a thread, after a second of ``pg_sleep``.
+
+    Returns while the sleep runs. The statement follows as a message of its
+    own, as bytes held up on their way (in a proxy, a socket buffer) would.
+    """
     outcome: dict[str, Any] = {}
 
     def send() -> None:
         try:
             with conn.cursor() as cur:
-                cur.execute(statement)
+                cur.execute("SELECT pg_sleep(1.0)")
+                cur.execute(statement, params)
             outcome["result"] = "ran"
         except psycopg2.Error as exc:
             outcome["result"] = type(exc).__name__
@@ -116,10 +124,10 @@ def test_exit_of_the_leader_ends_its_term_and_recovery_marks_it_at_once(
 def test_a_statement_the_dead_process_sent_cannot_land_after_its_exit(
     store: Store, store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch, terminate: bool
 ) -> None:
-    """A heartbeat sent just before the kill, still running: it must not land afterwards.
+    """A completion sent just before the kill, still on its way: it must not land afterwards.
 
-    The mutant records the exit without terminating the backends: the late
-    heartbeat lands after the exit, which this test sees (so it can fail).
+    The mutant records the exit without terminating the process's backends:
+    the late completion lands after the exit, and the checker says so.
     """
     if not terminate:
         monkeypatch.setattr(q, "TERMINATE_BACKENDS",
@@ -128,20 +136,25 @@ def test_a_statement_the_dead_process_sent_cannot_land_after_its_exit(
                             "SELECT 0 WHERE CAST(:app AS text) IS NULL"
                             " OR CAST(:pids AS integer[]) IS NOT NULL")
     register(store, "a", 0, 100)
+    (step_id,) = store.submit_many([StepSpec("default", {})])
+    (claimed,) = store.claim_steps("a", ["default"], 1)
+    items = json.dumps([{"id": step_id, "token": claimed.claim_token, "result": None}])
     with pod_connection(store_config, "a", 0) as conn:
         late = late_statement(store_config, conn,
-                              "SELECT pg_sleep(1.0); UPDATE pods SET heartbeat_at ="
-                              " clock_timestamp() WHERE id = 'a' AND status = 'alive'")
+                              _COMPLETE.direct_py, {"items": items})
         assert store.record_exit("a", 0, 100).recorded
         late.join(10)
-    heartbeat, exited = sql(store_config, "SELECT p.heartbeat_at, e.exited_at FROM pods p"
-                                          " JOIN pod_exits e ON e.pod_id = p.id")[0]
+    report = check(store)
+    after_exit = [v for v in report.violations if "after that process's exit" in v.message]
+    status = store.get_step(step_id).status  # type: ignore[union-attr]
     if terminate:
         assert late.outcome["result"] != "ran"  # type: ignore[attr-defined]
-        assert heartbeat < exited
+        assert status == "claimed"  # the leader's recovery requeues it
+        assert not after_exit and report.counts["violations"]["history_integrity"] == 0
     else:
         assert late.outcome["result"] == "ran"  # type: ignore[attr-defined]
-        assert heartbeat > exited  # what the fence prevents
+        assert status == "completed"  # after the exit: what the fence prevents
+        assert after_exit, report.summary()
 
 
 @pytest.mark.timeout(60)
@@ -229,3 +242,16 @@ def test_application_names_are_per_process_and_fit() -> None:
     a, b = pod_application_name(long_id, 0, "s"), pod_application_name(long_id + "y", 0, "s")
     assert a != b and len(a) <= 63 and len(b) <= 63 and a.isascii()
     assert pod_application_name("pöd", 0, "s").isascii()
+
+
+@pytest.mark.timeout(60)
+def test_the_checker_reads_a_store_initialised_before_pod_exits(
+    store: Store, store_config: StoreConfig
+) -> None:
+    register(store, "a", 0, 100)
+    store.submit_many([StepSpec("default", {})] * 2)
+    store.claim_steps("a", ["default"], 2)
+    sql(store_config, "DROP TABLE pod_exits")
+    report = check(store)
+    assert not any(report.counts["violations"].values()), report.summary()
+    assert report.figures["orphan_recovery"]["count"] == 0
