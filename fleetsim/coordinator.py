@@ -115,6 +115,7 @@ class PodProcess:
     log_path: Path
     started_at: float
     ready_at: float | None = None
+    exit_noticed: bool = False  # its exit was given to the store (or is being)
 
     @property
     def pid(self) -> int:
@@ -131,7 +132,6 @@ class Coordinator:
         self.echo = echo or (lambda line: None)
         self.pods: dict[str, PodProcess] = {}
         self._spawned: set[str] = set()  # every pod id spawned, running or not
-        self._exits_seen: set[int] = set()  # pids whose exit was given to the store
         self.store_url: str | None = None
         self.store: Store | None = None
         self.embedded: Any = None  # fleetsim.store.embedded.EmbeddedPostgres
@@ -660,9 +660,9 @@ class Coordinator:
         pod's silence gives it away as before, only later. Once per process.
         """
         with self._lock:
-            if pod.pid in self._exits_seen:
+            if pod.exit_noticed:
                 return
-            self._exits_seen.add(pod.pid)
+            pod.exit_noticed = True
         if self.store is None or self.stopping.is_set():
             return
         try:
