@@ -289,6 +289,12 @@ def _integrity_message(kind: str, w: dict[str, Any]) -> str:
                 f"leader term {w.get('term')} is missing from leader_terms (the lease is at term"
                 f" {w.get('lease_term')}, {w.get('recorded_terms')} terms recorded)"
             )
+        case "activity_after_exit":
+            return (
+                f"{step}: {w.get('what')} with {token} by {w.get('pod')} incarnation"
+                f" {w.get('incarnation')} at {w.get('at')}, after that process's exit was"
+                f" recorded at {w.get('exited_at')}"
+            )
         case "unlogged_death":
             return (
                 f"pod {w.get('pod')} was marked dead at {w.get('died_at')}, but no leader"

@@ -115,6 +115,7 @@ class PodProcess:
     log_path: Path
     started_at: float
     ready_at: float | None = None
+    exit_noticed: bool = False  # its exit was given to the store (or is being)
 
     @property
     def pid(self) -> int:
@@ -536,6 +537,8 @@ class Coordinator:
         with self._lock:
             self.pods[pod_id] = pod
             self._spawned.add(pod_id)
+        threading.Thread(target=self._watch_exit, args=(pod,), daemon=True,
+                         name=f"exit-{pod_id}").start()
         self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
         return pod
 
@@ -614,6 +617,9 @@ class Coordinator:
                 self._event("pod.exited", pod=pod_id, pid=pod.pid, returncode=code,
                             reason=describe_returncode(code))
                 del self.pods[pod_id]
+                # Before a restart registers the next incarnation (which the
+                # record is fenced against anyway), unless _watch_exit did.
+                self._record_exit(pod, code)
                 # A pod that left because another live process owns its id
                 # (superseded, or refused at registration) is not restarted:
                 # a new incarnation would take the id from its rightful owner.
@@ -627,6 +633,48 @@ class Coordinator:
             if exits:
                 self._write_run_file("ready")
         return exits
+
+    def _watch_exit(self, pod: PodProcess) -> None:
+        """Record a pod's death the moment its process ends (a thread per pod).
+
+        poll() reaps and restarts at its callers' pace (0.05 to 0.25 s);
+        this waits for the exit itself, without reaping it (WNOWAIT), so
+        the store learns of it within milliseconds.
+        """
+        try:
+            info = os.waitid(os.P_PID, pod.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # already reaped: poll() records it
+            return
+        if info is None:
+            return
+        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+        self._record_exit(pod, -info.si_status if killed else info.si_status)
+
+    def _record_exit(self, pod: PodProcess, code: int) -> None:
+        """Tell the store a pod process is gone (it exited: a certain death).
+
+        Its lease is freed and its death recorded at once, fenced by its
+        incarnation and pid (Store.record_exit), instead of waiting for the
+        lease and the dead threshold to run out. If that fails (the store
+        away, a pooler, no right to terminate backends) nothing is lost: the
+        pod's silence gives it away as before, only later. Once per process.
+        """
+        with self._lock:
+            if pod.exit_noticed:
+                return
+            pod.exit_noticed = True
+        if self.store is None or self.stopping.is_set():
+            return
+        try:
+            record = self.store.record_exit(pod.pod_id, pod.incarnation, pod.pid,
+                                            returncode=code)
+        except FleetsimError as exc:
+            log.warning("%s exited; its death is left to the dead threshold: %s",
+                        pod.pod_id, exc)
+            return
+        if record.recorded:
+            self._event("pod.exit_recorded", pod=pod.pod_id, incarnation=pod.incarnation,
+                        ended_term=record.ended_term, backends=record.backends)
 
     def run_forever(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> None:
         """Supervise until ``stopping`` is set (by a signal or a command)."""

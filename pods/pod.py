@@ -62,6 +62,12 @@ T = TypeVar("T")
 # while the queues stay empty.
 _IDLE_POLL_S = (0.01, 0.2)
 
+# A candidate tries for the lease at least this often: a lease is freed
+# early when its holder certainly died (the coordinator saw its process
+# exit: Store.record_exit), and the next leader should not wait a renew
+# period for it. An attempt that finds the lease held changes nothing.
+_CANDIDATE_POLL_S = 0.25
+
 
 @dataclass
 class _BatchOutcome:
@@ -775,7 +781,8 @@ class Pod:
                             # (DB time, as reported), not up to a renew period later.
                             holder = self.store.current_leader()
                             wait = holder.expires_in_s + 0.02 if holder else 0.05
-                            next_renew = now + min(t.renew_s, max(0.02, wait))
+                            next_renew = now + min(t.renew_s, _CANDIDATE_POLL_S,
+                                                   max(0.02, wait))
                     continue
                 if now >= next_renew:
                     next_renew = now + t.renew_s
@@ -783,7 +790,10 @@ class Pod:
                         log.warning("lost the leader lease of term %d", self.term)
                         self._set_term(None)
                         continue
-                if now >= next_recovery and self._recovery_may_judge(now):
+                # A recorded exit (a certain death) is acted on at once, not
+                # at the next pass: the probe is one cheap read, leader only.
+                if self._recovery_may_judge(now) and (
+                        now >= next_recovery or self.store.has_unmarked_exits()):
                     next_recovery = now + t.recovery_s
                     result = self.store.recover(cfg.pod_id, self.term, t.dead_after_s)
                     if result.marked_dead or result.requeued or result.dead_lettered:

@@ -48,7 +48,7 @@ from fleetsim.errors import (
 )
 from fleetsim.rundir import RunDir
 from fleetsim.status import status_data, unserved_warning
-from fleetsim.store import StepSpec, Store, StoreConfig, redact
+from fleetsim.store import StepSpec, Store, StoreConfig, pod_application_name, redact
 
 # -- init -------------------------------------------------------------------
 
@@ -661,7 +661,11 @@ def pod(ctx: click.Context, /, **params: Any) -> None:
     try:
         config = PodConfig(
             pod_id=pod_id,
-            store=StoreConfig(url, schema=params["schema"], application_name=pod_id,
+            # Names this process's connections: a certain death (the
+            # coordinator reaped it) terminates them (Store.record_exit).
+            store=StoreConfig(url, schema=params["schema"],
+                              application_name=pod_application_name(
+                                  pod_id, params["incarnation"], params["schema"]),
                               pool_size=params["concurrency"] + 3),
             incarnation=params["incarnation"], queues=tuple(params["queues"]),
             workload=params["workload"], handlers=tuple(params["handlers"]),

@@ -2,6 +2,7 @@
 
 from fleetsim.store.records import (
     ClaimedStep,
+    ExitRecord,
     FailOutcome,
     Heartbeat,
     Lease,
@@ -14,7 +15,7 @@ from fleetsim.store.records import (
     WriteOutcome,
 )
 from fleetsim.store.schema import SCHEMA_VERSION, STEP_STATUSES
-from fleetsim.store.store import LeaderTransaction, Store, StoreConfig
+from fleetsim.store.store import LeaderTransaction, Store, StoreConfig, pod_application_name
 from fleetsim.store.url import redact, redact_argv, validate_url
 from fleetsim.store.values import check_storable, storable_text
 
@@ -22,6 +23,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "STEP_STATUSES",
     "ClaimedStep",
+    "ExitRecord",
     "FailOutcome",
     "Heartbeat",
     "LeaderTransaction",
@@ -36,6 +38,7 @@ __all__ = [
     "StoreConfig",
     "WriteOutcome",
     "check_storable",
+    "pod_application_name",
     "redact",
     "redact_argv",
     "storable_text",

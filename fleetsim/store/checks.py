@@ -548,6 +548,26 @@ INTEGRITY = "WITH " + _ATT + """, per_step AS (
                         WHERE la.action = 'mark_dead' AND la.target_pod = p.id
                           AND la.at = p.died_at)
     UNION ALL
+    -- Nothing a process did lands after its recorded exit (its coordinator
+    -- waited out its backends first, Store.record_exit): no claim, no
+    -- accepted write of that registration later, unless the same
+    -- incarnation registered again in between.
+    SELECT 'activity_after_exit', a.step_id, a.claim_token,
+           jsonb_build_object('step_id', a.step_id, 'claim_token', a.claim_token,
+                              'pod', a.pod_id, 'incarnation', a.incarnation,
+                              'what', x.what, 'at', x.at, 'exited_at', e.exited_at)
+      FROM att a
+      JOIN pod_exits e ON e.pod_id = a.pod_id AND e.incarnation = a.incarnation
+                      AND a.claimed_at >= e.registered_at
+     CROSS JOIN LATERAL (VALUES ('claim', a.claimed_at),
+                                (CASE WHEN a.outcome IN ('completed', 'failed', 'released',
+                                                         'cancelled')
+                                      THEN a.outcome END, a.finished_at)) AS x(what, at)
+     WHERE x.what IS NOT NULL AND x.at > e.exited_at
+       AND NOT EXISTS (SELECT 1 FROM pod_registrations r
+                        WHERE r.pod_id = a.pod_id AND r.incarnation = a.incarnation
+                          AND r.registered_at > e.exited_at AND r.registered_at <= x.at)
+    UNION ALL
     -- A revoked claim (lease_lost) was revoked by a leader's requeue or
     -- dead_letter naming its token, or by its pod registering again (at that
     -- instant; only the latest registration is kept, so an earlier one is
@@ -686,7 +706,9 @@ SELECT (SELECT count(s) FROM gaps) AS n,
 """
 
 # A dead pod's lost claims (outcome lease_lost) to their next claim. The death
-# is the latest mark_dead action naming the pod during that attempt, else its
+# is the exit recorded for the pod during that attempt (pod_exits: its
+# coordinator saw the process end), else the latest mark_dead action naming
+# the pod during that attempt, else its
 # pods.died_at if during the attempt, else the requeue itself (a restarting
 # pod gives its claims back as it registers).
 ORPHAN_RECOVERY = """
@@ -711,7 +733,10 @@ WITH ev AS (
       FROM ev
 ), lost AS (
     SELECT c.token, c.step_id, c.next_claimed_at,
-           coalesce(CASE WHEN c.last_death >= c.claimed_at THEN c.last_death END,
+           -- A certain death (pod_exits) is known before the leader marks it.
+           coalesce((SELECT min(e.exited_at) FROM pod_exits e
+                      WHERE e.pod_id = c.pod AND e.exited_at BETWEEN c.claimed_at AND c.t),
+                    CASE WHEN c.last_death >= c.claimed_at THEN c.last_death END,
                     CASE WHEN p.died_at BETWEEN c.claimed_at AND c.t THEN p.died_at END,
                     c.t) AS died_at
       FROM carried c
@@ -877,7 +902,8 @@ def check_history(store: Store, *, final: bool, limit: int) -> HistoryFacts:
             totals["exclusive_claims"] = int(r["total"])
             findings.append(_overlap_attempt_finding(r))
 
-        for r in rows(INTEGRITY, limit=limit):
+        exits = bool(conn.execute(sa.text("SELECT to_regclass('pod_exits')")).scalar())
+        for r in rows(INTEGRITY if exits else without_exits(INTEGRITY), limit=limit):
             totals["history_integrity"] = int(r["total"])
             findings.append(_integrity_finding(r))
 
@@ -906,9 +932,20 @@ def _round(value: Any) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
+def without_exits(sql: str) -> str:
+    """``sql`` for a store not initialised since pod_exits came: it has no exits."""
+    return sql.replace("pod_exits e", "(SELECT CAST(NULL AS text) AS pod_id,"
+                       " CAST(NULL AS integer) AS incarnation,"
+                       " CAST(NULL AS timestamptz) AS registered_at,"
+                       " CAST(NULL AS timestamptz) AS exited_at WHERE false) e")
+
+
 def _figures(conn: Connection) -> dict[str, dict[str, Any]]:
     failover = conn.execute(sa.text(FAILOVER)).one()
-    orphan = conn.execute(sa.text(ORPHAN_RECOVERY)).one()
+    orphan_sql = ORPHAN_RECOVERY
+    if not conn.execute(sa.text("SELECT to_regclass('pod_exits')")).scalar():
+        orphan_sql = without_exits(orphan_sql)
+    orphan = conn.execute(sa.text(orphan_sql)).one()
     latency = conn.execute(sa.text(LATENCY)).one()
     p50, p90, p95, p99 = latency[1] if latency[1] is not None else (None, None, None, None)
     return {

@@ -644,10 +644,16 @@ WITH lease AS (
     -- mark it on a later pass rather than wait: its claimer may be frozen
     -- mid-transaction (SIGSTOP), and this statement holds up every other
     -- pod's recovery and the lease while it waits.
+    -- A pod is dead once silent for :dead_after, or at once if its process
+    -- is certainly gone: its supervisor recorded the exit of this very
+    -- registration (pod_exits, by primary key; see Store.record_exit).
     SELECT p.id FROM pods p
      WHERE p.status = 'alive'
-       AND p.heartbeat_at < statement_timestamp()
-                            - make_interval(secs => CAST(:dead_after AS float8))
+       AND (p.heartbeat_at < statement_timestamp()
+                             - make_interval(secs => CAST(:dead_after AS float8))
+            OR EXISTS (SELECT 1 FROM pod_exits e
+                        WHERE e.pod_id = p.id AND e.registered_at = p.started_at
+                          AND e.incarnation = p.incarnation))
        AND EXISTS (SELECT 1 FROM lease)
      ORDER BY p.id
        FOR NO KEY UPDATE SKIP LOCKED
@@ -781,4 +787,68 @@ WITH lease AS (
     RETURNING id
 )
 SELECT EXISTS (SELECT 1 FROM lease) AS valid, EXISTS (SELECT 1 FROM logged) AS marked
+"""
+
+# A certain death (Store.record_exit), step 1: the dead process's backends,
+# by the application name every pod connects with (pod_application_name).
+# Terminated, then waited out (PROCESS_BACKENDS_LEFT): a statement it sent
+# before dying may still be running, or be on its way in a socket buffer.
+TERMINATE_BACKENDS = """
+SELECT pid, pg_terminate_backend(pid) AS signalled
+  FROM pg_stat_activity
+ WHERE application_name = :app AND datname = current_database()
+   AND pid <> pg_backend_pid()
+"""
+
+PROCESS_BACKENDS_LEFT = """
+SELECT count(*) FROM pg_stat_activity
+ WHERE (application_name = :app AND datname = current_database()
+        AND pid <> pg_backend_pid())
+    OR pid = ANY(CAST(:pids AS integer[]))
+"""
+
+# Step 2, in one transaction. The pod's row, locked: a registration of the
+# id (a restart as incarnation n + 1) waits for this transaction, or has
+# already replaced the row, and then nothing here matches.
+LOCK_EXITED_POD = """
+SELECT incarnation, pid, status, started_at FROM pods WHERE id = :pod FOR UPDATE
+"""
+
+# The lease, if the exited registration holds it: a term acquired since that
+# registration by this id (no later registration exists: its row is locked
+# above). Nothing the holder sent can land any more, so its term ends now:
+# clock_timestamp(), after any lock wait, so no action of the term is stamped
+# after its end. holder = NULL fences a statement that waited for the lock:
+# it re-reads the row and finds no holder. A successor may acquire at once.
+END_EXITED_TERM = """
+WITH ended AS (
+    UPDATE leader_lease
+       SET holder = NULL, expires_at = clock_timestamp()
+     WHERE id = 1 AND holder = :pod AND expires_at > statement_timestamp()
+       AND acquired_at >= :registered_at
+    RETURNING term, expires_at
+), recorded AS (
+    UPDATE leader_terms t SET ended_at = ended.expires_at, expires_at = ended.expires_at
+      FROM ended WHERE t.term = ended.term
+)
+SELECT term FROM ended
+"""
+
+RECORD_EXIT = """
+INSERT INTO pod_exits (pod_id, incarnation, pid, registered_at, exited_at, returncode,
+                       ended_term)
+VALUES (:pod, :incarnation, :pid, :registered_at, clock_timestamp(), :returncode,
+        :ended_term)
+ON CONFLICT (pod_id, registered_at) DO NOTHING
+RETURNING exited_at
+"""
+
+# Whether a pod whose exit was recorded is still alive (the leader looks for
+# one between its recovery passes, so a certain death is acted on at once).
+UNMARKED_EXITS = """
+SELECT EXISTS (SELECT 1 FROM pods p
+                WHERE p.status = 'alive'
+                  AND EXISTS (SELECT 1 FROM pod_exits e
+                               WHERE e.pod_id = p.id AND e.registered_at = p.started_at
+                                 AND e.incarnation = p.incarnation))
 """

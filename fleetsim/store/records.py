@@ -134,6 +134,22 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class ExitRecord:
+    """What Store.record_exit did for a pod process known to be gone.
+
+    ``recorded``: the exit of the pod's current registration was recorded
+    (recovery marks it dead at its next pass); False if the id belongs to
+    another process now, or the exit was already recorded. ``ended_term``:
+    the leader term it held, ended. ``backends``: its connections the store
+    still had, terminated and waited out first.
+    """
+
+    recorded: bool
+    ended_term: int | None = None
+    backends: int = 0
+
+
+@dataclass(frozen=True)
 class Recovery:
     """What one recovery pass of the leader did."""
 

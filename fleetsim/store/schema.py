@@ -211,6 +211,26 @@ DDL: tuple[str, ...] = (
         swept_at      timestamptz
     )
     """,
+    # Every certain death of a pod process, append-only: its supervisor (the
+    # coordinator) reaped it, then waited until the store had none of its
+    # connections left (Store.record_exit), so nothing it sent can land
+    # later. ``registered_at`` is the pods.started_at of the registration
+    # that exited: recovery marks that very registration dead at once, never
+    # a newer one (or the same incarnation registered again). ``ended_term``
+    # is the leader term ended with it, if it held the lease. Created here,
+    # not by a migration: a version 4 store gets it on its next `init`.
+    """
+    CREATE TABLE IF NOT EXISTS pod_exits (
+        pod_id         text NOT NULL,
+        incarnation    integer NOT NULL,
+        pid            integer,
+        registered_at  timestamptz NOT NULL,
+        exited_at      timestamptz NOT NULL,
+        returncode     integer,
+        ended_term     bigint,
+        PRIMARY KEY (pod_id, registered_at)
+    )
+    """,
     # Every registration of a pod id, append-only: which process (incarnation,
     # pid, host) held the id from when, and which live incarnation it
     # replaced, if any. The pods row shows only the latest; the checker needs

@@ -9,6 +9,7 @@ strict FIFO order. The SQL lives in :mod:`fleetsim.store.queries`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import threading
@@ -41,6 +42,7 @@ from fleetsim.store import pooler
 from fleetsim.store import queries as q
 from fleetsim.store.records import (
     ClaimedStep,
+    ExitRecord,
     FailOutcome,
     Heartbeat,
     Lease,
@@ -98,6 +100,23 @@ class StoreConfig:
             validate_schema_name(self.schema)
         if self.connect_timeout_s < 1:
             raise ConfigError("connect timeout must be at least 1 s")
+
+
+def pod_application_name(pod_id: str, incarnation: int, schema: str | None) -> str:
+    """The application_name a pod's connections carry: one pod process of one store.
+
+    ``pod-3#1/fleetsim``: Store.record_exit finds a dead process's backends
+    by it, so it names the incarnation (a restart must keep its own) and the
+    schema (another fleet's pod-3 in the same database is not this one).
+    PostgreSQL keeps 63 bytes of printable ASCII: a longer or other name is
+    shortened and made unique again by a hash of the whole.
+    """
+    name = f"{pod_id}#{incarnation}/{schema or ''}"
+    if len(name) <= 63 and name.isascii() and name.isprintable():
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = "".join(c if c.isascii() and c.isprintable() else "?" for c in pod_id)
+    return f"{head[:63 - 18 - len(str(incarnation))]}#{incarnation}~{digest}"
 
 
 def _to_json(value: Any) -> str:
@@ -829,6 +848,63 @@ class Store:
             incarnation=known_incarnation,
             cancel_requested=tuple(zip(cancel_ids, cancel_tokens, strict=True)),
         )
+
+    def record_exit(
+        self, pod_id: str, incarnation: int, pid: int | None, *,
+        returncode: int | None = None, wait_s: float = 5.0,
+    ) -> ExitRecord:
+        """Record that a pod process is certainly gone (its supervisor reaped it).
+
+        First the store's connections of that process (found by
+        :func:`pod_application_name`) are terminated and waited out: a
+        statement it sent before dying may still be running, or on its way
+        in a socket buffer; once its backends are gone nothing it sent can
+        land. Then, in one transaction with the pod's row locked, and only if
+        that row is still this process's registration (same incarnation and
+        pid: a registration of the next incarnation fences this out), the
+        leader term it holds is ended (its lease freed: a successor may
+        acquire at once) and the exit is recorded: the leader's next recovery
+        pass marks the pod dead and requeues its steps, without waiting for
+        the dead threshold. Raises StoreError (and records nothing) if a
+        backend outlives ``wait_s`` or cannot be terminated (a role without
+        the right to), and ConfigError through a connection pooler, whose
+        server connections are not the pod's: then the pod's death is found
+        by its silence, as before.
+        """
+        if self.config.pooler:
+            raise ConfigError("a certain death cannot be recorded through a connection pooler:"
+                              " the pod's statements may sit in any server connection")
+        app = pod_application_name(pod_id, incarnation, self.config.schema)
+        pids = [row.pid for row in self._rows(q.TERMINATE_BACKENDS, app=app)]
+        deadline = time.monotonic() + wait_s
+        while self._rows(q.PROCESS_BACKENDS_LEFT, app=app, pids=pids)[0][0]:
+            if time.monotonic() > deadline:
+                raise StoreError(f"{pod_id}'s connections outlived {wait_s:g}s after "
+                                 "pg_terminate_backend: its exit is not recorded")
+            time.sleep(0.005)
+        with self._transaction() as conn:
+            row = conn.execute(_text(q.LOCK_EXITED_POD), {"pod": pod_id}).first()
+            if row is None or row.incarnation != incarnation or (
+                    pid is not None and row.pid is not None and row.pid != pid):
+                return ExitRecord(False, None, len(pids))
+            ended = conn.execute(_text(q.END_EXITED_TERM), {
+                "pod": pod_id, "registered_at": row.started_at,
+            }).scalar()
+            recorded = conn.execute(_text(q.RECORD_EXIT), {
+                "pod": pod_id, "incarnation": incarnation, "pid": pid,
+                "registered_at": row.started_at, "returncode": returncode,
+                "ended_term": ended,
+            }).first()
+        return ExitRecord(recorded is not None, None if ended is None else int(ended),
+                          len(pids))
+
+    def has_unmarked_exits(self) -> bool:
+        """Whether some pod's exit was recorded (record_exit) but recovery has not marked it.
+
+        Cheap (the pods, and pod_exits by primary key): the leader asks
+        between its recovery passes, and runs one at once if so.
+        """
+        return bool(self._rows(q.UNMARKED_EXITS)[0][0])
 
     def stop_pod(self, pod_id: str, incarnation: int = 0) -> None:
         """Mark a pod stopped after a graceful shutdown."""
