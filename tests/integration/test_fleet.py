@@ -82,8 +82,9 @@ def test_sigkill_non_leader_its_steps_are_reclaimed_in_time(
         wait_until(reclaimed, 30, what="the victim's steps re-claimed")
         elapsed = time.monotonic() - killed_at
         # A certain death (the coordinator saw its child exit) is not waited
-        # out: well under the dead threshold (3 s), with room for a busy machine.
-        limit = 2.0
+        # out: under the dead threshold (3 s), with room for a busy machine
+        # (about 0.3 s on a quiet one).
+        limit = 2.8
         assert elapsed <= limit, f"re-claimed after {elapsed:.2f}s (limit {limit}s)"
         wait_until(lambda: store.status_counts()["completed"] == 300, 60, what="drain")
     assert completed_once(store) == (300, 0)
@@ -111,8 +112,9 @@ def test_sigkill_leader_new_term_in_time_and_recovery_continues(
         wait_until(new_leader, 15, interval=0.02, what="a new leader")
         elapsed = time.monotonic() - killed_at
         # The dead leader's term ended as its exit was recorded: no lease
-        # (3 s) to run out, with room for a busy machine.
-        limit = 1.5
+        # (3 s) to run out, with room for a busy machine (about 0.1 s on a
+        # quiet one).
+        limit = 2.5
         assert elapsed <= limit, f"new leader after {elapsed:.2f}s (limit {limit}s)"
         new_term = store.current_leader().term  # type: ignore[union-attr]
         # Recovery continues under the new term: the dead leader's steps come back.
