@@ -79,7 +79,10 @@ class MetricsRecorder:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._series: dict[tuple[str, int], _Series] = {}
-        self._fleet_prev: tuple[float, float, Histogram] | None = None
+        self._fleet_prev: tuple[float, float] | None = None
+        # Each series' e2e histogram at the last fleet line: the fleet's
+        # window is the sum of the series' own windows.
+        self._fleet_prev_e2e: dict[tuple[str, int], Histogram] = {}
         self._store_sample: dict[str, Any] | None = None
         self._store_written: dict[str, Any] | None = None
         self._process = psutil.Process(os.getpid())
@@ -211,22 +214,32 @@ class MetricsRecorder:
             "pods_reporting": sum(1 for s in series if now - s.ts <= 3 * self.period_s),
             "steps_per_s": None,
         }
+        now_e2e = {key: s.histogram("e2e_s") for key, s in self._series.items()}
         window = e2e
         if self._fleet_prev is not None:
-            prev_t, prev_completed, prev_e2e = self._fleet_prev
+            prev_t, prev_completed = self._fleet_prev
             if now > prev_t:
                 line["steps_per_s"] = round(max(0.0, completed - prev_completed) / (now - prev_t),
                                             3)
-            try:
-                window = e2e.minus(prev_e2e)
-            except FleetsimError:
-                window = e2e
+            # Series by series: a series whose counts went down (a pod that
+            # rejoined with the same incarnation counts from zero again) is
+            # all new since then, and must not turn the fleet's window into
+            # the whole run.
+            windows = []
+            for key, h in now_e2e.items():
+                before = self._fleet_prev_e2e.get(key)
+                if before is not None:
+                    with contextlib.suppress(FleetsimError):
+                        h = h.minus(before)
+                windows.append(h)
+            window = merge_all(windows)
         line.update(window.percentiles("e2e"))
         line.update(e2e.percentiles("e2e_all"))
         line["e2e_count"] = e2e.count
         line["e2e_hist"] = {k.removeprefix("h.e2e_s."): v
                             for k, v in e2e.to_counters("e2e_s").items()}
-        self._fleet_prev = (now, completed, e2e)
+        self._fleet_prev = (now, completed)
+        self._fleet_prev_e2e = now_e2e
         self.latest_fleet = line
         return line
 

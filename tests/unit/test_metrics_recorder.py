@@ -73,6 +73,29 @@ def scrape(port: int) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
+def test_a_series_that_counts_from_zero_again_keeps_the_fleet_window_short(
+        tmp_path: Path) -> None:
+    """A pod that rejoins with the same incarnation reports from zero: the
+    fleet's last-second percentiles are its new steps and the others' new
+    ones, never the whole run (found by review: they fell back to it)."""
+    bus: dict[str, dict[str, Any]] = {
+        "pod-1": snapshot(0, 100, 1.0, [0.02] * 100),
+        "pod-2": snapshot(0, 10, 1.0, [5.0] * 10),  # slow steps, long ago
+    }
+    recorder = MetricsRecorder(tmp_path / "metrics.jsonl", lambda: bus, period_s=3600)
+    recorder.start()
+    try:
+        recorder.sample()
+        bus["pod-1"] = snapshot(0, 3, 2.0, [0.02] * 3)  # counts from zero again
+        bus["pod-2"] = snapshot(0, 12, 2.0, [5.0] * 10 + [0.01] * 2)
+        recorder.sample()
+    finally:
+        recorder.stop()
+    fleet = [s for s in iter_samples(tmp_path / "metrics.jsonl") if s["kind"] == "fleet"]
+    # The window: pod-1's 3 new steps at 0.02 s and pod-2's 2 new at 0.01 s.
+    assert fleet[1]["e2e_p99_s"] is not None and fleet[1]["e2e_p99_s"] < 0.1, fleet[1]
+
+
 def test_prometheus_page_parses() -> None:
     h = Histogram()
     h.observe_many([0.01, 0.02, 2.0])
