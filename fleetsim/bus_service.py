@@ -53,6 +53,9 @@ StatusHandler = Callable[[], dict[str, Any]]
 #: How often the bus thread sweeps its tables.
 _SWEEP_EVERY_S = 0.5
 
+#: How soon a command is sent again to a pod that is between connections.
+_RESEND_EVERY_S = 0.05
+
 
 class BusService(threading.Thread):
     """Runs the coordinator's side of the bus until :meth:`stop`."""
@@ -79,6 +82,8 @@ class BusService(threading.Thread):
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._outbox: queue.SimpleQueue[Callable[[CoordinatorBus], None]] = queue.SimpleQueue()
+        # Sends to try again later (bus thread only): (when, action).
+        self._later: list[tuple[float, Callable[[CoordinatorBus], None]]] = []
         # request id -> (the caller's future, when the caller stops waiting)
         self._pending: dict[int, tuple[Future[Ok | Error], float]] = {}
         self._forget_after_s = forget_after_s
@@ -108,7 +113,12 @@ class BusService(threading.Thread):
     # -- thread-safe API ----------------------------------------------------
 
     def send_command(self, pod_id: str, command: Any, timeout_s: float = 5.0) -> Ok | Error:
-        """Send a command to a pod and wait for its reply."""
+        """Send a command to a pod and wait for its reply.
+
+        A pod between connections (it reconnects after a pause or a partition)
+        is sent the command again until ``timeout_s``; only then is it "not
+        connected".
+        """
         with self._lock:
             identity = self.pods.get(pod_id)
         if identity is None:
@@ -122,7 +132,14 @@ class BusService(threading.Thread):
             try:
                 request_id = bus.send_command(identity, command)
             except BusError as exc:
-                future.set_exception(exc)
+                # A pod that is reconnecting (after a pause, say) is briefly not
+                # connected, and a paused one is not reading: both may be back
+                # within the caller's deadline, so try again until then.
+                retry_at = time.monotonic() + _RESEND_EVERY_S
+                if retry_at < give_up_at:
+                    self._later.append((retry_at, send))
+                else:
+                    future.set_exception(exc)
                 return
             with self._lock:
                 self._pending[request_id] = (future, give_up_at)
@@ -165,6 +182,12 @@ class BusService(threading.Thread):
                 if time.monotonic() >= next_sweep:
                     self._sweep(time.monotonic())
                     next_sweep = time.monotonic() + _SWEEP_EVERY_S
+                if self._later:
+                    now = time.monotonic()
+                    due = [action for when, action in self._later if when <= now]
+                    self._later = [(when, a) for when, a in self._later if when > now]
+                    for action in due:
+                        action(bus)
                 while True:
                     try:
                         action = self._outbox.get_nowait()

@@ -10,14 +10,15 @@ without bound. Real sockets, real pod bus clients, no mocks.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from fleetsim.bus import PodBusClient, SetStorageFault
+from fleetsim.bus import Ok, PodBusClient, SetStorageFault
 from fleetsim.bus_service import BusService
-from fleetsim.errors import BusTimeout
+from fleetsim.errors import BusError, BusTimeout
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -93,3 +94,41 @@ def test_commands_nobody_answers_do_not_stay_pending() -> None:
     finally:
         client.close()
         service.stop()
+
+
+def test_a_command_sent_while_the_pod_reconnects_reaches_it(service: BusService) -> None:
+    """A pod resumed after a pause reconnects its bus: for a moment the
+    coordinator's socket has no peer under its identity. A command sent then
+    must wait for it (within its deadline), not fail as "not connected".
+    (Found in the image suite: `chaos storage-fault --all` right after
+    `chaos pause pod-1 --for 1s` failed with "pod 'pod-1/0' is not connected".)
+    """
+    fault = SetStorageFault(error_rate=0.0, latency_ms=0.0, disconnect_rate=0.0,
+                            duration_s=1.0)
+    join(service, "pod-back").close()  # the old connection is gone; the pod is still known
+    replies: list[object] = []
+    sender = threading.Thread(
+        target=lambda: replies.append(service.send_command("pod-back", fault, timeout_s=5.0)))
+    sender.start()
+    time.sleep(0.3)  # the gap being tested: the command is sent while nobody is there
+    assert service.endpoints is not None
+    back = PodBusClient(service.endpoints, "pod-back", 0, heartbeat_interval_s=0.1,
+                        handler=lambda _command: Ok({"back": True}))
+    back.start()
+    try:
+        sender.join(10)
+        assert not sender.is_alive()
+        assert replies and isinstance(replies[0], Ok) and replies[0].data == {"back": True}
+    finally:
+        back.close()
+
+
+def test_a_command_to_a_pod_that_never_comes_back_fails_at_its_deadline(
+        service: BusService) -> None:
+    fault = SetStorageFault(error_rate=0.0, latency_ms=0.0, disconnect_rate=0.0,
+                            duration_s=1.0)
+    join(service, "pod-gone").close()
+    started = time.monotonic()
+    with pytest.raises(BusError, match="pod-gone/0' is not connected"):
+        service.send_command("pod-gone", fault, timeout_s=0.5)
+    assert 0.3 < time.monotonic() - started < 3
