@@ -1,4 +1,4 @@
-"""`fleetsim check` and `fleetsim history ...`: the recorded history."""
+"""`fleetsim check`, `fleetsim history ...` and `fleetsim prune`: the recorded history."""
 
 from __future__ import annotations
 
