@@ -646,18 +646,22 @@ SELECT count(*) AS prunes, count(DISTINCT prune_id) AS runs,
 # exists, so the prune's counts account for a step twice (or a step id was
 # used again). Attempts left behind by a prune are orphan_attempt.
 PRUNED_BUT_PRESENT = """
-WITH ranges AS (
-    -- Every pruned id range, each looked up in the steps by primary key.
-    SELECT p.prune_id, p.at, unnest(p.step_ids) AS r FROM step_prunes p
-), found AS (
-    SELECT s.id AS step_id, s.status, x.prune_id, x.at AS pruned_at
-      FROM ranges x
-      JOIN steps s ON s.id >= lower(x.r) AND s.id < upper(x.r)
+WITH u AS MATERIALIZED (
+    -- Every pruned id as one multirange: a containment test per step is a
+    -- binary search in it (one pass over the steps, whatever the prunes).
+    SELECT range_agg(r) AS m FROM step_prunes p, unnest(p.step_ids) AS r
+), found AS MATERIALIZED (
+    SELECT st.id AS step_id, st.status FROM steps st, u WHERE st.id <@ u.m
 ), ranked AS (
     SELECT found.*, count(*) OVER () AS total, row_number() OVER (ORDER BY step_id) AS n
       FROM found
 )
-SELECT * FROM ranked WHERE n <= :limit ORDER BY n
+SELECT r.*, p.prune_id, p.at AS pruned_at
+  FROM ranked r
+  LEFT JOIN LATERAL (SELECT prune_id, at FROM step_prunes
+                      WHERE r.step_id <@ step_ids ORDER BY id LIMIT 1) p ON true
+ WHERE r.n <= :limit
+ ORDER BY r.n
 """
 
 # failover: for each change of leader (term k to term k+1), how long the fleet

@@ -195,7 +195,10 @@ def prune(
     ensure_schema(store)
     cutoff: datetime = store._rows(CUTOFF, s=older_than_s)[0][0]
     if dry_run:
-        row = store._rows(DRY_RUN, cutoff=cutoff, after=0)[0]
+        with store._transaction() as conn:
+            # One statement over the whole store: more than an operation's timeout.
+            conn.execute(sa.text("SET LOCAL statement_timeout = '10min'"))
+            row = conn.execute(sa.text(DRY_RUN), {"cutoff": cutoff, "after": 0}).one()
         counts = {k: int(getattr(row, k)) for k in COUNT_KEYS}
         return PruneResult(older_than_s, cutoff, counts, 0, dry_run=True)
 
@@ -207,6 +210,9 @@ def prune(
             # A prune must never make a pod wait: give up on a lock quickly
             # (SKIP LOCKED covers the steps; this covers anything else).
             conn.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+            # A batch scans the history tables (they have no index by step,
+            # so completions stay cheap): give a large store's scan time.
+            conn.execute(sa.text("SET LOCAL statement_timeout = '5min'"))
             picked = list(conn.execute(sa.text(PICK), {"cutoff": cutoff, "after": after,
                                                        "batch": batch}))
             if not picked:
