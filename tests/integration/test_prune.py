@@ -155,6 +155,46 @@ def test_a_step_named_by_an_open_leader_term_is_kept_until_the_term_ends(store: 
     assert store.get_step(ids[0]) is None
 
 
+@pytest.mark.timeout(60)
+def test_a_step_whose_history_is_still_written_is_kept(store: Store) -> None:
+    ids = store.submit_many([StepSpec("default", {})] * 3)
+    store.register_pod("p1")
+    for c in store.claim_steps("p1", ["default"], batch=3):
+        store.complete(c.id, c.claim_token, None)
+    # All three finished an hour ago (as the step rows say) ...
+    rows(store, "UPDATE steps SET created_at = created_at - interval '1 h',"
+         " claimed_at = claimed_at - interval '1 h', finished_at = finished_at - interval '1 h'"
+         " RETURNING id")
+    rows(store, "UPDATE finished_attempts SET claimed_at = claimed_at - interval '1 h',"
+         " finished_at = finished_at - interval '1 h' WHERE step_id <> :i RETURNING 1",
+         i=ids[1])
+    # ... but a refused write of the first landed just now, and the second's
+    # attempt ended just now: their history is still being written.
+    rows(store, "INSERT INTO rejected_writes (claim_token, step_id, at)"
+         " VALUES (0, :i, statement_timestamp()) RETURNING 1", i=ids[0])
+    dry = prune(store, 60, dry_run=True)
+    done = prune(store, 60)
+    assert dry.steps == done.steps == 1
+    assert [store.get_step(i) is not None for i in ids] == [True, True, False]
+
+
+@pytest.mark.timeout(60)
+def test_a_prune_skips_a_locked_step_and_never_waits_for_it(store: Store) -> None:
+    import sqlalchemy as sa
+
+    ids = store.submit_many([StepSpec("default", {})] * 3)
+    store.register_pod("p1")
+    for c in store.claim_steps("p1", ["default"], batch=3):
+        store.complete(c.id, c.claim_token, None)
+    with store._tx.begin() as held:  # another client holds the second step's row
+        held.execute(sa.text("SELECT id FROM steps WHERE id = :i FOR UPDATE"), {"i": ids[1]})
+        first = prune(store, 0)  # returns although the row stays locked
+        assert first.steps == 2
+    assert store.get_step(ids[1]) is not None
+    assert prune(store, 0).steps == 1 and store.get_step(ids[1]) is None
+    assert check(store, final=True).valid is True
+
+
 @pytest.mark.timeout(240)
 def test_pruning_while_a_fleet_drains_loses_nothing(store_config: StoreConfig, store: Store,
                                                     tmp_path: Path) -> None:
