@@ -46,6 +46,9 @@ from fleetsim.errors import ConfigError, StoreError
 from fleetsim.store.schema import STEP_PRUNES, TERMINAL_STATUSES
 from fleetsim.store.store import Store
 
+#: PostgreSQL 14: step_prunes records ids as an int8multirange.
+MIN_SERVER_VERSION = 140000
+
 #: Steps deleted per transaction, by default.
 DEFAULT_BATCH = 5000
 
@@ -164,13 +167,22 @@ class PruneResult:
         }
 
 
-def ensure_schema(store: Store) -> None:
+def ensure_schema(store: Store, *, create: bool = True) -> None:
     """Create ``step_prunes`` if this (version 4) store has none yet; idempotent.
 
     Raises SchemaMismatch first if the database holds no fleetsim store of
-    this version: a prune never creates tables in a schema that is not one.
+    this version (a prune never creates tables in a schema that is not one),
+    and ConfigError on a server older than PostgreSQL 14. With
+    ``create=False`` only checks.
     """
     store.check_schema()
+    version = int(store._rows("SELECT current_setting('server_version_num')")[0][0])
+    if version < MIN_SERVER_VERSION:
+        raise ConfigError(
+            f"fleetsim prune needs PostgreSQL 14 or newer (multiranges); {store.url_for_display}"
+            f" runs {version // 10000}")
+    if not create:
+        return
     with store._transaction() as conn:
         # Serialised like init_schema: CREATE ... IF NOT EXISTS races otherwise.
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7364003)"))
@@ -192,7 +204,7 @@ def prune(
         raise ConfigError("the batch size must be at least 1")
     if older_than_s < 0:
         raise ConfigError("--older-than cannot be negative")
-    ensure_schema(store)
+    ensure_schema(store, create=not dry_run)  # a dry run changes nothing
     cutoff: datetime = store._rows(CUTOFF, s=older_than_s)[0][0]
     if dry_run:
         with store._transaction() as conn:

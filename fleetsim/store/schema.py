@@ -43,7 +43,9 @@ DLQ_ACTIONS = """
     )
 """
 
-# Every batch `fleetsim prune` deleted, append-only (fleetsim.store.prune):
+# Every batch `fleetsim prune` deleted, append-only (fleetsim.store.prune;
+# created by the first prune, no schema version change: a store without it
+# was never pruned, and the checker reads it so):
 # which step ids (an exact multirange, compact when they are contiguous), how
 # many of each terminal status, and the history rows deleted with them. The
 # checker adds these to its totals and knows the ids are gone on purpose.
@@ -260,11 +262,9 @@ DDL: tuple[str, ...] = (
     # Every redrive and purge of a dead step, append-only (fleetsim dlq): the
     # checker accounts for purged steps and for attempt budgets granted again.
     DLQ_ACTIONS,
-    # Every batch of terminal steps `fleetsim prune` deleted, append-only.
-    # Created here, not by a migration (like pod_exits): a version 4 store
-    # gets it on its next `init` or its first prune; the checker reads a
-    # store without it as one never pruned.
-    STEP_PRUNES,
+    # Not STEP_PRUNES: it is created by the first `fleetsim prune`
+    # (fleetsim.store.prune), since its multirange needs PostgreSQL 14 and
+    # `init` must keep working on older servers.
     """
     CREATE TABLE IF NOT EXISTS leader_lease (
         id           integer PRIMARY KEY CHECK (id = 1),

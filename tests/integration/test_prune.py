@@ -285,11 +285,13 @@ def test_a_prune_done_wrong_is_caught_by_check(store: Store) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_store_from_before_prune_is_checked_and_pruned(store: Store) -> None:
+def test_a_store_never_pruned_is_checked_and_pruned(store: Store) -> None:
     mixed_store(store)
-    rows(store, "DROP TABLE IF EXISTS step_prunes; SELECT 1")
+    assert not rows(store, "SELECT to_regclass('step_prunes')")[0][0]  # init makes none
     report = check(store, final=False)
     assert report.violations == [] and report.counts["pruned"]["steps"] == 0
+    assert prune(store, 0, dry_run=True).steps == 15
+    assert not rows(store, "SELECT to_regclass('step_prunes')")[0][0]  # a dry run neither
     assert prune(store, 0).steps == 15  # creates the table on the way
     assert check(store, final=False).counts["pruned"]["steps"] == 15
 
