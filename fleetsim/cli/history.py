@@ -100,7 +100,9 @@ def history_export(ctx: click.Context, store: str | None, schema: str | None, fm
 @option("--older-than", "older_than", metavar="DURATION", default=None,
         help="Prune terminal steps (completed, dead, cancelled) that finished more than "
              "this long ago in database time, e.g. 24h, 30m (required).")
+# Its own env var: FLEETSIM_BATCH is the pods' claim batch (up, run, pod).
 @option("--batch", "batch", metavar="N", default="5000", show_default=True,
+        env="FLEETSIM_PRUNE_BATCH",
         help="Steps deleted per transaction (a short lock each; a live fleet runs on).")
 @option("--dry-run", is_flag=True, help="Count what would be pruned; delete nothing.")
 @store_option
