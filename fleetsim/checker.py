@@ -16,8 +16,13 @@ pods, leader terms and leader actions) and verifies, in SQL on one snapshot:
 ``history_integrity``  the history is whole and consistent with itself: no
                        attempt without its step, no unknown pod, no instant
                        out of order or in the future, no revocation, death or
-                       term missing where other records prove one
+                       term missing where other records prove one; no
+                       step both present and recorded as pruned
 ====================== ==================================================
+
+Steps deleted by ``fleetsim prune`` (:mod:`fleetsim.store.prune`) are gone
+with their history, on purpose and on record: ``counts["pruned"]`` holds
+their totals, and the checks judge what remains.
 
 The verdict is ``True`` (valid), ``False`` (at least one violation) or
 ``None`` (no violation, but steps are still in flight, so "no lost step" is
@@ -110,6 +115,13 @@ class CheckReport:
             f"{self.verdict}: {self.counts.get('steps', 0)} steps, "
             f"{self.counts.get('attempts', 0)} attempts, {self.counts.get('terms', 0)} terms"
         ]
+        pruned = self.counts.get("pruned") or {}
+        if pruned.get("steps"):
+            lines.append(
+                f"  + {pruned['steps']} steps pruned ({pruned['completed']} completed,"
+                f" {pruned['dead']} dead, {pruned['cancelled']} cancelled; finished before"
+                f" {pruned['watermark']}), with {pruned['attempts']} attempts"
+            )
         if self.valid is None:
             lines.append(f"  {self.counts.get('in_flight', 0)} steps still in flight")
         for name in (*INVARIANTS, *CLIENT_INVARIANTS):
@@ -312,6 +324,11 @@ def _integrity_message(kind: str, w: dict[str, Any]) -> str:
                 f" revoked {token} of {w.get('target_pod')}, but the attempt with that token"
                 f" shows step {w.get('attempt_step_id')}, pod {w.get('attempt_pod')}, outcome"
                 f" {w.get('attempt_outcome')}, ended {w.get('attempt_finished_at')}"
+            )
+        case "pruned_but_present":
+            return (
+                f"{step} ({w.get('status')}) is recorded as pruned at {w.get('pruned_at')}"
+                f" (prune {w.get('prune_id')}), but it still exists"
             )
         case "erased_failure":
             return (

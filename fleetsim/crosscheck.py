@@ -28,6 +28,11 @@ Each process keeps its own file. Claim tokens only grow, so a pod process's
 history is judged complete between the lowest and the highest token it
 shows, and an incarnation's histories are judged whole when they all ended
 with a clean ``close``.
+
+Steps deleted by ``fleetsim prune`` are gone from the store with their
+history, on record (``step_prunes``): the clients' records of them are not
+judged. A step deleted without that record is judged like any other, so its
+submit and its pod's accepted writes show up as violations.
 """
 
 from __future__ import annotations
@@ -131,7 +136,10 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
         i for _, w in writes if w.get("op") == "complete" and w.get("reply") == "accepted"
         for i in accepted_ids(w)
     }
-    evidence = store_evidence(store, [i for i, _ in submitted] + sorted(completed_acks))
+    named = {i for ps in pods.values() for p in ps for i in p.claimed.values()}
+    named |= {int(i) for _, w in writes for i in w.get("ids", ())}
+    evidence = store_evidence(store, [i for i, _ in submitted] + sorted(completed_acks),
+                              pruned_candidates=named)
     result.counts.update({
         "client_histories": len(logs),
         "pod_histories": sum(1 for log in logs if log.role == "pod"),
@@ -156,7 +164,7 @@ def cross_examine(store: Store, directory: Path | None, *, limit: int = 20) -> C
 def _check_submits(result: CrossExamination, evidence: StoreEvidence,
                    submitted: list[tuple[int, str]], limit: int) -> None:
     for step_id, source in submitted:
-        if step_id not in evidence.steps:
+        if step_id not in evidence.steps and step_id not in evidence.pruned:
             result.add("acknowledged_submit", limit,
                        f"step {step_id} was acknowledged to a submitter ({source})"
                        " but the store has no such step",
@@ -167,6 +175,8 @@ def _check_claims(result: CrossExamination, evidence: StoreEvidence,
                   pods: dict[tuple[str, int], list[_Pod]], limit: int) -> None:
     for (pod_id, incarnation), processes in pods.items():
         for token, step_id in (t for p in processes for t in p.claimed.items()):
+            if step_id in evidence.pruned:
+                continue  # gone with its history, on record (fleetsim prune)
             endings = evidence.endings.get(token, [])
             if any(e[0] == step_id and e[1] == pod_id and e[2] == incarnation
                    for e in endings):
@@ -205,7 +215,9 @@ def _check_writes(result: CrossExamination, evidence: StoreEvidence,
                                f" {token}) was refused, but the store completed it", **base)
                 continue
             if op == "complete":
-                acked_tokens[step_id].add(token)
+                acked_tokens[step_id].add(token)  # the clients' word alone: judged always
+            if step_id in evidence.pruned:
+                continue  # gone with its history, on record (fleetsim prune)
             if ending not in outcomes:
                 result.add("acknowledged_write", limit,
                            f"{who} was told its {op} of step {step_id} (token {token}) was"

@@ -7,7 +7,7 @@ module                commands
 :mod:`.fleet`         init, up, down, status, submit, pod, cancel
 :mod:`.run`           run
 :mod:`.chaos`         chaos ... (faults, scenarios, fuzz)
-:mod:`.history`       check, history export
+:mod:`.history`       check, history export, prune
 :mod:`.selftest`      selftest
 :mod:`.queue`         queue ..., dlq ...
 :mod:`.keys`          keys generate

@@ -1,4 +1,4 @@
-"""`fleetsim check` and `fleetsim history ...`: the recorded history."""
+"""`fleetsim check`, `fleetsim history ...` and `fleetsim prune`: the recorded history."""
 
 from __future__ import annotations
 
@@ -91,3 +91,62 @@ def history_export(ctx: click.Context, store: str | None, schema: str | None, fm
             with open_output(output) as out:
                 count = export_history(s, out, format=fmt)
     click.echo(f"{count} records", err=True)
+
+
+# -- prune -------------------------------------------------------------------------
+
+
+@cli.command()
+@option("--older-than", "older_than", metavar="DURATION", default=None,
+        help="Prune terminal steps (completed, dead, cancelled) that finished more than "
+             "this long ago in database time, e.g. 24h, 30m (required).")
+# Its own env var: FLEETSIM_BATCH is the pods' claim batch (up, run, pod).
+@option("--batch", "batch", metavar="N", default="5000", show_default=True,
+        env="FLEETSIM_PRUNE_BATCH",
+        help="Steps deleted per transaction (a short lock each; a live fleet runs on).")
+@option("--dry-run", is_flag=True, help="Count what would be pruned; delete nothing.")
+@store_option
+@schema_option
+@json_option
+@click.pass_context
+def prune(ctx: click.Context, older_than: str | None, batch: str, dry_run: bool,
+          store: str | None, schema: str | None, as_json: bool) -> None:
+    """Delete old finished steps and their history; `fleetsim check` stays consistent.
+
+    Each batch is recorded in step_prunes (step ids and counts), so the
+    checker adds the pruned steps to its totals instead of calling them lost.
+    Steps not finished, or whose history is still being written, are kept.
+    """
+    from fleetsim.durations import format_duration, parse_duration
+    from fleetsim.store.prune import PruneResult
+    from fleetsim.store.prune import prune as prune_store
+
+    if older_than is None:
+        fail("give --older-than DURATION (e.g. 24h): how long ago a step must have"
+             " finished to be pruned", EXIT_USAGE)
+    seconds = parse_duration(older_than)  # ConfigError: one line, exit 2
+    if not batch.strip().isdigit() or int(batch) < 1:
+        fail(f"invalid --batch {batch!r}: a whole number of steps, at least 1", EXIT_USAGE)
+    live = sys.stderr.isatty() and not as_json
+
+    def progress(so_far: PruneResult) -> None:
+        if live:
+            click.echo(f"\rpruned {so_far.steps} steps in {so_far.batches} batches",
+                       err=True, nl=False)
+
+    with open_store(ctx, store, schema) as s:
+        result = prune_store(s, seconds, batch=int(batch), dry_run=dry_run, progress=progress)
+    if live and result.batches:
+        click.echo("", err=True)
+
+    def text() -> None:
+        c = result.counts
+        verb = "would prune" if dry_run else "pruned"
+        click.echo(
+            f"{verb} {result.steps} steps ({c['completed']} completed, {c['dead']} dead,"
+            f" {c['cancelled']} cancelled) that finished before {result.watermark.isoformat()}"
+            f" ({format_duration(seconds)} ago), with {c['attempts']} attempts,"
+            f" {c['rejected_writes']} rejected writes and {c['leader_actions']} leader actions"
+        )
+
+    emit(result.to_dict(), as_json, text)

@@ -633,6 +633,37 @@ SELECT (SELECT count(*) FROM steps) AS steps,
 
 STATUS_COUNTS = "SELECT status, count(*) FROM steps GROUP BY status"
 
+# What `fleetsim prune` deleted, over every prune (fleetsim.store.prune).
+PRUNED_TOTALS = """
+SELECT count(*) AS prunes, count(DISTINCT prune_id) AS runs,
+       sum(completed) AS completed, sum(dead) AS dead, sum(cancelled) AS cancelled,
+       sum(attempts) AS attempts, sum(rejected_writes) AS rejected_writes,
+       sum(leader_actions) AS leader_actions, max(cutoff) AS watermark
+  FROM step_prunes
+"""
+
+# history_integrity (pruned_but_present): a step recorded as pruned still
+# exists, so the prune's counts account for a step twice (or a step id was
+# used again). Attempts left behind by a prune are orphan_attempt.
+PRUNED_BUT_PRESENT = """
+WITH u AS MATERIALIZED (
+    -- Every pruned id as one multirange: a containment test per step is a
+    -- binary search in it (one pass over the steps, whatever the prunes).
+    SELECT range_agg(r) AS m FROM step_prunes p, unnest(p.step_ids) AS r
+), found AS MATERIALIZED (
+    SELECT st.id AS step_id, st.status FROM steps st, u WHERE st.id <@ u.m
+), ranked AS (
+    SELECT found.*, count(*) OVER () AS total, row_number() OVER (ORDER BY step_id) AS n
+      FROM found
+)
+SELECT r.*, p.prune_id, p.at AS pruned_at
+  FROM ranked r
+  LEFT JOIN LATERAL (SELECT prune_id, at FROM step_prunes
+                      WHERE r.step_id <@ step_ids ORDER BY id LIMIT 1) p ON true
+ WHERE r.n <= :limit
+ ORDER BY r.n
+"""
+
 # failover: for each change of leader (term k to term k+1), how long the fleet
 # was without a working leader, in database time: from the old leader's last
 # recorded sign of life up to the start of term k+1 (its acquisition, the new
@@ -907,6 +938,18 @@ def check_history(store: Store, *, final: bool, limit: int) -> HistoryFacts:
             totals["history_integrity"] = int(r["total"])
             findings.append(_integrity_finding(r))
 
+        pruned: dict[str, Any] | None = None
+        if conn.execute(sa.text("SELECT to_regclass('step_prunes')")).scalar():
+            pruned = rows(PRUNED_TOTALS)[0]
+            present = rows(PRUNED_BUT_PRESENT, limit=limit)
+            if present:
+                totals["history_integrity"] += int(present[0]["total"])
+            for r in present:
+                findings.append(Finding("history_integrity", "pruned_but_present", {
+                    "kind": "pruned_but_present", "step_id": r["step_id"],
+                    "status": r["status"], "prune_id": str(r["prune_id"]),
+                    "pruned_at": plain(r["pruned_at"])}))
+
         counts: dict[str, Any] = rows(COUNTS)[0]
         by_status = {name: int(n) for name, n in conn.execute(sa.text(STATUS_COUNTS))}
         figures = _figures(conn)
@@ -914,10 +957,26 @@ def check_history(store: Store, *, final: bool, limit: int) -> HistoryFacts:
     counts = {k: int(v) for k, v in counts.items()}
     counts["by_status"] = by_status
     counts["in_flight"] = sum(by_status.get(s, 0) for s in ("queued", "claimed", "failed"))
+    counts["pruned"] = _pruned_counts(pruned)
+    # Pruned ids are ids the sequence handed out that no step has, on purpose.
+    counts["step_id_gaps"] -= counts["pruned"]["steps"]
     counts["violations"] = totals
     order = {name: i for i, name in enumerate(INVARIANTS)}
     findings.sort(key=lambda f: order[f.invariant])
     return HistoryFacts(tuple(findings), totals, counts, figures)
+
+
+def _pruned_counts(row: dict[str, Any] | None) -> dict[str, Any]:
+    """The totals of every prune (``fleetsim prune``), zeros if there was none."""
+    keys = ("completed", "dead", "cancelled", "attempts", "rejected_writes", "leader_actions")
+    if row is None:
+        row = {}
+    out: dict[str, Any] = {k: int(row.get(k) or 0) for k in keys}
+    out["steps"] = out["completed"] + out["dead"] + out["cancelled"]
+    out["batches"] = int(row.get("prunes") or 0)
+    out["prunes"] = int(row.get("runs") or 0)
+    out["watermark"] = plain(row.get("watermark"))
+    return out
 
 
 def _figure(count: Any, median: Any, maximum: Any) -> dict[str, Any]:

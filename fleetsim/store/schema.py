@@ -43,6 +43,29 @@ DLQ_ACTIONS = """
     )
 """
 
+# Every batch `fleetsim prune` deleted, append-only (fleetsim.store.prune;
+# created by the first prune, no schema version change: a store without it
+# was never pruned, and the checker reads it so):
+# which step ids (an exact multirange, compact when they are contiguous), how
+# many of each terminal status, and the history rows deleted with them. The
+# checker adds these to its totals and knows the ids are gone on purpose.
+STEP_PRUNES = """
+    CREATE TABLE IF NOT EXISTS step_prunes (
+        id                bigserial PRIMARY KEY,
+        prune_id          uuid NOT NULL,
+        at                timestamptz NOT NULL,
+        cutoff            timestamptz NOT NULL,
+        older_than_s      double precision NOT NULL,
+        step_ids          int8multirange NOT NULL,
+        completed         integer NOT NULL,
+        dead              integer NOT NULL,
+        cancelled         integer NOT NULL,
+        attempts          integer NOT NULL,
+        rejected_writes   integer NOT NULL,
+        leader_actions    integer NOT NULL
+    )
+"""
+
 # One statement per entry, run in order inside one transaction. Every
 # statement is idempotent so `fleetsim init` can run any number of times.
 DDL: tuple[str, ...] = (
@@ -239,6 +262,9 @@ DDL: tuple[str, ...] = (
     # Every redrive and purge of a dead step, append-only (fleetsim dlq): the
     # checker accounts for purged steps and for attempt budgets granted again.
     DLQ_ACTIONS,
+    # Not STEP_PRUNES: it is created by the first `fleetsim prune`
+    # (fleetsim.store.prune), since its multirange needs PostgreSQL 14 and
+    # `init` must keep working on older servers.
     """
     CREATE TABLE IF NOT EXISTS leader_lease (
         id           integer PRIMARY KEY CHECK (id = 1),
