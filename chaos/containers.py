@@ -7,6 +7,9 @@ coordinator sits on its path to the store. The injector therefore acts on
 the container itself, the way Pumba and Blockade do:
 
 - ``kill``: the engine SIGKILLs the container's processes (``docker kill``);
+  once the engine has seen them end, the pod's death is certain and is
+  recorded in the store at once, as for the coordinator's own children
+  (its connections terminated, its lease freed: Store.record_exit);
 - ``pause``: the engine freezes the container's cgroup (``docker pause``)
   and thaws it on heal;
 - ``partition``: the container is disconnected from every network it is
@@ -123,6 +126,16 @@ class ContainerEngine:
     def kill(self, target: PodContainer) -> None:
         """SIGKILL every process of the container (``docker kill``)."""
         self._call("kill", target, lambda c: c.kill())
+
+    def wait_stopped(self, target: PodContainer, timeout_s: float = 10.0) -> None:
+        """Return once the container's processes are gone (FleetsimError after ``timeout_s``).
+
+        After ``docker kill`` the engine has sent SIGKILL; this waits until
+        the engine has seen them end, so the pod's process is certainly gone.
+        """
+        container = self._get(target)
+        self._engine(f"wait for container {target.name} to stop", container.wait,
+                     timeout=timeout_s, condition="not-running")
 
     def pause(self, target: PodContainer) -> None:
         """Freeze the container (the cgroup freezer, ``docker pause``)."""

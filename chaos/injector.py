@@ -72,7 +72,10 @@ class Fleet(Protocol):
 
     # Optional: ``pod_hosts() -> dict[str, str]``, the host name of every
     # pod the store has alive, lets the injector find pods that run in
-    # containers (see _pod_hosts).
+    # containers (see _pod_hosts); ``pod_registration(pod) -> (incarnation,
+    # pid) | None`` and ``record_remote_exit(pod, incarnation, pid, *,
+    # returncode) -> bool`` let it record the certain death of a pod whose
+    # container it killed (see _record_container_exit).
 
 
 @dataclass
@@ -267,12 +270,17 @@ class FaultInjector:
         container = self._container(pod)
         if container is not None:
             engine = self._require_engine()
+            # Read before the kill: a container restarted at once registers
+            # the next incarnation, which this death must not touch.
+            registration = _registration(self.fleet, pod)
             self._resume_if_paused(pod)  # the engine refuses to kill a paused container
             engine.kill(container)
             with self._lock:
                 self._killed[pod] = (time.monotonic(), None)
             return {"pod": pod, "pid": None, "term": term, "via": "engine",
-                    "container": container.name}
+                    "container": container.name,
+                    "exit_recorded": self._record_container_exit(engine, container, pod,
+                                                                 registration)}
         if pod not in self.fleet.pod_pids():
             # Not our child: ask it to SIGKILL itself.
             self._check(self.fleet.send_command(pod, SelfKill()))
@@ -288,6 +296,22 @@ class FaultInjector:
         with self._lock:
             self._killed[pod] = (time.monotonic(), pid)
         return {"pod": pod, "pid": pid, "term": term}
+
+    def _record_container_exit(self, engine: ContainerEngine, container: PodContainer,
+                               pod: str, registration: tuple[int, int | None] | None) -> bool:
+        """Once the engine has seen the killed container stop, record the pod's
+        certain death (as the coordinator does for its children), so its lease
+        and steps are freed now rather than after the dead threshold. False if
+        not recorded: the pod's silence gives it away later, as before."""
+        record = getattr(self.fleet, "record_remote_exit", None)
+        if registration is None or not callable(record):
+            return False
+        try:
+            engine.wait_stopped(container)
+            return bool(record(pod, *registration, returncode=-signal.SIGKILL))
+        except FleetsimError as exc:
+            log.warning("%s was killed; its death is left to the dead threshold: %s", pod, exc)
+            return False
 
     def pause(self, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
         """SIGSTOP a pod; SIGCONT after ``for`` if given."""
@@ -470,6 +494,18 @@ def _pod_hosts(fleet: Fleet) -> dict[str, str]:
     """The host name of every pod the store has alive, if the fleet can tell."""
     hosts = getattr(fleet, "pod_hosts", None)
     return dict(hosts()) if callable(hosts) else {}
+
+
+def _registration(fleet: Fleet, pod: str) -> tuple[int, int | None] | None:
+    """(incarnation, pid) of the pod's live registration in the store, if the fleet can tell."""
+    registration = getattr(fleet, "pod_registration", None)
+    if not callable(registration):
+        return None
+    try:
+        found = registration(pod)
+    except FleetsimError:
+        return None
+    return None if found is None else (int(found[0]), found[1])
 
 
 def _known_pods(fleet: Fleet) -> list[str]:

@@ -423,6 +423,25 @@ class Coordinator:
         except FleetsimError:  # a chaos action on our own pods must not need the store
             return {}
 
+    def pod_registration(self, pod_id: str) -> tuple[int, int | None] | None:
+        """(incarnation, pid) of the pod's live registration in the store, or None."""
+        if self.store is None:
+            return None
+        return self.store.pod_registration(pod_id)
+
+    def record_remote_exit(self, pod_id: str, incarnation: int, pid: int | None, *,
+                           returncode: int | None = None) -> bool:
+        """Record the certain death of a pod this coordinator did not spawn but
+        saw die (the engine killed its container and saw it stop); see
+        :meth:`_record_exit`. True if recorded."""
+        if self.store is None or self.stopping.is_set():
+            return False
+        record = self.store.record_exit(pod_id, incarnation, pid, returncode=returncode)
+        if record.recorded:
+            self._event("pod.exit_recorded", pod=pod_id, incarnation=incarnation,
+                        ended_term=record.ended_term, backends=record.backends)
+        return record.recorded
+
     def remote_pods(self) -> list[str]:
         """Pods on the bus that this coordinator did not spawn (`fleetsim pod --join`)."""
         if self.bus is None:

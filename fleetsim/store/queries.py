@@ -545,6 +545,8 @@ UPDATE pods SET status = 'stopped', died_at = statement_timestamp()
 
 ALIVE_POD_HOSTS = "SELECT id, host FROM pods WHERE status = 'alive'"
 
+POD_REGISTRATION = "SELECT incarnation, pid FROM pods WHERE id = :pod AND status = 'alive'"
+
 PODS = """
 WITH done AS (
     SELECT pod_id, count(*) AS n FROM finished_attempts WHERE outcome = 'completed'

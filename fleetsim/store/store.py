@@ -919,6 +919,13 @@ class Store:
         """The host name each alive pod registered, by pod id (cheap: no counts)."""
         return {row.id: row.host for row in self._rows(q.ALIVE_POD_HOSTS) if row.host}
 
+    def pod_registration(self, pod_id: str) -> tuple[int, int | None] | None:
+        """(incarnation, pid) of the pod's registration if it is alive, else None."""
+        rows = self._rows(q.POD_REGISTRATION, pod=pod_id)
+        if not rows:
+            return None
+        return int(rows[0].incarnation), None if rows[0].pid is None else int(rows[0].pid)
+
     def analyze(self) -> None:
         """Refresh the planner's statistics (after a large bulk submit)."""
         with self._errors(), self._auto.connect() as conn:

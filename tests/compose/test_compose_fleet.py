@@ -170,6 +170,10 @@ def test_fleetsim_chaos_kills_pauses_and_cuts_off_pod_containers(compose: Compos
         assert docker("inspect", "-f", "{{json .NetworkSettings.Networks}}",
                       cut["container"]) == "{}"
         assert docker("inspect", "-f", "{{.State.Status}}", killed["container"]) == "exited"
+        # The engine saw it stop: a certain death, recorded in the store at
+        # once (its backends terminated, its lease freed), not left to the
+        # dead threshold.
+        assert killed["exit_recorded"] is True, killed
         # Healed when the duration ends: thawed, and back on its network.
         wait_until(lambda: docker("inspect", "-f", "{{.State.Status}}",
                                   paused["container"]) == "running", 30, interval=0.5,
