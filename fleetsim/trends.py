@@ -52,6 +52,7 @@ __all__ = [
     "resource_trends",
     "threshold_figures",
     "trend",
+    "trend_rows",
     "warmup_s",
 ]
 
@@ -246,3 +247,41 @@ def threshold_figures(resources: Mapping[str, Any] | None) -> dict[str, Any]:
         "fds_growth_pct_max": resources.get("fds_growth_pct_max"),
         "steps_dead_tuples_end": dead["last"] if dead else None,
     }
+
+
+def _largest(processes: Mapping[str, Any], figure: str, field: str) -> tuple[str, float] | None:
+    found = [(entry[figure][field], key) for key, entry in processes.items()
+             if entry.get(figure) and entry[figure][field] is not None]
+    if not found:
+        return None
+    value, key = max(found)
+    return key, value
+
+
+def trend_rows(resources: Mapping[str, Any] | None,
+               skipped: str | None = None) -> list[tuple[str, str]]:
+    """The trends as (name, value) rows of a human table (one row saying why if none)."""
+    if not resources:
+        return [("resource trends", f"none: {skipped or 'not measured'}")]
+    processes = resources["processes"]
+    rows = [("resource trends", f"{len(processes)} processes over {resources['run_s']:.0f} s, "
+                                f"after a {resources['warmup_s']:.0f} s warm-up")]
+    growth = _largest(processes, "rss_bytes", "growth_pct")
+    slope = _largest(processes, "rss_bytes", "slope_per_min")
+    if growth and slope:
+        rows.append(("RSS growth / slope (largest)",
+                     f"{growth[1]:+.1f} % ({growth[0]}) / {slope[1] / 2**20:+.2f} MiB/min "
+                     f"({slope[0]})"))
+    fds = _largest(processes, "open_fds", "growth_pct")
+    if fds:
+        rows.append(("open fds growth (largest)", f"{fds[1]:+.1f} % ({fds[0]})"))
+    size, dead = resources["store"].get("steps_bytes"), resources["store"].get("steps_dead_tuples")
+    if size:
+        rows.append(("steps table size", f"{size['first'] / 2**20:.1f} → "
+                                         f"{size['last'] / 2**20:.1f} MiB"))
+    if dead:
+        rows.append(("steps dead tuples", f"{dead['first']:.0f} → {dead['last']:.0f}"))
+    if resources["leaking"]:
+        rows.append((f"LEAKING (RSS growth ≥ {resources['growth_limit_pct']:g} %)",
+                     ", ".join(resources["leaking"])))
+    return rows

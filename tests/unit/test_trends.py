@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from fleetsim.cli import cli
 from fleetsim.thresholds import parse_thresholds
 from fleetsim.trends import (
     THRESHOLD_NAMES,
@@ -15,6 +18,7 @@ from fleetsim.trends import (
     resource_trends,
     threshold_figures,
     trend,
+    trend_rows,
     warmup_s,
 )
 
@@ -177,3 +181,27 @@ def test_the_trend_figures_are_threshold_names() -> None:
                                "steps_dead_tuples_end": "< 100000"})
     assert sorted(t.name for t in parsed) == sorted(THRESHOLD_NAMES)
     assert threshold_figures(None) == dict.fromkeys(THRESHOLD_NAMES)
+
+
+def test_the_human_rows_name_the_largest_growth_and_the_leak() -> None:
+    run = 300
+    samples = (coordinator_lines(run) + store_lines(run)
+               + pod_lines("pod-1", 0, 0, run, lambda t: 50 * MIB + 2 * MIB * t / 60))
+    rows = dict(trend_rows(resource_trends(samples)))
+    assert "(pod-1#0)" in rows["RSS growth / slope (largest)"]
+    assert rows["LEAKING (RSS growth ≥ 10 %)"] == "pod-1#0"
+    assert trend_rows(None, "the metrics series spans 12 s") == [
+        ("resource trends", "none: the metrics series spans 12 s")]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--duration", "90s", "--steps", "10"], "--steps and --duration exclude each other"),
+    (["--duration", "90s"], "--duration needs a rate"),
+])
+def test_run_refuses_a_duration_it_cannot_honour(tmp_path: Path, args: list[str],
+                                                 message: str) -> None:
+    result = CliRunner().invoke(cli, ["--run-dir", str(tmp_path), "run", *args],
+                                env={"FLEETSIM_STORE": ""})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+        result.stderr
