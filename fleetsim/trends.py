@@ -6,8 +6,9 @@ and computes, for each process series and for the store:
 
 - a **process series** is one pod incarnation (``pod-2#0``, ``pod-2#1``: a
   restarted pod is a new process, so its first sample is the start of a new
-  series, never a jump in the old one) or the coordinator (``coordinator``;
-  ``coordinator#<pid>`` if the file holds several coordinator pids). For
+  series, never a jump in the old one), the coordinator (``coordinator``)
+  or a helper process it started (``fault-proxy``); ``<name>#<pid>`` when
+  the file holds several pids under one name. For
   its ``rss_bytes`` and ``open_fds``: ``first`` (first sample after the
   warm-up), ``last``, ``peak`` (whole series, warm-up included),
   ``growth_pct`` and ``slope_per_min``;
@@ -140,7 +141,8 @@ def _series(samples: Iterable[Mapping[str, Any]]) -> tuple[
         float, float]:
     """Points per process series and per store figure, and the file's first and last t."""
     processes: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    coordinators: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    # The coordinator and its helper processes (the fault proxy), by (name, pid).
+    named: dict[tuple[str, int], dict[str, list[tuple[float, float]]]] = {}
     store: dict[str, list[tuple[float, float]]] = {name: [] for name in _STORE_FIGURES}
     first, last = math.inf, -math.inf
     for sample in samples:
@@ -153,19 +155,22 @@ def _series(samples: Iterable[Mapping[str, Any]]) -> tuple[
             incarnation = _number(sample.get("incarnation"))
             key = f"{sample['pod']}#{int(incarnation or 0)}"
             target = processes.setdefault(key, {name: [] for name in _PROCESS_FIGURES})
-        elif kind == "coordinator":
-            target = coordinators.setdefault(int(_number(sample.get("pid")) or 0),
-                                             {name: [] for name in _PROCESS_FIGURES})
+        elif kind == "coordinator" or (kind == "process" and isinstance(sample.get("name"), str)
+                                       and sample["name"]):
+            name = "coordinator" if kind == "coordinator" else str(sample["name"])
+            target = named.setdefault((name, int(_number(sample.get("pid")) or 0)),
+                                      {figure: [] for figure in _PROCESS_FIGURES})
         elif kind == "store":
             target = store
         else:
             continue
-        for name, points in target.items():
-            value = _number(sample.get(name))
+        for figure, points in target.items():
+            value = _number(sample.get(figure))
             if value is not None:
                 points.append((t, value))
-    for pid, figures in sorted(coordinators.items()):
-        processes["coordinator" if len(coordinators) == 1 else f"coordinator#{pid}"] = figures
+    for (name, pid), figures in sorted(named.items()):
+        alone = sum(1 for other, _ in named if other == name) == 1
+        processes[name if alone else f"{name}#{pid}"] = figures
     return processes, store, first, last
 
 
@@ -227,13 +232,15 @@ def _maxima(processes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _process_order(key: str) -> tuple[int, str, int, int]:
-    """The coordinator first, then pods in natural order (pod-2 before pod-10)."""
+    """The coordinator, its helpers, then pods in natural order (pod-2 before pod-10)."""
     name, _, incarnation = key.partition("#")
     number = int(incarnation) if incarnation.isdigit() else 0
     if name == "coordinator":
         return (0, "", 0, number)
+    if not name.startswith("pod"):
+        return (1, name, 0, number)
     stem = name.rstrip("0123456789")
-    return (1, stem, int(name[len(stem):] or -1), number)
+    return (2, stem, int(name[len(stem):] or -1), number)
 
 
 def threshold_figures(resources: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -205,3 +205,18 @@ def test_run_refuses_a_duration_it_cannot_honour(tmp_path: Path, args: list[str]
     assert result.exit_code == 2, (result.output, result.exception)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
         result.stderr
+
+
+def test_helper_processes_are_series_of_their_own() -> None:
+    run = 200
+    proxy = [{"t": T0 + t, "kind": "process", "name": "fault-proxy", "pid": 77,
+              "rss_bytes": 30 * MIB + MIB * t / 10, "open_fds": 12.0} for t in range(run + 1)]
+    nameless = [{"t": T0 + 3, "kind": "process", "pid": 78, "rss_bytes": 1e9}]
+    trends = resource_trends(coordinator_lines(run) + proxy + nameless
+                             + pod_lines("pod-10", 0, 0, run, lambda t: 40 * MIB)
+                             + pod_lines("pod-9", 0, 0, run, lambda t: 40 * MIB))
+    assert list(trends["processes"]) == ["coordinator", "fault-proxy", "pod-9#0", "pod-10#0"]
+    assert trends["leaking"] == ["fault-proxy"]
+    # Two coordinators in one file (an `up` run twice into it): one series per pid.
+    twice = coordinator_lines(run) + [dict(s, pid=99) for s in coordinator_lines(run)]
+    assert set(resource_trends(twice)["processes"]) == {"coordinator#99", "coordinator#4242"}
