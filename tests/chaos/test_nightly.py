@@ -85,14 +85,15 @@ def _trend_table(trends: dict[str, Any]) -> str:
              f"(warm-up {trends['warmup_s']:.0f} s):"]
     for key, entry in trends["processes"].items():
         rss, fds = entry["rss_bytes"] or {}, entry["open_fds"] or {}
-        growth = rss.get("growth_pct")
+        growth, slope, fds_slope = (rss.get("growth_pct"), rss.get("slope_per_min"),
+                                    fds.get("slope_per_min"))
         lines.append(
             f"  {key:<14} rss {rss.get('first', 0) / 2**20:7.1f} -> "
             f"{rss.get('last', 0) / 2**20:7.1f} MiB  growth "
             f"{'-' if growth is None else f'{growth:+.2f} %':>9}  slope "
-            f"{(rss.get('slope_per_min') or 0) / 2**10:+9.1f} KiB/min  fds slope "
-            f"{fds.get('slope_per_min') or 0:+.2f}/min" + (f"  ({rss['note']})"
-                                                          if rss.get("note") else ""))
+            f"{'-' if slope is None else f'{slope / 2**10:+.1f}':>8} KiB/min  fds slope "
+            f"{'-' if fds_slope is None else f'{fds_slope:+.2f}'}/min"
+            + (f"  ({rss['note']})" if rss.get("note") else ""))
     for name, figure in trends["store"].items():
         if figure:
             lines.append(f"  store {name}: {figure['first']:.0f} -> {figure['last']:.0f}, "
