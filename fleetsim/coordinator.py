@@ -317,7 +317,8 @@ class Coordinator:
             metrics_path(self.run_dir.path), lambda: dict(self.bus.metrics),
             # A connection of its own: a slow store delays only the store lines.
             lambda: Store(StoreConfig(url, schema=schema, pool_size=1, statement_timeout_s=5.0,
-                                      application_name="coordinator-metrics")))
+                                      application_name="coordinator-metrics")),
+            helpers=self._helper_pids)
         self.metrics.start()
         if self.spec.metrics_port:
             from fleetsim.prometheus import serve
@@ -326,6 +327,11 @@ class Coordinator:
                                         self.spec.metrics_host)
             self.echo(f"metrics: http://{self.spec.metrics_host}:{self.spec.metrics_port}"
                       "/metrics")
+
+    def _helper_pids(self) -> dict[str, int]:
+        """The fleet's processes besides the pods and this one, for the metrics series."""
+        proxy = self.proxy_process
+        return {"fault-proxy": proxy.pid} if proxy is not None else {}
 
     def _start_proxies(self) -> None:
         from chaos.proxy_process import ProxyControl

@@ -35,6 +35,7 @@ from fleetsim.config import FleetTimings, PodGroup
 from fleetsim.errors import ConfigError, FleetsimError, StoreUnavailable
 from fleetsim.store import QueueConfig, Store, redact_argv
 from fleetsim.thresholds import evaluate
+from fleetsim.trends import threshold_figures
 
 __all__ = [
     "RECORD_FILE",
@@ -88,10 +89,12 @@ def run_experiment(plan: RunPlan, say: Callable[[str], None]) -> dict[str, Any]:
     """Run ``plan`` once and return `fleetsim run --json`'s result.
 
     The result holds the counts, ``valid``, the violations, the figures (the
-    checker's, flattened to names thresholds can use), ``thresholds`` (one
-    row each) and ``passed`` (valid and every threshold met); ``record`` is
-    the replay record's path and, if the run did not pass, ``bundle`` the
-    failure bundle's.
+    checker's, flattened to names thresholds can use), ``resources`` (the
+    resource trends of every process and of the store, fleetsim.trends;
+    None, with ``resources_skipped`` saying why, for a run under a minute or
+    without metrics), ``thresholds`` (one row each) and ``passed`` (valid
+    and every threshold met); ``record`` is the replay record's path and, if
+    the run did not pass, ``bundle`` the failure bundle's.
     """
     from fleetsim.coordinator import Coordinator
 
@@ -158,6 +161,11 @@ def run_experiment(plan: RunPlan, say: Callable[[str], None]) -> dict[str, Any]:
             store, plan.run_dir, plan.schema, report.figures,
             series=bool(plan.params.get("write_report"))))
         result = _result(plan, spec, summary, load, report, gathered.figures)
+        # Read while the coordinator still samples: its series covers the whole run.
+        result["resources"], skipped = _resources(plan.run_dir, spec)
+        if skipped:
+            result["resources_skipped"] = skipped
+        result["figures"].update(threshold_figures(result["resources"]))
         if plan.experiment is not None:
             stats = _with_store_retry(store.queue_stats)
             for name, row in result["queues"].items():
@@ -343,6 +351,19 @@ def _result(plan: RunPlan, spec: Any, summary: dict[str, Any], load: Any,
         if spec.groups:
             result["groups"] = [g.to_dict() for g in spec.groups]
     return result
+
+
+def _resources(run_dir: Path, spec: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The run's resource trends (fleetsim.trends), or None and why there are none."""
+    from fleetsim.metrics import metrics_path, read_samples
+    from fleetsim.trends import TooShort, resource_trends
+
+    if not spec.metrics:
+        return None, "no metrics series (--no-metrics)"
+    try:
+        return resource_trends(read_samples(metrics_path(run_dir))[0]), None
+    except TooShort as exc:
+        return None, str(exc)
 
 
 def flat_figures(figures: Mapping[str, Any]) -> dict[str, Any]:

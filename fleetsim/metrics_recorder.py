@@ -7,8 +7,9 @@ Two daemon threads, so the coordinator's loop never waits on them:
   new (a series is a pod's incarnation: a killed pod's series just ends, its
   last line stays; a restarted one starts a new series), one ``fleet`` line
   (totals over every series ever seen, throughput, end-to-end percentiles
-  from the merged histograms), one ``coordinator`` line (its own process)
-  and the store sampler's latest ``store`` line, if new;
+  from the merged histograms), one ``coordinator`` line (its own process),
+  one ``process`` line per helper process the coordinator started (the
+  fault proxy), and the store sampler's latest ``store`` line, if new;
 - the store sampler reads the store's figures (depth per queue, dead
   tuples, connections, leader term) through a connection of its own: a
   store that hangs or restarts delays only the ``store`` lines.
@@ -68,10 +69,13 @@ class MetricsRecorder:
     ``pod_snapshots`` returns the latest snapshot of each pod as the bus
     holds them: ``{pod: {"incarnation", "counters", "gauges", "ts"}}``.
     ``open_store`` returns a Store for the sampler (None: no store lines).
+    ``helpers`` returns the coordinator's other processes, ``{name: pid}``
+    (the fault proxy): each gets a ``process`` line while it lives.
     """
 
     def __init__(self, path: Path, pod_snapshots: Callable[[], Mapping[str, Mapping[str, Any]]],
-                 open_store: Callable[[], Any] | None = None, period_s: float = 1.0) -> None:
+                 open_store: Callable[[], Any] | None = None, period_s: float = 1.0,
+                 helpers: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.path = path
         self.period_s = period_s
         self._pod_snapshots = pod_snapshots
@@ -87,6 +91,9 @@ class MetricsRecorder:
         self._store_written: dict[str, Any] | None = None
         self._process = psutil.Process(os.getpid())
         self._process.cpu_percent(None)
+        self._helpers = helpers
+        # One psutil.Process per helper pid: cpu_percent is since its previous call.
+        self._helper_processes: dict[int, psutil.Process] = {}
         self._out: IO[str] | None = None
         self._threads: list[threading.Thread] = []
         self.latest_fleet: dict[str, Any] | None = None
@@ -169,6 +176,7 @@ class MetricsRecorder:
                     lines.append(self._pod_line(now, series))
             lines.append(self._fleet_line(now))
             lines.append(self._coordinator_line(now))
+            lines.extend(self._helper_lines(now))
             if self._store_sample is not None and self._store_sample is not self._store_written:
                 lines.append(self._store_sample)
                 self._store_written = self._store_sample
@@ -246,6 +254,23 @@ class MetricsRecorder:
     def _coordinator_line(self, now: float) -> dict[str, Any]:
         return {"t": round(now, 3), "kind": "coordinator", "pid": self._process.pid,
                 **process_gauges(self._process)}
+
+    def _helper_lines(self, now: float) -> list[dict[str, Any]]:
+        if self._helpers is None:
+            return []
+        lines = []
+        for name, pid in sorted(dict(self._helpers()).items()):
+            process = self._helper_processes.get(pid)
+            if process is None:
+                try:
+                    process = self._helper_processes[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    continue  # gone already
+            gauges = process_gauges(process)
+            if "rss_bytes" in gauges:  # an exited (zombie) process has none: no line
+                lines.append({"t": round(now, 3), "kind": "process", "name": name, "pid": pid,
+                              **gauges})
+        return lines
 
     # -- for the Prometheus endpoint --------------------------------------------
 

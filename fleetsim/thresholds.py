@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from fleetsim.errors import ConfigError
 from fleetsim.figures import FIGURE_NAMES as RUN_FIGURE_NAMES
+from fleetsim.trends import THRESHOLD_NAMES as TREND_NAMES
 
 __all__ = [
     "FIGURE_NAMES",
@@ -44,12 +45,14 @@ RESULT_NAMES: Final = frozenset({
 })
 #: Keys of ``result["figures"]`` a threshold may name: the checker's
 #: failover, recovery and claim-to-completion times, flattened, and the
-#: run's own latency/throughput/resource figures (fleetsim.figures). A
-#: known figure a run did not measure fails as "not measured", not as a typo.
+#: run's own latency/throughput/resource figures (fleetsim.figures), and
+#: the resource trends' maxima (fleetsim.trends: null for a run too short
+#: for trends). A known figure a run did not measure fails as "not
+#: measured", not as a typo.
 FIGURE_NAMES: Final = frozenset({
     "failover_max_s", "failover_median_s", "orphan_recovery_max_s",
     "claim_to_completion_p50_s", "claim_to_completion_p99_s",
-    *RUN_FIGURE_NAMES,
+    *RUN_FIGURE_NAMES, *TREND_NAMES,
 })
 
 _OPS: Final[dict[str, Callable[[Any, Any], bool]]] = {

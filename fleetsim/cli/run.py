@@ -28,6 +28,7 @@ from fleetsim.cli.common import (
 )
 from fleetsim.errors import ConfigError
 from fleetsim.figures import figure_rows
+from fleetsim.trends import trend_rows
 
 # -- run ----------------------------------------------------------------------
 
@@ -42,6 +43,9 @@ _GROUP_OPTIONS = ("pods", "workload", "concurrency", "batch", "queues")
         "(drain mode: submit, then wait until every step ended).")
 @option("--rate", type=click.FloatRange(0, None), default=0.0,
         help="Submit at this many steps per second (0: all at once).")
+@option("--duration", type=DURATION, default=None,
+        help="Open loop: submit at --rate steps/s for this long instead of --steps (e.g. "
+        "30m); a run of a minute or more reports resource trends.")
 @option("--schema", default=None, help="Schema for this run (default: a new run_<time> one, "
         "kept for `fleetsim check`).")
 @option("--timeout", type=DURATION, default=600.0, env="FLEETSIM_RUN_TIMEOUT",
@@ -87,6 +91,9 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         return ctx.get_parameter_source(name) not in (
             ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
 
+    if given("duration") and given("steps"):
+        fail("--steps and --duration exclude each other: --steps drains a fixed number, "
+             "--duration submits at --rate for that long", EXIT_USAGE)
     if params["experiment"] and params["scenario"]:
         fail("give an EXPERIMENT file or --chaos SCENARIO, not both (an experiment's faults "
              "are its [[fault]] sections)", EXIT_USAGE)
@@ -108,6 +115,11 @@ def run(ctx: click.Context, /, **params: Any) -> None:
                 resolved[name] = value
         if given("steps"):
             resolved["duration"] = None  # --steps turns an open-loop load into drain mode
+    if given("duration"):
+        resolved["duration"] = params["duration"]
+        if not resolved["rate"]:
+            fail("--duration needs a rate (--rate, or the experiment's [load] rate): the load "
+                 "submits rate steps/s for that long", EXIT_USAGE)
     elif params["scenario"]:
         from chaos.scenario import find_scenario
 
@@ -200,6 +212,7 @@ def _print_run(result: dict[str, Any]) -> None:
                                          f"{result['elapsed_s']} s"),
         ("throughput", f"{result['steps_per_s']} steps/s"),
         *figure_rows(result.get("figures") or {}),
+        *trend_rows(result.get("resources"), result.get("resources_skipped")),
         ("history kept in schema", result["schema"]),
         ("verdict", "VALID" if result["valid"] else "INVALID"),
     ]

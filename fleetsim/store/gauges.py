@@ -2,7 +2,8 @@
 
 Depth per queue (steps waiting: queued, or failed and waiting for a retry),
 dead tuples of ``steps`` (what autovacuum has yet to reclaim: a claim scans
-past them), the connections open to the database and how many of them are
+past them), the size of ``steps`` on disk (table, indexes and TOAST: a soak
+watches it grow), the connections open to the database and how many of them are
 running a statement, and the leader's term. Nothing here is evidence for the
 checker.
 """
@@ -28,6 +29,13 @@ SELECT n_dead_tup FROM pg_stat_user_tables
  WHERE relname = 'steps' AND schemaname = current_schema()
 """
 
+# Table, indexes and TOAST; the relation looked up by name in this schema.
+_TABLE_BYTES: Final = """
+SELECT pg_total_relation_size(c.oid)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relname = :table AND n.nspname = current_schema()
+"""
+
 _CONNECTIONS: Final = """
 SELECT count(*), count(*) FILTER (WHERE state = 'active')
   FROM pg_stat_activity WHERE datname = current_database()
@@ -37,19 +45,22 @@ _LEADER: Final = "SELECT holder, term, expires_at > statement_timestamp() FROM l
 
 
 def store_gauges(store: Store) -> dict[str, Any]:
-    """``{depth: {queue: n}, steps_dead_tuples, connections, connections_active, leader, term}``.
+    """``{depth: {queue: n}, steps_dead_tuples, steps_bytes, connections, connections_active,
+    leader, term}``.
 
     ``leader`` and ``term`` are the lease's holder and term while the lease
     is valid, else None.
     """
     depth = {str(name): int(n) for name, n in store._rows(_DEPTH)}
     dead = store._rows(_DEAD_TUPLES)
+    size = store._rows(_TABLE_BYTES, table="steps")
     total, active = store._rows(_CONNECTIONS)[0]
     lease = store._rows(_LEADER)
     holder, term = (lease[0][0], int(lease[0][1])) if lease and lease[0][2] else (None, None)
     return {
         "depth": dict(sorted(depth.items())),
         "steps_dead_tuples": int(dead[0][0]) if dead else None,
+        "steps_bytes": int(size[0][0]) if size and size[0][0] is not None else None,
         "connections": int(total),
         "connections_active": int(active),
         "leader": holder,

@@ -67,8 +67,10 @@ def test_fleet_metrics_series_cli_and_prometheus(tmp_path: Path, store: Store,
         drained = wait_until(lambda: [s for s in samples(run_dir, "store")
                                       if s.get("depth") == {"default": 0}], 10,
                              what="a store sample with the queue empty")
-        assert {"steps_dead_tuples", "connections", "term"} <= set(drained[-1])
+        assert {"steps_dead_tuples", "steps_bytes", "connections", "term"} <= set(drained[-1])
         assert drained[-1]["steps_dead_tuples"] >= 0 and drained[-1]["connections"] >= 3
+        # 600 rows and their indexes: more than the empty table's few pages.
+        assert drained[-1]["steps_bytes"] > 8192
         assert samples(run_dir, "coordinator")[-1]["rss_bytes"] > 10_000_000
 
         shown = fleetsim(run_dir, "metrics", "--json")

@@ -121,3 +121,29 @@ def test_prometheus_page_parses() -> None:
     assert families["fleetsim_leader_term"].samples[0].value == 7.0
     assert families["fleetsim_queue_depth"].samples[0].labels == {"queue": "default"}
     assert json.dumps([f.type for f in families.values()])  # every family has a type
+
+
+def test_helper_processes_get_a_line_each_while_they_live(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    helpers = {"fault-proxy": child.pid}
+    recorder = MetricsRecorder(tmp_path / "metrics.jsonl", dict, period_s=3600,
+                               helpers=lambda: helpers)
+    recorder.start()
+    try:
+        recorder.sample()
+        child.kill()
+        child.wait()
+        recorder.sample()  # gone: no line, no error
+        helpers["other"] = 2**22 + 7  # never existed (above the default pid_max)
+        recorder.sample()
+    finally:
+        recorder.stop()
+        if child.poll() is None:
+            child.kill()
+    lines = [s for s in iter_samples(tmp_path / "metrics.jsonl") if s["kind"] == "process"]
+    assert len(lines) == 1, lines
+    assert lines[0]["name"] == "fault-proxy" and lines[0]["pid"] == child.pid
+    assert lines[0]["rss_bytes"] > 1_000_000 and lines[0]["open_fds"] >= 3
