@@ -31,7 +31,7 @@ Definitions (docs/reference/metrics.md#resource-trends):
 - a process series **leaks** when its RSS growth is at least
   ``growth_limit_pct`` (default :data:`GROWTH_LIMIT_PCT`, 10%).
 
-A run shorter than :data:`MIN_RUN_S` (60 s by default) has no trends:
+A run shorter than :data:`MIN_RUN_S` (30 s by default) has no trends:
 :class:`TooShort` says why. The function is pure: no clock, no I/O.
 """
 
@@ -63,7 +63,7 @@ WARMUP_MAX_S: Final = 60.0
 #: Each of the two windows compared by growth_pct: this fraction of the series after warm-up.
 WINDOW_FRACTION: Final = 0.2
 #: A run shorter than this (first to last sample) has no trends.
-MIN_RUN_S: Final = 60.0
+MIN_RUN_S: Final = 30.0
 #: A series needs this long after its warm-up (and 5 samples) for a growth and a slope.
 MIN_SERIES_S: Final = 20.0
 MIN_POINTS: Final = 5

@@ -1,8 +1,8 @@
 """`fleetsim run` with a duration reports resource trends of every process (issue 15).
 
 The long version is the soak test (tests/chaos/test_nightly.py); this one
-runs a small real fleet just past the one-minute minimum, so the default
-suite pays about 70 s for it.
+runs a small real fleet just past the 30-second minimum, so the default
+suite pays about 40 s for it.
 """
 
 from __future__ import annotations
@@ -46,21 +46,21 @@ def env(store_config: StoreConfig) -> dict[str, str]:
 
 
 @pytest.mark.timeout(150)
-def test_a_run_of_a_minute_reports_trends_for_every_process_and_the_store(
+def test_a_run_of_half_a_minute_reports_trends_for_every_process_and_the_store(
         tmp_path: Path, env: dict[str, str]) -> None:
     path = tmp_path / "trends.toml"
     path.write_text(EXPERIMENT)
-    # 61 s of load: the series (fleet start to the end of the drain) spans more than 60 s.
-    result = fleetsim(tmp_path / "run", "run", str(path), "--duration", "61s", "--json",
+    # 31 s of load: the series (fleet start to the end of the drain) spans more than 30 s.
+    result = fleetsim(tmp_path / "run", "run", str(path), "--duration", "31s", "--json",
                       env=env, timeout=130)
     data = json.loads(result.stdout) if result.stdout else {}
     try:
         assert result.returncode == 0, result.stderr[-3000:]
-        assert data["submitted"] == 61 * 20  # --duration won over the file's 5 s
+        assert data["submitted"] == 31 * 20  # --duration won over the file's 5 s
         res = data["resources"]
         assert res is not None and "resources_skipped" not in data, data.get(
             "resources_skipped")
-        assert res["run_s"] >= 60 and res["warmup_s"] == pytest.approx(
+        assert res["run_s"] >= 30 and res["warmup_s"] == pytest.approx(
             warmup_s(res["run_s"]), abs=0.01)
         # One series per pod process and the coordinator: no restart in this run.
         assert set(res["processes"]) == {"coordinator", "pod-1#0", "pod-2#0"}
@@ -70,9 +70,9 @@ def test_a_run_of_a_minute_reports_trends_for_every_process_and_the_store(
             assert rss["growth_pct"] is not None and rss["slope_per_min"] is not None, key
             assert 0 < fds["first"] <= fds["peak"] and fds["growth_pct"] is not None, key
             # The warm-up was left out; a sample a second remains (loose: a loaded machine).
-            assert rss["samples"] >= 20, (key, rss)
+            assert rss["samples"] >= 12, (key, rss)
         size, dead = res["store"]["steps_bytes"], res["store"]["steps_dead_tuples"]
-        # 1,220 steps written while the run went on: the table grew.
+        # 620 steps written while the run went on: the table grew.
         assert 8192 <= size["first"] < size["last"] and size["slope_per_min"] > 0
         assert dead is not None and dead["last"] >= 0
         figures = data["figures"]

@@ -143,8 +143,8 @@ def test_the_store_figures_start_end_and_slope() -> None:
 
 
 def test_a_short_or_empty_series_has_no_trends() -> None:
-    with pytest.raises(TooShort, match="spans 30 s"):
-        resource_trends(coordinator_lines(30))
+    with pytest.raises(TooShort, match="spans 20 s"):
+        resource_trends(coordinator_lines(20))
     with pytest.raises(TooShort, match="spans 0 s"):
         resource_trends([])
     with pytest.raises(TooShort, match="no process sample"):
