@@ -4,10 +4,11 @@
 The checker's figures start from the old leader's last sign of life
 (failover) and from the leader's ``mark_dead`` (orphan recovery): the
 second leaves out how long the fleet took to notice the death. This script
-runs the same trials as ``fleetsim bench --chaos kill-leader,kill`` (4 pods,
-batch 5, 1,500 ``sleep:20`` steps, the kill 2 s in, drained, judged by the
-checker) and reads the database clock just before the SIGKILL, then takes
-from the store, before the trial's schema is dropped:
+runs the very trials of ``fleetsim bench --chaos kill-leader,kill``
+(``fleetsim.bench.chaos.chaos_trial``: 4 pods, batch 5, 1,500 ``sleep:20``
+steps, the kill 2 s in, drained, judged by the checker) and reads the
+database clock just before the SIGKILL, then takes from the store, before
+the trial's schema is dropped:
 
 - ``new_term_s``: the first term after the killed one started, minus the kill;
 - ``reclaim_s``: each step the killed process held at the kill, its next
@@ -31,7 +32,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from chaos.trial import Trial, run_trial
+from chaos.trial import run_trial
+from fleetsim.bench.chaos import chaos_table_lines, chaos_trial
+from fleetsim.bench.measure import Spread
 from fleetsim.coordinator import Coordinator, FleetSpec
 
 NEW_TERM = """
@@ -128,31 +131,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 made.append(TimedKills(spec))
                 return made[-1]
 
-            action, target = ("kill-leader", None) if fault == "kill-leader" else ("kill",
-                                                                                   "random")
-            trial = Trial(description=f"{fault} from the kill", pods=4, batch=5,
-                          workload="sleep:20", steps=1500, faults=((2.0, action, target, {}),))
-            result = run_trial(args.store, trial, name=fault, seed=index, factory=factory)
+            result = run_trial(args.store, chaos_trial(fault), name=fault, seed=index,
+                               factory=factory)
             figures = made[0].measured[0] if made and made[0].measured else {}
             row = {"verdict": result.verdict, **figures, "note": result.note}
             rows[fault].append(row)
             log(f"[{index + 1}/{args.repeat}] {fault}: {json.dumps(row, default=str)}")
-    print("fault | trials | valid | new term median | max | re-claim median | max")
+    table = []
     for fault, runs in rows.items():
-        def values(key: str, runs: list[dict[str, Any]] = runs) -> list[float]:
-            return [r[key] for r in runs if r.get(key) is not None]
+        def spread(key: str, runs: list[dict[str, Any]] = runs) -> Spread | None:
+            return Spread.of(r.get(key) for r in runs)
 
-        def s(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f} s"
-
-        terms, medians, maxima = (values("new_term_s"), values("reclaim_median_s"),
-                                  values("reclaim_max_s"))
-        valid = sum(r["verdict"] == "valid" for r in runs)
-        print(f"{fault} | {len(runs)} | {valid}/{len(runs)} | "
-              f"{s(statistics.median(terms) if terms else None)} | "
-              f"{s(max(terms) if terms else None)} | "
-              f"{s(statistics.median(medians) if medians else None)} | "
-              f"{s(max(maxima) if maxima else None)}")
+        terms, medians, maxima = (spread("new_term_s"), spread("reclaim_median_s"),
+                                  spread("reclaim_max_s"))
+        table.append({
+            "fault": fault, "trials": len(runs),
+            "valid": sum(r["verdict"] == "valid" for r in runs),
+            "failover": {"median_s": terms.median if terms else None,
+                         "max_s": terms.high if terms else None},
+            "orphan_recovery": {"median_s": medians.median if medians else None,
+                                "max_s": maxima.high if maxima else None},
+        })
+    print("from the kill: failover = the kill -> the next term; orphan re-claim = the kill"
+          " -> each held step claimed again")
+    for line in chaos_table_lines(table):
+        print(line)
     if args.json_path:
         with open(args.json_path, "w") as out:
             json.dump(rows, out, indent=2, default=str)

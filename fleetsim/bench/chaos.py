@@ -38,22 +38,27 @@ def parse_faults(text: str) -> tuple[str, ...]:
     return names
 
 
+def chaos_trial(name: str) -> Any:
+    """The trial of one fault: 4 pods, batch 5, 1,500 sleep:20 steps, the fault 2 s in."""
+    from chaos.trial import Trial
+
+    action, target, params, proxy = FAULTS[name]
+    return Trial(description=f"bench {name}", pods=4, batch=5, workload="sleep:20",
+                 steps=1500, faults=((FAULT_AT_S, action, target, params),),
+                 fault_proxy=proxy)
+
+
 def run_chaos(url: str, faults: tuple[str, ...], repeat: int,
               say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every fault ``repeat`` times, interleaved; one row per fault."""
-    from chaos.trial import Trial, run_trial
+    from chaos.trial import run_trial
 
     results: dict[str, list[Any]] = {name: [] for name in faults}
     try:
         for index in range(repeat):
             for name in faults:
-                action, target, params, proxy = FAULTS[name]
-                trial = Trial(description=f"bench {name}", pods=4, batch=5,
-                              workload="sleep:20", steps=1500,
-                              faults=((FAULT_AT_S, action, target, params),),
-                              fault_proxy=proxy)
                 say(f"[{index + 1}/{repeat}] chaos {name}")
-                result = run_trial(url, trial, name=name, seed=index, say=say)
+                result = run_trial(url, chaos_trial(name), name=name, seed=index, say=say)
                 say(f"  {result.verdict} in {result.seconds:.1f}s")
                 results[name].append(result)
     except KeyboardInterrupt:
