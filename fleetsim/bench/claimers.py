@@ -16,6 +16,7 @@ import os
 import queue as queue_mod
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +129,19 @@ def _claimer(loop: Loop, url: str, schema: str, app: str, index: int, batch: int
         results.put(out)
 
 
+def _first_error(results: Any) -> str:
+    """The error a claimer reported (it aborted the barriers), or why none is known."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            out = results.get(timeout=1)
+        except queue_mod.Empty:
+            continue
+        if "error" in out:
+            return str(out["error"])
+    return "the start was aborted (no error reported)"
+
+
 def run_claimers(kind: str, loop: Loop, url: str, schema: str, app: str, admin: Any,
                  procs: int, batch: int, steps: int, workload: str) -> ClaimerResult:
     """Drain the filled queue in ``schema`` with ``procs`` processes running ``loop``.
@@ -151,11 +165,14 @@ def run_claimers(kind: str, loop: Loop, url: str, schema: str, app: str, admin: 
                 child.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        barriers[0].wait(timeout=START_TIMEOUT_S)  # every claimer is connected
-        backends = server.backends_named(admin, app)
-        cpu_before = server.backend_cpu(backends)
-        xacts_before = server.transactions(admin)
-        barriers[1].wait(timeout=START_TIMEOUT_S)  # go
+        try:
+            barriers[0].wait(timeout=START_TIMEOUT_S)  # every claimer is connected
+            backends = server.backends_named(admin, app)
+            cpu_before = server.backend_cpu(backends)
+            xacts_before = server.transactions(admin)
+            barriers[1].wait(timeout=START_TIMEOUT_S)  # go
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"{kind} claimer failed: {_first_error(results)}") from None
         outs: list[dict[str, Any]] = []
         while len(outs) < procs:
             try:
