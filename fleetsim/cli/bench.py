@@ -91,8 +91,9 @@ def _store_url(ctx: click.Context, url: str | None) -> Iterator[str]:
         "--steps steps (generated in the server), --repeat times in a fresh process; its "
         "peak RSS and verdict.")
 @option("--chaos", default=None, metavar="FAULT[,FAULT...]",
-        help="Instead of throughput: failover and orphan re-claim figures over --repeat "
-        "trials of each fault: kill-leader, kill, pause-leader, partition-leader, "
+        help="Instead of throughput: failover and orphan re-claim figures (the checker's, "
+        "and from the fault), and throughput during the fault, over --repeat trials of "
+        "each fault: kill-leader, kill, pause-leader, partition-leader, "
         "storage-brownout.")
 @option("--timeout", type=float, default=600.0, env="FLEETSIM_BENCH_TIMEOUT",
         help="Give up on a trial not drained after this many seconds.")
@@ -227,9 +228,13 @@ def _bench_chaos(ctx: click.Context, params: dict[str, Any]) -> None:
     else:
         for line in chaos_table_lines(rows) if rows else ["nothing was measured"]:
             click.echo(line)
-        click.echo("\nfigures from the checker, database time: failover = the old leader's "
-                   "last sign of life -> the next term; orphan re-claim = a dead pod's claim "
-                   "-> its step claimed again. Medians of the trials' medians, max of maxima.")
+        click.echo("\ndatabase time. From the checker: failover = the old leader's last sign "
+                   "of life -> the next term; orphan re-claim = a dead pod's claim -> its "
+                   "step claimed again. From the fault (the clock read just before the "
+                   "injector acts): the next term's start; the next claim of each step the "
+                   "victim held. Medians of the trials' medians, max of maxima. Throughput "
+                   "during/before: completions per second in the fault's window (its 'for', "
+                   "or the lease for a kill) / before it in the same trial, median [min-max].")
     invalid = [r["fault"] for r in rows if r["valid"] < r["trials"]]
     if invalid:
         fail(f"invalid or failed trials: {', '.join(invalid)}")

@@ -118,3 +118,8 @@ def test_bench_chaos_reports_the_failover_of_a_killed_leader(
     assert row["fault"] == "kill-leader" and row["valid"] == row["trials"] == 1
     # A new term came, after the lease at most plus slack (3 s lease by default).
     assert 0 < row["failover"]["median_s"] < 10
+    # Timed from the kill too (certain death: well under the lease, with slack),
+    # and the fleet kept completing steps during the fault.
+    assert 0 < row["new_term_from_fault"]["median_s"] < 10
+    assert row["reclaim_from_fault"]["trials_with_it"] in (0, 1)
+    assert row["throughput_fraction"]["median"] > 0

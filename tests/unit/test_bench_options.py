@@ -89,3 +89,37 @@ def test_chaos_and_checker_are_not_combined() -> None:
     result = CliRunner().invoke(cli, ["bench", "--checker", "--chaos", "kill",
                                       "--store", "postgresql://nowhere/db"])
     assert result.exit_code != 0 and "separate benches" in result.output
+
+
+class _Run:
+    def __init__(self, verdict: str, failover: float | None) -> None:
+        self.verdict, self.note = verdict, ""
+        self.figures = ({"failover": {"median_s": failover, "max_s": failover}}
+                        if failover is not None else {})
+
+
+def test_chaos_rows_summarise_the_checker_and_the_fault_clock() -> None:
+    from fleetsim.bench.chaos import _row, chaos_table_lines
+
+    runs = [(_Run("valid", 2.0), {"new_term_s": 0.2, "reclaim_median_s": 0.3,
+                                  "reclaim_max_s": 0.5, "throughput_fraction": 0.8}),
+            (_Run("valid", 3.0), {"new_term_s": 0.4, "reclaim_median_s": 0.1,
+                                  "reclaim_max_s": 0.9, "throughput_fraction": 0.6}),
+            # A trial the clock could not measure (an error): counted, not averaged in.
+            (_Run("error", None), {})]
+    row = _row("kill-leader", runs)
+    assert (row["trials"], row["valid"]) == (3, 2)
+    assert row["failover"] == {"median_s": 2.5, "max_s": 3.0, "trials_with_it": 2}
+    assert row["new_term_from_fault"] == {"median_s": pytest.approx(0.3), "max_s": 0.4,
+                                          "trials_with_it": 2}
+    # Re-claim: the median of the trials' medians, the largest of their maxima.
+    assert row["reclaim_from_fault"]["median_s"] == pytest.approx(0.2)
+    assert row["reclaim_from_fault"]["max_s"] == 0.9
+    assert row["throughput_fraction"]["median"] == pytest.approx(0.7)
+    header, _, line = chaos_table_lines([row])
+    assert "new term from fault median" in header and "throughput during/before" in header
+    assert "0.30 s" in line and "0.70 [0.60-0.80]" in line
+    # Nothing measured: dashes, not zeros.
+    empty = _row("kill", [(_Run("error", None), {})])
+    assert empty["throughput_fraction"] is None
+    assert chaos_table_lines([empty])[2].count(" - ") >= 8
