@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +36,10 @@ class WithoutExitRecords(FaultClock):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", required=True, help="PostgreSQL URL (a schema per trial)")
+    parser.add_argument("--store", default=os.environ.get(
+                            "FLEETSIM_STORE", "postgresql://postgres@127.0.0.1:5432/test"),
+                        help="PostgreSQL URL, a schema per trial (default: $FLEETSIM_STORE "
+                        "or %(default)s)")
     parser.add_argument("--repeat", type=int, default=10, help="trials per fault")
     parser.add_argument("--faults", default="kill-leader,kill",
                         help="kill-leader and/or kill (a random pod)")

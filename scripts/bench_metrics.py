@@ -58,8 +58,10 @@ def hook_cost(batches: int = 2000) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", default=os.environ.get("FLEETSIM_TEST_DATABASE_URL"),
-                        help="PostgreSQL URL (default: $FLEETSIM_TEST_DATABASE_URL)")
+    parser.add_argument("--store", default=os.environ.get("FLEETSIM_STORE", os.environ.get(
+                            "FLEETSIM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")),
+                        help="PostgreSQL URL (default: $FLEETSIM_STORE, "
+                        "$FLEETSIM_TEST_DATABASE_URL or %(default)s)")
     parser.add_argument("--repeat", "--rounds", dest="repeat", type=int, default=5)
     parser.add_argument("--pods", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20_000)
@@ -69,8 +71,6 @@ def main() -> int:
     parser.add_argument("--json", dest="json_out", type=Path, default=None,
                         help="also write the result to this file")
     args = parser.parse_args()
-    if not args.store:
-        parser.error("give --store URL (or set FLEETSIM_TEST_DATABASE_URL)")
     plan = BenchPlan(pods=(args.pods,), concurrency=(args.concurrency,), batch=(args.batch,),
                      workloads=(args.workload,), steps=args.steps, repeat=args.repeat,
                      metrics=(True, False))
