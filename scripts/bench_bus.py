@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from fleetsim.bench.measure import Spread, percentile
 from fleetsim.bus import BusEndpoints, ControlClient, StatusRequest
 from fleetsim.bus.testing import CoordinatorUnderFlood
 
@@ -53,13 +53,10 @@ def round_trips(endpoints: BusEndpoints, requests: int) -> list[float]:
     return timings
 
 
-def summary(timings: list[float]) -> dict[str, float]:
-    """p50, p99 and max of ``timings``, in seconds."""
-    return {
-        "p50_s": statistics.median(timings),
-        "p99_s": statistics.quantiles(timings, n=100, method="inclusive")[98],
-        "max_s": max(timings),
-    }
+def summary(timings: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max of ``timings``, in seconds (fleetsim bench's percentiles)."""
+    return {"p50_s": percentile(timings, 0.5), "p99_s": percentile(timings, 0.99),
+            "max_s": max(timings)}
 
 
 def one_round(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,27 +67,30 @@ def one_round(args: argparse.Namespace) -> dict[str, Any]:
         before, started = coordinator.metrics_received(), time.monotonic()
         flooded = round_trips(coordinator.endpoints, args.requests)
         rate = (coordinator.metrics_received() - before) / (time.monotonic() - started)
-    result = {"quiet": summary(quiet), "flooded": summary(flooded), "metrics_per_s": rate}
+    result: dict[str, Any] = {"quiet": summary(quiet), "flooded": summary(flooded),
+                              "metrics_per_s": rate}
     result["p99_ratio"] = result["flooded"]["p99_s"] / result["quiet"]["p99_s"]
     return result
 
 
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of every figure over ``rounds``."""
-    def med(path: tuple[str, ...]) -> float:
+    def med(*path: str) -> float:
         values = []
         for item in rounds:
             value: Any = item
             for key in path:
                 value = value[key]
             values.append(float(value))
-        return statistics.median(values)
+        spread = Spread.of(values)
+        assert spread is not None
+        return spread.median
 
     return {
-        "quiet": {k: med(("quiet", k)) for k in ("p50_s", "p99_s", "max_s")},
-        "flooded": {k: med(("flooded", k)) for k in ("p50_s", "p99_s", "max_s")},
-        "metrics_per_s": med(("metrics_per_s",)),
-        "p99_ratio": med(("p99_ratio",)),
+        "quiet": {k: med("quiet", k) for k in ("p50_s", "p99_s", "max_s")},
+        "flooded": {k: med("flooded", k) for k in ("p50_s", "p99_s", "max_s")},
+        "metrics_per_s": med("metrics_per_s"),
+        "p99_ratio": med("p99_ratio"),
     }
 
 

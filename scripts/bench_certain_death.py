@@ -1,162 +1,64 @@
 #!/usr/bin/env python3
-"""Failover and orphan re-claim after a SIGKILL, timed from the kill itself.
+"""Failover and orphan re-claim after a SIGKILL, timed from the kill, with or without exit records.
 
-The checker's figures start from the old leader's last sign of life
-(failover) and from the leader's ``mark_dead`` (orphan recovery): the
-second leaves out how long the fleet took to notice the death. This script
-runs the same trials as ``fleetsim bench --chaos kill-leader,kill`` (4 pods,
-batch 5, 1,500 ``sleep:20`` steps, the kill 2 s in, drained, judged by the
-checker) and reads the database clock just before the SIGKILL, then takes
-from the store, before the trial's schema is dropped:
-
-- ``new_term_s``: the first term after the killed one started, minus the kill;
-- ``reclaim_s``: each step the killed process held at the kill, its next
-  claim minus the kill (per trial, the median and the max over its steps).
+``fleetsim bench --chaos kill-leader,kill`` gives these figures (the
+"from fault" columns: the next term's start and each held step's next
+claim, minus the database clock read just before the SIGKILL) beside the
+checker's. This script runs the same trials and adds one switch the
+command does not have: ``--without-exit-records`` turns the coordinator's
+certain-death notice off (``Store.record_exit``), so the lease and the dead
+threshold bound both figures, as they did before it existed. The goal with
+it on (issue 15): new term within 0.5 s median and 1 s max, re-claim within
+0.5 s median.
 
     python scripts/bench_certain_death.py --store postgresql://... --repeat 10
-    python scripts/bench_certain_death.py --without-exit-records --repeat 3
-
-``--without-exit-records`` turns the coordinator's certain-death notice off
-(``Store.record_exit``): the lease and the dead threshold bound both figures,
-as they did before it existed. The goal with it on (issue 15): new term
-within 0.5 s median and 1 s max, re-claim within 0.5 s median.
+    python scripts/bench_certain_death.py --store postgresql://... --without-exit-records
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from chaos.trial import Trial, run_trial
-from fleetsim.coordinator import Coordinator, FleetSpec
-
-NEW_TERM = """
-SELECT extract(epoch FROM min(started_at) - %(kill)s) FROM leader_terms WHERE term > %(term)s
-"""
-
-# The killed process's claims open at the kill, each to its step's next claim.
-RECLAIMS = """
-SELECT extract(epoch FROM (SELECT min(b.claimed_at) FROM step_attempts b
-                            WHERE b.step_id = a.step_id AND b.claim_token > a.claim_token)
-                          - %(kill)s)
-  FROM step_attempts a
- WHERE a.pod_id = %(pod)s AND a.incarnation = %(incarnation)s
-   AND a.claimed_at <= %(kill)s AND (a.finished_at IS NULL OR a.finished_at > %(kill)s)
-"""
+from fleetsim.bench.chaos import FaultClock, chaos_table_lines, run_chaos
 
 
-def log(message: str) -> None:
-    """Progress on stderr (the table and JSON go to stdout)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-class TimedKills(Coordinator):
-    """A coordinator that notes each kill in database time and measures before it stops."""
-
-    exit_records = True
-
-    def __init__(self, spec: FleetSpec) -> None:
-        super().__init__(spec)
-        self.kills: list[dict[str, Any]] = []
-        self.measured: list[dict[str, Any]] = []
-
-    def start(self) -> None:
-        super().start()
-        apply = self.injector.apply
-
-        def timed(action: str, target: str | None, params: dict[str, Any]) -> dict[str, Any]:
-            assert self.store is not None
-            lease = self.store.current_leader()
-            pods = {p["id"]: p["incarnation"] for p in self.store.pods()}
-            at = self.store.db_now()
-            result: dict[str, Any] = apply(action, target, params)
-            self.kills.append({"at": at, "pod": result["pod"], "term": lease.term if lease
-                               else 0, "incarnation": pods.get(result["pod"], 0)})
-            return result
-
-        self.injector.apply = timed
+class WithoutExitRecords(FaultClock):
+    """The trial's coordinator, not recording the deaths it is certain of."""
 
     def _record_exit(self, pod: Any, code: int) -> None:
-        if self.exit_records:
-            super()._record_exit(pod, code)
-
-    def stop(self, grace_s: float | None = None) -> None:
-        if self.store is not None:
-            for kill in self.kills:
-                params = {"kill": kill["at"], "term": kill["term"], "pod": kill["pod"],
-                          "incarnation": kill["incarnation"]}
-                with self.store._auto.connect() as conn:
-                    cursor = conn.connection.cursor()
-                    cursor.execute(NEW_TERM, params)
-                    new_term = cursor.fetchone()[0]
-                    cursor.execute(RECLAIMS, params)
-                    reclaims = [float(r[0]) for r in cursor.fetchall() if r[0] is not None]
-                self.measured.append({
-                    "pod": kill["pod"],
-                    "new_term_s": None if new_term is None else float(new_term),
-                    "reclaim_median_s": statistics.median(reclaims) if reclaims else None,
-                    "reclaim_max_s": max(reclaims) if reclaims else None,
-                    "steps_held": len(reclaims),
-                })
-        super().stop(grace_s)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", required=True, help="PostgreSQL URL (a schema per trial)")
+    parser.add_argument("--store", default=os.environ.get(
+                            "FLEETSIM_STORE", "postgresql://postgres@127.0.0.1:5432/test"),
+                        help="PostgreSQL URL, a schema per trial (default: $FLEETSIM_STORE "
+                        "or %(default)s)")
     parser.add_argument("--repeat", type=int, default=10, help="trials per fault")
     parser.add_argument("--faults", default="kill-leader,kill",
                         help="kill-leader and/or kill (a random pod)")
     parser.add_argument("--without-exit-records", action="store_true",
                         help="the coordinator does not record certain deaths (the old way)")
-    parser.add_argument("--json", dest="json_path", help="write the trials here")
+    parser.add_argument("--json", dest="json_path", help="write the rows here")
     args = parser.parse_args(argv)
-    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     if args.repeat < 1 or not faults or set(faults) - {"kill-leader", "kill"}:
         parser.error("--repeat must be >= 1 and --faults kill-leader and/or kill")
-    TimedKills.exit_records = not args.without_exit_records
-    rows: dict[str, list[dict[str, Any]]] = {f: [] for f in faults}
-    for index in range(args.repeat):
-        for fault in faults:
-            made: list[TimedKills] = []
-
-            def factory(spec: FleetSpec, made: list[TimedKills] = made) -> TimedKills:
-                made.append(TimedKills(spec))
-                return made[-1]
-
-            action, target = ("kill-leader", None) if fault == "kill-leader" else ("kill",
-                                                                                   "random")
-            trial = Trial(description=f"{fault} from the kill", pods=4, batch=5,
-                          workload="sleep:20", steps=1500, faults=((2.0, action, target, {}),))
-            result = run_trial(args.store, trial, name=fault, seed=index, factory=factory)
-            figures = made[0].measured[0] if made and made[0].measured else {}
-            row = {"verdict": result.verdict, **figures, "note": result.note}
-            rows[fault].append(row)
-            log(f"[{index + 1}/{args.repeat}] {fault}: {json.dumps(row, default=str)}")
-    print("fault | trials | valid | new term median | max | re-claim median | max")
-    for fault, runs in rows.items():
-        def values(key: str, runs: list[dict[str, Any]] = runs) -> list[float]:
-            return [r[key] for r in runs if r.get(key) is not None]
-
-        def s(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f} s"
-
-        terms, medians, maxima = (values("new_term_s"), values("reclaim_median_s"),
-                                  values("reclaim_max_s"))
-        valid = sum(r["verdict"] == "valid" for r in runs)
-        print(f"{fault} | {len(runs)} | {valid}/{len(runs)} | "
-              f"{s(statistics.median(terms) if terms else None)} | "
-              f"{s(max(terms) if terms else None)} | "
-              f"{s(statistics.median(medians) if medians else None)} | "
-              f"{s(max(maxima) if maxima else None)}")
+    rows = run_chaos(args.store, faults, args.repeat,
+                     lambda line: print(line, file=sys.stderr, flush=True),
+                     factory=WithoutExitRecords if args.without_exit_records else FaultClock)
+    for line in chaos_table_lines(rows):
+        print(line)
     if args.json_path:
         with open(args.json_path, "w") as out:
             json.dump(rows, out, indent=2, default=str)
-    return 0 if all(r["verdict"] == "valid" for runs in rows.values() for r in runs) else 1
+    return 0 if rows and all(r["valid"] == r["trials"] for r in rows) else 1
 
 
 if __name__ == "__main__":

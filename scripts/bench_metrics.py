@@ -1,25 +1,21 @@
 #!/usr/bin/env python3
-"""Benchmark the cost of metrics: a fleet's throughput with metrics on versus off.
+"""The cost of metrics: fleet throughput with them on versus off, and the hook's own cost.
 
-Only public tools are driven: ``fleetsim run --json`` (its ``steps_per_s``:
-completed steps over the window from the first claim to the last
-completion, so start-up is not counted) with ``--metrics`` and with
-``--no-metrics``, the pair run back to back in each round and its order
-flipped every round, and psycopg2 to drop each run's schema afterwards.
-
-The figure is the median over rounds of the paired ratio on/off (1.0: no
-cost; the goal is >= 0.95, a drop of at most 5%), with the spread of the
-ratios. On a shared machine read the median; a single run means little.
+The fleets are ``fleetsim bench --metrics on,off``'s (``fleetsim.bench``:
+each a fresh fleet on a fresh schema, beside the reference loop, order
+reversed every other repeat). The figure is the median over repeats of the
+paired ratio on/off (1.0: no cost; the goal is >= 0.95, a drop of at most
+5 %), with its range. On a shared machine read the median.
 
 Beside it, a noise-free bound: the pod-side cost of the metrics hook, timed
 in this process (microseconds per step for a batch of 50 through every hook
 method a step meets, and milliseconds per snapshot, taken every heartbeat),
 turned into the CPU share it costs the fleet at the measured throughput.
 
-    .venv/bin/python scripts/bench_metrics.py --store postgresql://postgres@127.0.0.1:5432/test
-    .venv/bin/python scripts/bench_metrics.py --rounds 7 --pods 5 --steps 20000 --json out.json
+    python scripts/bench_metrics.py --store postgresql://postgres@127.0.0.1:5432/test
+    python scripts/bench_metrics.py --repeat 7 --pods 5 --steps 20000 --json out.json
 
-Progress goes to stderr, the result to stdout.
+Progress on stderr, the result (JSON) on stdout.
 """
 
 from __future__ import annotations
@@ -27,48 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-
-
-def run_fleet(args: argparse.Namespace, metrics: bool, run_dir: Path) -> dict[str, Any]:
-    """One `fleetsim run`; its JSON result (plus the wall time and the schema)."""
-    schema = f"bench_metrics_{secrets.token_hex(4)}"
-    argv = [sys.executable, "-m", "fleetsim", "--run-dir", str(run_dir), "run",
-            "--pods", str(args.pods), "--steps", str(args.steps), "--workload", args.workload,
-            "--concurrency", str(args.concurrency), "--batch", str(args.batch),
-            "--schema", schema, "--json", "--metrics" if metrics else "--no-metrics"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
-    env["FLEETSIM_STORE"] = args.store
-    started = time.monotonic()
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
-    finally:
-        drop_schema(args.store, schema)
-    if done.returncode != 0:
-        raise SystemExit(f"fleetsim run failed ({done.returncode}): {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    result["wall_s"] = round(time.monotonic() - started, 2)
-    return result
-
-
-def drop_schema(url: str, schema: str) -> None:
-    """Drop a run's schema (it is kept by `fleetsim run` for `check`)."""
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        conn.close()
+from fleetsim.bench import BenchPlan, run_bench
+from fleetsim.bench.measure import Spread
 
 
 def hook_cost(batches: int = 2000) -> dict[str, float]:
@@ -95,21 +56,13 @@ def hook_cost(batches: int = 2000) -> dict[str, float]:
     return {"hook_us_per_step": round(per_step_us, 3), "snapshot_ms": round(snapshot_ms, 3)}
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    """Median, min, max and quartiles of ``values``."""
-    ordered = sorted(values)
-    quartiles = (statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) >= 2
-                 else [ordered[0]] * 3)
-    return {"median": round(statistics.median(ordered), 4), "min": round(ordered[0], 4),
-            "q1": round(quartiles[0], 4), "q3": round(quartiles[2], 4),
-            "max": round(ordered[-1], 4)}
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", default=os.environ.get("FLEETSIM_TEST_DATABASE_URL"),
-                        help="PostgreSQL URL (default: $FLEETSIM_TEST_DATABASE_URL)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--store", default=os.environ.get("FLEETSIM_STORE", os.environ.get(
+                            "FLEETSIM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")),
+                        help="PostgreSQL URL (default: $FLEETSIM_STORE, "
+                        "$FLEETSIM_TEST_DATABASE_URL or %(default)s)")
+    parser.add_argument("--repeat", "--rounds", dest="repeat", type=int, default=5)
     parser.add_argument("--pods", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--workload", default="noop")
@@ -118,44 +71,40 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out", type=Path, default=None,
                         help="also write the result to this file")
     args = parser.parse_args()
-    if not args.store:
-        parser.error("give --store URL (or set FLEETSIM_TEST_DATABASE_URL)")
-
-    rounds = []
-    with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
-        for index in range(args.rounds):
-            order = (True, False) if index % 2 == 0 else (False, True)
-            figures: dict[bool, dict[str, Any]] = {}
-            for metrics in order:
-                figures[metrics] = run_fleet(args, metrics, Path(tmp) / f"r{index}")
-                print(f"round {index + 1}/{args.rounds} metrics {'on ' if metrics else 'off'}: "
-                      f"{figures[metrics]['steps_per_s']} steps/s", file=sys.stderr)
-            on, off = figures[True]["steps_per_s"], figures[False]["steps_per_s"]
-            rounds.append({"on_steps_per_s": on, "off_steps_per_s": off,
-                           "ratio": round(on / off, 4), "first": "on" if order[0] else "off"})
-    ratios = [r["ratio"] for r in rounds]
-    cost = hook_cost()
-    rate = statistics.median(r["off_steps_per_s"] for r in rounds)
-    # CPU seconds per second the hooks cost the whole fleet at that rate:
-    # per step, plus a snapshot per pod every heartbeat (0.5 s).
-    cost["fleet_cpu_s_per_s"] = round(
-        cost["hook_us_per_step"] * rate / 1e6 + args.pods * 2 * cost["snapshot_ms"] / 1e3, 4)
-    cost["cores"] = os.cpu_count() or 1
+    plan = BenchPlan(pods=(args.pods,), concurrency=(args.concurrency,), batch=(args.batch,),
+                     workloads=(args.workload,), steps=args.steps, repeat=args.repeat,
+                     metrics=(True, False))
+    report = run_bench(plan, args.store, lambda line: print(line, file=sys.stderr))
+    on_key, off_key = (config.key for config in plan.fleets())
+    by_repeat: dict[int, dict[str, float]] = {}
+    for trial in report.trials:
+        if trial["key"] in (on_key, off_key) and not trial.get("error"):
+            by_repeat.setdefault(trial["repeat"], {})[trial["key"]] = trial["steps_s"]
+    pairs = [r for r in by_repeat.values() if r.get(on_key) and r.get(off_key)]
+    ratio = Spread.of(r[on_key] / r[off_key] for r in pairs)
+    off = Spread.of(r[off_key] for r in pairs)
+    cost: dict[str, Any] = hook_cost()
+    if off is not None:
+        # CPU seconds per second the hooks cost the whole fleet at that rate:
+        # per step, plus a snapshot per pod every heartbeat (0.5 s).
+        cost["fleet_cpu_s_per_s"] = round(cost["hook_us_per_step"] * off.median / 1e6
+                                          + args.pods * 2 * cost["snapshot_ms"] / 1e3, 4)
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("store", "json_out")},
-        "rounds": rounds,
-        "ratio_on_off": spread(ratios),
-        "on_steps_per_s": spread([r["on_steps_per_s"] for r in rounds]),
-        "off_steps_per_s": spread([r["off_steps_per_s"] for r in rounds]),
-        "drop_percent_median": round((1 - statistics.median(ratios)) * 100, 2),
-        "hook_cost": cost,
+        "ratio_on_off": ratio.as_dict() if ratio else None,
+        "on_steps_per_s": s.as_dict() if (s := Spread.of(r[on_key] for r in pairs)) else None,
+        "off_steps_per_s": off.as_dict() if off else None,
+        "drop_percent_median": round((1 - ratio.median) * 100, 2) if ratio else None,
+        "hook_cost": cost, "cores": os.cpu_count(),
         "goal": "ratio >= 0.95 (a drop of at most 5%)",
+        "errors": [t["error"] for t in report.trials if t.get("error")],
     }
     text = json.dumps(result, indent=2)
     if args.json_out is not None:
         args.json_out.write_text(text + "\n")
     print(text)
+    return 0 if ratio is not None and not result["errors"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

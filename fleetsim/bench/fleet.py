@@ -19,13 +19,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from fleetsim.bench import server
 from fleetsim.bench.measure import ProcessWatch, cpu_seconds
 from fleetsim.errors import FleetsimError
+
+if TYPE_CHECKING:
+    from fleetsim.coordinator import FleetSpec
 
 QUEUE = "default"
 START_TIMEOUT_S = 120.0
@@ -40,11 +43,28 @@ class FleetConfig:
     concurrency: int
     batch: int
     workload: str
+    metrics: bool = True  # pods send metrics (`fleetsim run --no-metrics`: off)
+    client_history: bool = True  # pods and submitter keep client histories
 
     @property
     def key(self) -> str:
-        """Its name in tables and baselines."""
-        return f"pods={self.pods} c={self.concurrency} batch={self.batch} {self.workload}"
+        """Its name in tables and baselines (a default option is not named, so
+        baselines from before the options existed still match)."""
+        key = f"pods={self.pods} c={self.concurrency} batch={self.batch} {self.workload}"
+        if not self.metrics:
+            key += " metrics=off"
+        if not self.client_history:
+            key += " client-history=off"
+        return key
+
+    def spec(self, url: str, schema: str, run_dir: Path) -> FleetSpec:
+        """The coordinator's fleet spec of this configuration (no fault proxies)."""
+        from fleetsim.coordinator import FleetSpec
+
+        return FleetSpec(run_dir=run_dir, pods=self.pods, concurrency=self.concurrency,
+                         batch=self.batch, workload=self.workload, store_url=url,
+                         schema=schema, fault_proxy=False, metrics=self.metrics,
+                         client_history=self.client_history)
 
 
 @dataclass(frozen=True)
@@ -83,14 +103,11 @@ def _coordinator_main(config: FleetConfig, url: str, schema: str, run_dir: str,
     os.setsid()
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from fleetsim.coordinator import Coordinator, FleetSpec
+    from fleetsim.coordinator import Coordinator
     from fleetsim.store import StepSpec
     from fleetsim.store.queue_settings import change_queue
 
-    spec = FleetSpec(run_dir=Path(run_dir), pods=config.pods, concurrency=config.concurrency,
-                     batch=config.batch, workload=config.workload, store_url=url,
-                     schema=schema, fault_proxy=False)
-    coordinator = Coordinator(spec)
+    coordinator = Coordinator(config.spec(url, schema, Path(run_dir)))
     try:
         coordinator.start()
         store = coordinator.store

@@ -1,10 +1,12 @@
 """The bench matrix: configurations interleaved, repeated, summarised.
 
 Every repeat runs each fleet configuration and the reference loop for each
-(processes, batch, workload) the fleets use, in one order on even repeats
-and the reverse on odd ones, so drift on a shared machine hits every row
-alike. A fleet's ratio is taken against the reference of the same repeat
-(side by side), then the median over repeats is reported with its range.
+(processes, batch, workload) the fleets use (and, with ``store_loop``, the
+store's own loop for each as well), in one order on even repeats and the
+reverse on odd ones, so drift on a shared machine hits every row alike. A
+fleet's (or store loop's) ratio is taken against the reference of the same
+repeat (side by side), then the median over repeats is reported with its
+range.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetsim.bench.claimers import ClaimerResult, step_runner
 from fleetsim.bench.fleet import FleetConfig, FleetResult, run_fleet
 from fleetsim.bench.measure import Spread
-from fleetsim.bench.reference import ReferenceResult, run_reference, step_runner
+from fleetsim.bench.reference import run_reference
+from fleetsim.bench.storeloop import run_store_loop
 from fleetsim.errors import ConfigError, FleetsimError
 
 
@@ -33,6 +37,9 @@ class BenchPlan:
     repeat: int = 3
     fleet: bool = True  # False: the reference rows only
     timeout_s: float = 600.0
+    store_loop: bool = False  # also the store's own claim loop, without pods
+    metrics: tuple[bool, ...] = (True,)  # fleets with pod metrics on and/or off
+    client_history: tuple[bool, ...] = (True,)  # fleets with client histories on and/or off
 
     def __post_init__(self) -> None:
         for name in ("pods", "concurrency", "batch"):
@@ -43,13 +50,16 @@ class BenchPlan:
             raise ConfigError("--workload needs at least one workload")
         if self.steps < 1 or self.repeat < 1:
             raise ConfigError("--steps and --repeat must be at least 1")
+        if not self.metrics or not self.client_history:
+            raise ConfigError("--metrics and --client-history take on, off or on,off")
 
     def fleets(self) -> list[FleetConfig]:
         """Every fleet configuration, workload-major."""
         if not self.fleet:
             return []
-        return [FleetConfig(p, c, b, w) for w in self.workloads for b in self.batch
-                for p in self.pods for c in self.concurrency]
+        return [FleetConfig(p, c, b, w, metrics=m, client_history=h)
+                for w in self.workloads for b in self.batch for p in self.pods
+                for c in self.concurrency for m in self.metrics for h in self.client_history]
 
     def references(self) -> list[tuple[int, int, str]]:
         """(processes, batch, workload) of every reference row (those it can run)."""
@@ -63,9 +73,9 @@ class BenchPlan:
         return out
 
 
-def reference_key(procs: int, batch: int, workload: str) -> str:
-    """A reference row's name in tables and baselines."""
-    return f"reference procs={procs} batch={batch} {workload}"
+def reference_key(procs: int, batch: int, workload: str, kind: str = "reference") -> str:
+    """A reference (or store loop) row's name in tables and baselines."""
+    return f"{kind} procs={procs} batch={batch} {workload}"
 
 
 @dataclass
@@ -139,10 +149,10 @@ def _per_step(value: float | None, completed: int) -> float | None:
     return None if value is None or not completed else 1e6 * value / completed
 
 
-def _reference_trial(r: ReferenceResult) -> dict[str, Any]:
+def _loop_trial(r: ClaimerResult) -> dict[str, Any]:
     p50, p95, p99 = r.e2e_s or (None, None, None)
     return {
-        "kind": "reference", "procs": r.procs, "batch": r.batch, "workload": r.workload,
+        "kind": r.kind, "procs": r.procs, "batch": r.batch, "workload": r.workload,
         "steps": r.steps, "completed": r.completed, "seconds": r.seconds,
         "steps_s": r.steps_s, "e2e_p50_s": p50, "e2e_p95_s": p95, "e2e_p99_s": p99,
         "rss_pod": r.peak_rss, "rss_coordinator": None,
@@ -175,21 +185,27 @@ def run_bench(plan: BenchPlan, url: str, say: Callable[[str], None]) -> BenchRep
     """Run the plan against ``url``; a Ctrl-C ends it early with what was measured."""
     report = BenchReport(plan)
     work: list[tuple[str, Any]] = [("reference", r) for r in plan.references()]
+    if plan.store_loop:
+        work += [("store", r) for r in plan.references()]
     work += [("fleet", f) for f in plan.fleets()]
     try:
         for repeat in range(plan.repeat):
             order = work if repeat % 2 == 0 else work[::-1]
             done: dict[str, dict[str, Any]] = {}
             for index, (kind, what) in enumerate(order, 1):
-                key = reference_key(*what) if kind == "reference" else what.key
+                key = (what.key if kind == "fleet"
+                       else reference_key(what[0], what[1], what[2], kind))
                 say(f"[{repeat + 1}/{plan.repeat}] {index}/{len(order)} {key}: "
                     f"{plan.steps} steps")
                 trial: dict[str, Any] = {"key": key, "kind": kind, "repeat": repeat,
                                          "steps": plan.steps}
                 try:
                     if kind == "reference":
-                        trial.update(_reference_trial(
+                        trial.update(_loop_trial(
                             run_reference(url, what[0], what[1], plan.steps, what[2])))
+                    elif kind == "store":
+                        trial.update(_loop_trial(
+                            run_store_loop(url, what[0], what[1], plan.steps, what[2])))
                     else:
                         trial.update(_fleet_trial(
                             run_fleet(what, url, plan.steps, plan.timeout_s)))
@@ -209,11 +225,12 @@ def run_bench(plan: BenchPlan, url: str, say: Callable[[str], None]) -> BenchRep
 
 
 def _pair(report: BenchReport, done: dict[str, dict[str, Any]], repeat: int) -> None:
-    """Each fleet trial's ratios to the reference of the same repeat."""
+    """Each fleet (and store loop) trial's ratios to the reference of the same repeat."""
     for trial in report.trials:
-        if trial["repeat"] != repeat or trial["kind"] != "fleet" or trial.get("error"):
+        if trial["repeat"] != repeat or trial["kind"] == "reference" or trial.get("error"):
             continue
-        ref = done.get(reference_key(trial["pods"], trial["batch"], trial["workload"]))
+        procs = trial["pods"] if trial["kind"] == "fleet" else trial["procs"]
+        ref = done.get(reference_key(procs, trial["batch"], trial["workload"]))
         if not ref or ref.get("error") or not ref.get("steps_s"):
             continue
         trial["ratio"] = trial["steps_s"] / ref["steps_s"]

@@ -35,8 +35,11 @@ def connect(url: str, app: str = "fleetsim-bench", schema: str | None = None) ->
     return conn
 
 
-def query(conn: Any, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
-    """Run one statement; its rows (none for a statement without a result)."""
+def query(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement; its rows (none for a statement without a result).
+
+    Without ``params`` the text is sent as it is (a ``%`` needs no escaping).
+    """
     with conn.cursor() as cur:
         cur.execute(sql, params)
         return list(cur.fetchall()) if cur.description else []

@@ -41,6 +41,13 @@ def _ints(name: str, text: str) -> tuple[int, ...]:
     return values
 
 
+def _on_off(name: str, text: str) -> tuple[bool, ...]:
+    values = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not values or set(values) - {"on", "off"} or len(set(values)) < len(values):
+        raise ConfigError(f"--{name} takes on, off or on,off, got {text!r}")
+    return tuple(v == "on" for v in values)
+
+
 @contextlib.contextmanager
 def _store_url(ctx: click.Context, url: str | None) -> Iterator[str]:
     """The given server, else the run directory's embedded one for the bench's duration."""
@@ -69,9 +76,24 @@ def _store_url(ctx: click.Context, url: str | None) -> Iterator[str]:
         help="Trials per configuration (medians and ranges are reported).")
 @option("--reference-only", is_flag=True,
         help="Only the raw SKIP LOCKED loop: what a bare queue gets on this server.")
+@option("--store-loop", is_flag=True,
+        help="Also the store's own claim loop (Store.claim_steps + complete_many from one "
+        "process per pod, no pods or coordinator): what the store's SQL costs beside the "
+        "reference, and what the pods add on top.")
+@option("--metrics", "metrics", default="on", metavar="on|off|on,off",
+        env="FLEETSIM_BENCH_METRICS",
+        help="Fleets with pod metrics on, off or both (what metrics cost).")
+@option("--client-history", "client_history", default="on", metavar="on|off|on,off",
+        env="FLEETSIM_BENCH_CLIENT_HISTORY",
+        help="Fleets with client histories on, off or both (what they cost).")
+@option("--checker", is_flag=True,
+        help="Instead of throughput: time `check --final` on a synthetic valid history of "
+        "--steps steps (generated in the server), --repeat times in a fresh process; its "
+        "peak RSS and verdict.")
 @option("--chaos", default=None, metavar="FAULT[,FAULT...]",
-        help="Instead of throughput: failover and orphan re-claim figures over --repeat "
-        "trials of each fault: kill-leader, kill, pause-leader, partition-leader, "
+        help="Instead of throughput: failover and orphan re-claim figures (the checker's, "
+        "and from the fault), and throughput during the fault, over --repeat trials of "
+        "each fault: kill-leader, kill, pause-leader, partition-leader, "
         "storage-brownout.")
 @option("--timeout", type=float, default=600.0, env="FLEETSIM_BENCH_TIMEOUT",
         help="Give up on a trial not drained after this many seconds.")
@@ -91,20 +113,28 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
     """Measure fleets beside the raw SKIP LOCKED reference loop.
 
     Each fleet configuration (every combination of --pods, --concurrency,
-    --batch and --workload) drains --steps steps in a fresh schema, started
-    and stopped like `fleetsim run`; the reference loop (one process per pod,
+    --batch, --workload, --metrics and --client-history) drains --steps
+    steps in a fresh schema, started and stopped like `fleetsim run`; the
+    reference loop (one process per pod,
     the same batch and workload) drains the same number in the same run.
     Configurations are interleaved, the order reversed on every other repeat.
     One table: steps/s and the ratio to the reference (median and range over
     the repeats), latency from the start to each completion, peak RSS, CPU
     per step (pods + coordinator; the server's backends separately) and
-    transactions per step.
+    transactions per step. --store-loop adds the store's own claim loop
+    beside the reference; --chaos and --checker measure failover and the
+    checker instead.
 
     With --baseline, exits 1 if a ratio regressed beyond --max-regression.
     Ctrl-C stops the current trial cleanly and prints what was measured.
     """
+    if params["chaos"] and params["checker"]:
+        raise ConfigError("--chaos and --checker are separate benches: give one")
     if params["chaos"]:
         _bench_chaos(ctx, params)
+        return
+    if params["checker"]:
+        _bench_checker(ctx, params)
         return
     tolerance = parse_tolerance(params["max_regression"])
     baseline = load_baseline(params["baseline"]) if params["baseline"] else None
@@ -115,6 +145,8 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
         workloads=tuple(w.strip() for w in params["workload"].split(",") if w.strip()),
         steps=params["steps"], repeat=params["repeat"],
         fleet=not params["reference_only"], timeout_s=params["timeout"],
+        store_loop=params["store_loop"], metrics=_on_off("metrics", params["metrics"]),
+        client_history=_on_off("client-history", params["client_history"]),
     )
     if not plan.fleets() and not plan.references():
         raise ConfigError("nothing to measure: the reference runs only noop, sleep:<ms>, "
@@ -196,12 +228,39 @@ def _bench_chaos(ctx: click.Context, params: dict[str, Any]) -> None:
     else:
         for line in chaos_table_lines(rows) if rows else ["nothing was measured"]:
             click.echo(line)
-        click.echo("\nfigures from the checker, database time: failover = the old leader's "
-                   "last sign of life -> the next term; orphan re-claim = a dead pod's claim "
-                   "-> its step claimed again. Medians of the trials' medians, max of maxima.")
+        click.echo("\ndatabase time. From the checker: failover = the old leader's last sign "
+                   "of life -> the next term; orphan re-claim = a dead pod's claim -> its "
+                   "step claimed again. From the fault (the clock read just before the "
+                   "injector acts): the next term's start; the next claim of each step the "
+                   "victim held. Medians of the trials' medians, max of maxima. Throughput "
+                   "during/before: completions per second in the fault's window (its 'for', "
+                   "or the lease for a kill) / before it in the same trial, median [min-max].")
     invalid = [r["fault"] for r in rows if r["valid"] < r["trials"]]
     if invalid:
         fail(f"invalid or failed trials: {', '.join(invalid)}")
+    sys.exit(EXIT_OK)
+
+
+def _bench_checker(ctx: click.Context, params: dict[str, Any]) -> None:
+    """`bench --checker`: the checker's time and memory on a synthetic history."""
+    from fleetsim.bench.checker import checker_table_lines, run_checker_bench
+
+    def say(line: str) -> None:
+        click.echo(f"bench: {line}", err=True)
+
+    with _store_url(ctx, params["store"]) as url:
+        row = run_checker_bench(url, params["steps"], params["repeat"], say)
+    data = {"checker": row, "command": "fleetsim " + shlex.join(redact_argv(sys.argv[1:]))}
+    if params["json_file"] and params["json_file"] != "-":
+        Path(params["json_file"]).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if params["json_file"] == "-":
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        for line in checker_table_lines(row):
+            click.echo(line)
+    if row["verdict"] != "valid":
+        fail(f"the synthetic history was judged {row['verdict']}, not valid: "
+             f"{row['violations']}")
     sys.exit(EXIT_OK)
 
 
@@ -230,7 +289,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     body = [[
         row["key"], f"{row['completed']}/{row['steps']}",
         _num(row["success_pct"], ".1f"), _spread(row["steps_s"], ",.0f"),
-        _spread(row["ratio"], ".2f") if row["kind"] == "fleet" else "1",
+        _spread(row["ratio"], ".2f") if row["kind"] != "reference" else "1",
         _num(row["e2e_p50_s"], ".0f", 1000) + " ms", _num(row["e2e_p95_s"], ".0f", 1000),
         _num(row["e2e_p99_s"], ".0f", 1000),
         _num(row["rss_pod"], ".0f", 1 / 2**20) + " MB",
@@ -252,8 +311,9 @@ def time_split_lines(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         if row["kind"] != "fleet":
             continue
-        pods, _, rest = row["key"].partition(" ")
-        ref = refs.get(f"procs={pods.split('=')[1]} {rest.split(' ', 1)[1]}")
+        # "pods=N c=C batch=B WORKLOAD [option=off...]" -> "procs=N batch=B WORKLOAD"
+        pods, _, batch, workload = row["key"].split()[:4]
+        ref = refs.get(f"procs={pods.split('=')[1]} {batch} {workload}")
         if ref is None or row["cpu_us_per_step"] is None or ref["cpu_us_per_step"] is None:
             continue
         mine = row["cpu_us_per_step"] + (row["server_cpu_us_per_step"] or 0.0)
@@ -281,9 +341,9 @@ def print_table(report: BenchReport, machine: dict[str, Any]) -> None:
         f"\n{report.plan.steps} steps per trial, {report.plan.repeat} repeat(s), medians "
         "[min-max]; ratio: steps/s ÷ the reference's of the same repeat. e2e: from the "
         "first claim to each completion (all steps queued at the start). CPU µs/step: "
-        "pods + coordinator (reference: its claimers), user + system; server µs/step: the "
-        "backends serving them (local server only); xacts/step: the database's commits per "
-        "step (other clients count too).")
+        "pods + coordinator (reference, store loop: their claimers), user + system; "
+        "server µs/step: the backends serving them (local server only); xacts/step: the "
+        "database's commits per step (other clients count too).")
     for line in time_split_lines(rows):
         click.echo(line)
     click.echo(f"machine: {machine['cores']} cores, {machine['cpu_model']}, "

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,67 @@ def test_a_tiny_bench_prints_the_table_and_writes_the_json(
     assert all("error" not in t for t in data["trials"])
 
 
+def test_store_loop_and_fleet_options_in_one_tiny_bench(pg_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
+         "--pods", "1", "--steps", "500", "--repeat", "1", "--store-loop", "--metrics", "off",
+         "--client-history", "off", "--store", pg_url, "--json", "-"],
+        capture_output=True, text=True, timeout=80, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["key"]: row for row in json.loads(proc.stdout)["rows"]}
+    assert list(rows) == ["reference procs=1 batch=50 noop", "store procs=1 batch=50 noop",
+                          "pods=1 c=1 batch=50 noop metrics=off client-history=off"]
+    for row in rows.values():
+        assert row["completed"] == 500 and not row["errors"], row
+    store = rows["store procs=1 batch=50 noop"]
+    assert store["kind"] == "store" and store["ratio"]["median"] > 0
+    assert store["cpu_us_per_step"] > 0 and store["rss_pod"] > 0
+
+
+def _failing_loop(url: str, schema: str, app: str, index: int, batch: int, workload: str,
+                  clock: Any) -> None:
+    raise ValueError(f"claimer {index} broke before the start")
+
+
+def test_a_claimer_that_fails_fails_the_trial_with_its_error(pg_url: str) -> None:
+    from fleetsim.bench import server
+    from fleetsim.bench.claimers import run_claimers
+
+    admin = server.connect(pg_url, "fleetsim-bench-failing")
+    try:
+        with pytest.raises(RuntimeError, match="store claimer failed: ValueError: claimer"):
+            run_claimers("store", _failing_loop, pg_url, "public", "fleetsim-bench-failing",
+                         admin, 2, 50, 10, "noop")
+    finally:
+        admin.close()
+
+
+def test_bench_checker_times_a_valid_history_and_the_checker_sees_a_broken_one(
+        pg_url: str, store_config: Any) -> None:
+    from fleetsim.bench import server
+    from fleetsim.bench.checker import generate, run_checker_bench, time_checks
+
+    row = run_checker_bench(pg_url, 500, 1)
+    assert row["verdict"] == "valid" and row["violations"] == {}
+    assert row["generated"]["steps"] == 500 and row["generated"]["attempts"] > 500
+    assert row["check_s"]["n"] == 1 and row["rss_peak_bytes"] > 0
+
+    # The same history with one completed attempt removed: the bench must not
+    # pass a history the checker rejects.
+    schema = store_config.schema
+    generate(pg_url, schema, 300)
+    conn = server.connect(pg_url, schema=schema)
+    try:
+        server.query(conn, "DELETE FROM finished_attempts WHERE claim_token = (SELECT"
+                           " max(claim_token) FROM finished_attempts WHERE outcome = 'completed')")
+    finally:
+        conn.close()
+    broken = time_checks(pg_url, schema, 1)
+    assert broken["verdict"] == "invalid"
+    assert sum(broken["violations"].values()) >= 1
+
+
 @pytest.mark.stress
 @pytest.mark.timeout(180)
 def test_bench_chaos_reports_the_failover_of_a_killed_leader(
@@ -56,3 +118,8 @@ def test_bench_chaos_reports_the_failover_of_a_killed_leader(
     assert row["fault"] == "kill-leader" and row["valid"] == row["trials"] == 1
     # A new term came, after the lease at most plus slack (3 s lease by default).
     assert 0 < row["failover"]["median_s"] < 10
+    # Timed from the kill too (certain death: well under the lease, with slack),
+    # and the fleet kept completing steps during the fault.
+    assert 0 < row["new_term_from_fault"]["median_s"] < 10
+    assert row["reclaim_from_fault"]["trials_with_it"] in (0, 1)
+    assert row["throughput_fraction"]["median"] > 0
