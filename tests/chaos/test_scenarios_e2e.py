@@ -15,14 +15,19 @@ from tests.helpers import Trickle, wait_drained, wait_until
 
 SEED = 7
 SCENARIOS = {s.name: s for s in list_scenarios()}
-# Long or slow scenarios run nightly (-m stress); the default run keeps one of each kind
-# (lost replies: tests/chaos/test_faults.py).
-NIGHTLY = {"mixed", "rolling-kill", "lost-replies"}
+# Every shipped scenario runs nightly (-m stress). The default run keeps the
+# trickle under storage faults (the load shape that once lost steps) for the
+# scenario machinery end to end; each kind of fault the others inject has its
+# own shorter default test (tests/chaos/test_faults.py: kill-leader twice,
+# pause and partition of the leader, brownout, lost replies, store restart).
+# The whole CI (this suite on the host and in the image, side by side) must
+# stay under 20 minutes on 2 cores, and these took 2.5 of them each time.
+DEFAULT_RUN = {"trickle-storage-faults"}
 
 
 def _params() -> list[object]:
     return [
-        pytest.param(name, marks=[pytest.mark.stress] if name in NIGHTLY else [])
+        pytest.param(name, marks=[] if name in DEFAULT_RUN else [pytest.mark.stress])
         for name in sorted(SCENARIOS)
     ]
 
