@@ -17,27 +17,20 @@ module                commands
 ====================  ==================================================
 
 Exit codes and the option conventions are in :mod:`.common`. Command
-modules register themselves on :data:`cli` when imported; a new one is
-imported at the end of this file. The shared helpers are re-exported here,
-so ``from fleetsim.cli import option, emit, fail, open_store`` works.
+modules register themselves on :data:`cli` when imported, and are imported
+only when one of their commands runs (``COMMAND_MODULES`` in :mod:`.common`
+says which module holds which command: add a new one there). The shared
+helpers are re-exported here, so ``from fleetsim.cli import option, emit,
+fail, open_store`` works.
 """
 
 from __future__ import annotations
 
-# Imported for their side effect: each registers its commands on `cli`.
-from fleetsim.cli import (
-    bench,
-    chaos,
-    fleet,
-    history,
-    keys,
-    metrics,
-    queue,
-    report,
-    run,
-    selftest,
-)
+import importlib
+from types import ModuleType
+
 from fleetsim.cli.common import (
+    COMMAND_MODULES,
     DEFAULTS,
     DURATION,
     EXIT_FAILURE,
@@ -68,12 +61,16 @@ from fleetsim.cli.common import (
 )
 
 __all__ = [
-    "DEFAULTS", "DURATION", "EXIT_FAILURE", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_STORE",
-    "EXIT_USAGE", "FleetsimGroup", "bench", "chaos", "check_workload", "cli", "emit",
-    "exit_code_for",
-    "fail", "fleet", "fleet_bus_secret", "fleet_options", "fleet_using", "handler_option",
-    "history", "json_option", "keys", "main", "metrics", "open_store", "option", "queue",
-    "report", "run",
-    "schema_option", "scratch_store", "selftest", "store_option", "timing_options",
-    "timings_from", "warn_unserved",
+    "COMMAND_MODULES", "DEFAULTS", "DURATION", "EXIT_FAILURE", "EXIT_NOT_RUNNING", "EXIT_OK",
+    "EXIT_STORE", "EXIT_USAGE", "FleetsimGroup", "check_workload", "cli", "emit",
+    "exit_code_for", "fail", "fleet_bus_secret", "fleet_options", "fleet_using",
+    "handler_option", "json_option", "main", "open_store", "option", "schema_option",
+    "scratch_store", "store_option", "timing_options", "timings_from", "warn_unserved",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``fleetsim.cli.bench`` and the other command modules, imported on first use."""
+    if name in set(COMMAND_MODULES.values()):
+        return importlib.import_module(f"fleetsim.cli.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

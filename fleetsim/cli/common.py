@@ -18,6 +18,7 @@ code  meaning
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import sys
@@ -88,8 +89,38 @@ def exit_code_for(exc: FleetsimError) -> int:
     return EXIT_FAILURE
 
 
+#: Where each top-level command lives (a module of fleetsim.cli). A command's
+#: module is imported when that command runs (or for --help), not at every
+#: start: a pod process (`fleetsim pod`, 50 of them at once on 2 cores) or
+#: `fleetsim status` should not pay for importing the bench, the report's
+#: figures and every other command.
+COMMAND_MODULES = {
+    "init": "fleet", "up": "fleet", "down": "fleet", "status": "fleet", "submit": "fleet",
+    "pod": "fleet", "cancel": "fleet",
+    "run": "run", "replay": "run",
+    "chaos": "chaos",
+    "check": "history", "history": "history", "prune": "history",
+    "selftest": "selftest",
+    "queue": "queue", "dlq": "queue",
+    "keys": "keys",
+    "report": "report",
+    "metrics": "metrics",
+    "bench": "bench",
+}
+
+
 class FleetsimGroup(click.Group):
-    """Turns fleetsim errors into one line and a named exit code."""
+    """Turns fleetsim errors into one line and a named exit code; loads
+    each command's module on first use (:data:`COMMAND_MODULES`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(COMMAND_MODULES))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            # Importing the module registers its commands on this group.
+            importlib.import_module(f"fleetsim.cli.{COMMAND_MODULES[cmd_name]}")
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
