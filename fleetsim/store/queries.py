@@ -547,6 +547,8 @@ ALIVE_POD_HOSTS = "SELECT id, host FROM pods WHERE status = 'alive'"
 
 POD_REGISTRATION = "SELECT incarnation, pid FROM pods WHERE id = :pod AND status = 'alive'"
 
+ALIVE_REGISTRATIONS = "SELECT id, incarnation, pid FROM pods WHERE status = 'alive'"
+
 PODS = """
 WITH done AS (
     SELECT pod_id, count(*) AS n FROM finished_attempts WHERE outcome = 'completed'
