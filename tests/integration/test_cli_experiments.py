@@ -184,7 +184,7 @@ def test_repeat_runs_one_seed_after_another_and_summarises(tmp_path: Path,
         assert data["valid_fraction"] == 1.0 and data["passed_fraction"] == 1.0
         assert data["spread"]["claim_to_completion_p99_s"]["runs"] == 2
         # A run of seconds has no resource trends, and says why.
-        assert all(r["resources"] is None and "need at least 60 s" in r["resources_skipped"]
+        assert all(r["resources"] is None and "need at least 30 s" in r["resources_skipped"]
                    and r["figures"]["rss_growth_pct_max"] is None for r in data["runs"])
     finally:
         drop(env["FLEETSIM_STORE"], *(r["schema"] for r in data["runs"]))
