@@ -502,10 +502,10 @@ def _registration(fleet: Fleet, pod: str) -> tuple[int, int | None] | None:
     if not callable(registration):
         return None
     try:
-        found = registration(pod)
+        found: tuple[int, int | None] | None = registration(pod)
     except FleetsimError:
         return None
-    return None if found is None else (int(found[0]), found[1])
+    return found
 
 
 def _known_pods(fleet: Fleet) -> list[str]:

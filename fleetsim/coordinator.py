@@ -434,7 +434,7 @@ class Coordinator:
         """(incarnation, pid) of the pod's live registration in the store, or None."""
         if self.store is None:
             return None
-        return self.store.pod_registration(pod_id)
+        return self.store.alive_registrations().get(pod_id)
 
     def record_remote_exit(self, pod_id: str, incarnation: int, pid: int | None, *,
                            returncode: int | None = None) -> bool:
@@ -582,16 +582,11 @@ class Coordinator:
                     )
             # The registrations only, not store.pods() and its counts: this
             # runs every 50 ms while 50 pods start on the same cores.
-            alive = {
-                pod_id: {"incarnation": incarnation, "pid": pid}
-                for pod_id, (incarnation, pid) in self.store.alive_registrations().items()
-                if pod_id in waiting
-            }
+            alive = self.store.alive_registrations()
             on_bus = set(self.bus.connected_pods()) if self.bus is not None else None
-            for pod_id, row in alive.items():
-                pod = waiting[pod_id]
+            for pod_id, pod in list(waiting.items()):
                 # Ready: registered in the store, and reachable for chaos over the bus.
-                if (row["incarnation"] == pod.incarnation and row["pid"] == pod.pid
+                if (alive.get(pod_id) == (pod.incarnation, pod.pid)
                         and (on_bus is None or pod_id in on_bus)):
                     pod.ready_at = time.monotonic()
                     self.echo(

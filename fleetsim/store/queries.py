@@ -543,11 +543,7 @@ UPDATE pods SET status = 'stopped', died_at = statement_timestamp()
  WHERE id = :pod AND incarnation = :incarnation AND status = 'alive'
 """
 
-ALIVE_POD_HOSTS = "SELECT id, host FROM pods WHERE status = 'alive'"
-
-POD_REGISTRATION = "SELECT incarnation, pid FROM pods WHERE id = :pod AND status = 'alive'"
-
-ALIVE_REGISTRATIONS = "SELECT id, incarnation, pid FROM pods WHERE status = 'alive'"
+ALIVE_PODS = "SELECT id, incarnation, pid, host FROM pods WHERE status = 'alive'"
 
 PODS = """
 WITH done AS (

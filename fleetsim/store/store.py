@@ -917,19 +917,12 @@ class Store:
 
     def alive_pod_hosts(self) -> dict[str, str]:
         """The host name each alive pod registered, by pod id (cheap: no counts)."""
-        return {row.id: row.host for row in self._rows(q.ALIVE_POD_HOSTS) if row.host}
+        return {row.id: row.host for row in self._rows(q.ALIVE_PODS) if row.host}
 
     def alive_registrations(self) -> dict[str, tuple[int, int | None]]:
         """(incarnation, pid) of every alive pod, by pod id (cheap: no counts)."""
         return {row.id: (int(row.incarnation), None if row.pid is None else int(row.pid))
-                for row in self._rows(q.ALIVE_REGISTRATIONS)}
-
-    def pod_registration(self, pod_id: str) -> tuple[int, int | None] | None:
-        """(incarnation, pid) of the pod's registration if it is alive, else None."""
-        rows = self._rows(q.POD_REGISTRATION, pod=pod_id)
-        if not rows:
-            return None
-        return int(rows[0].incarnation), None if rows[0].pid is None else int(rows[0].pid)
+                for row in self._rows(q.ALIVE_PODS)}
 
     def analyze(self) -> None:
         """Refresh the planner's statistics (after a large bulk submit)."""

@@ -110,7 +110,10 @@ def test_a_command_sent_while_the_pod_reconnects_reaches_it(service: BusService)
     sender = threading.Thread(
         target=lambda: replies.append(service.send_command("pod-back", fault, timeout_s=5.0)))
     sender.start()
-    time.sleep(0.3)  # the gap being tested: the command is sent while nobody is there
+    # The gap being tested: the command was tried while nobody was there,
+    # and waits to be sent again.
+    wait_until(lambda: bool(service._later), 5, interval=0.01,
+               what="the command tried and queued to be sent again")
     assert service.endpoints is not None
     back = PodBusClient(service.endpoints, "pod-back", 0, heartbeat_interval_s=0.1,
                         handler=lambda _command: Ok({"back": True}))
