@@ -280,10 +280,17 @@ class PodBusClient:
             next_heartbeat = last_heard + self.heartbeat_interval_s
             # Wake often enough to flush metrics and notice close() promptly.
             tick_s = min(0.05, self.heartbeat_interval_s)
+            now = last_heard
             while not self._stop.is_set():
+                before = now  # the end of the previous round
+                ready = dict(poller.poll(_ms(min(next_heartbeat - time.monotonic(), tick_s))))
                 now = time.monotonic()
-                ready = dict(poller.poll(_ms(min(next_heartbeat - now, tick_s))))
-                now = time.monotonic()
+                if now - before > silence_limit:
+                    # This process was stopped (SIGSTOP, a frozen container),
+                    # not the coordinator silent: what it sent meanwhile may
+                    # still be on its way in. Reconnecting now would drop it
+                    # with the socket; give the coordinator a fresh window.
+                    last_heard = now
                 partitioned = self._partitioned(now)
                 if control in ready and self._receive(control, deaf=partitioned):
                     last_heard = now

@@ -10,6 +10,10 @@ without bound. Real sockets, real pod bus clients, no mocks.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -135,3 +139,51 @@ def test_a_command_to_a_pod_that_never_comes_back_fails_at_its_deadline(
     with pytest.raises(BusError, match="pod-gone/0' is not connected"):
         service.send_command("pod-gone", fault, timeout_s=0.5)
     assert 0.3 < time.monotonic() - started < 3
+
+
+_STOPPED_POD = """
+import sys, time
+from fleetsim.bus import Ok, PodBusClient
+from fleetsim.bus.endpoints import BusEndpoints
+endpoints = BusEndpoints(control=sys.argv[1], cli=sys.argv[2], events=sys.argv[3],
+                         metrics=sys.argv[4])
+client = PodBusClient(endpoints, "pod-stopped", 0, heartbeat_interval_s=0.1,
+                      handler=lambda command: Ok({"answered": True}))
+client.start()
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_command_sent_while_the_pod_process_is_stopped_is_answered_after(
+        service: BusService) -> None:
+    """A stopped pod (SIGSTOP, a frozen container) must not mistake its own
+    stop for the coordinator's silence when it resumes: reconnecting then
+    dropped, with the old socket, the command sent to it meanwhile. (Found in
+    CI: `chaos storage-fault --all` right after `chaos pause pod-1 --for 1s`
+    timed out.) A real process, real signals."""
+    endpoints = service.endpoints
+    assert endpoints is not None
+    pod = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_POD, endpoints.control, endpoints.cli,
+         endpoints.events, endpoints.metrics], stdout=subprocess.PIPE, text=True)
+    try:
+        assert pod.stdout is not None and pod.stdout.readline().strip() == "started"
+        wait_until(lambda: "pod-stopped" in service.connected_pods(), 10,
+                   what="the pod on the bus")
+        os.kill(pod.pid, signal.SIGSTOP)  # far longer than its silence limit (0.3 s)
+        replies: list[object] = []
+        fault = SetStorageFault(error_rate=0.0, latency_ms=0.0, disconnect_rate=0.0,
+                                duration_s=1.0)
+        sender = threading.Thread(target=lambda: replies.append(
+            service.send_command("pod-stopped", fault, timeout_s=10.0)))
+        sender.start()
+        # Sent into the stopped pod's connection before it resumes.
+        wait_until(lambda: bool(service._pending), 5, interval=0.01, what="the command sent")
+        time.sleep(1.5)  # the stop being tested: nothing to poll while it lasts
+        os.kill(pod.pid, signal.SIGCONT)
+        sender.join(15)
+        assert replies and isinstance(replies[0], Ok), replies
+    finally:
+        pod.kill()
+        pod.wait(10)
