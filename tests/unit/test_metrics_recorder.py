@@ -127,7 +127,12 @@ def test_helper_processes_get_a_line_each_while_they_live(tmp_path: Path) -> Non
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # The child says it is up before it is sampled: sampled between fork and
+    # the interpreter's start its RSS is a few hundred kB (failed in CI).
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "up"
     helpers = {"fault-proxy": child.pid}
     recorder = MetricsRecorder(tmp_path / "metrics.jsonl", dict, period_s=3600,
                                helpers=lambda: helpers)
@@ -143,6 +148,8 @@ def test_helper_processes_get_a_line_each_while_they_live(tmp_path: Path) -> Non
         recorder.stop()
         if child.poll() is None:
             child.kill()
+            child.wait()
+        child.stdout.close()
     lines = [s for s in iter_samples(tmp_path / "metrics.jsonl") if s["kind"] == "process"]
     assert len(lines) == 1, lines
     assert lines[0]["name"] == "fault-proxy" and lines[0]["pid"] == child.pid
