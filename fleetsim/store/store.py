@@ -340,7 +340,11 @@ class Store:
     # -- schema -----------------------------------------------------------
 
     def init_schema(self) -> None:
-        """Create the schema if needed (idempotent, safe to run concurrently)."""
+        """Create the schema if needed (idempotent, safe to run concurrently).
+
+        A store already at ``SCHEMA_VERSION`` is left alone: no DDL, so no
+        lock that live pods' transactions would have to wait for.
+        """
         with self._transaction() as conn:
             # Serialise concurrent inits: CREATE ... IF NOT EXISTS races otherwise.
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7364001)"))
@@ -351,6 +355,13 @@ class Store:
                 version = conn.execute(
                     sa.text("SELECT coalesce(max(version), 0) FROM fleetsim_schema")
                 ).scalar_one()
+            if version == SCHEMA_VERSION:
+                # Already current: run no DDL. Beside a live fleet (a restarted
+                # coordinator, pods joined from elsewhere) CREATE INDEX takes
+                # SHARE on steps and CREATE OR REPLACE VIEW takes ACCESS
+                # EXCLUSIVE on the views, even when nothing changes, so it
+                # queued behind pods' claims and could deadlock with them.
+                return
             # An existing store is brought up one version at a time.
             for step in range(max(version, 1), SCHEMA_VERSION) if version else ():
                 for statement in MIGRATIONS[step]:

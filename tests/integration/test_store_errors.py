@@ -20,7 +20,7 @@ from fleetsim.store import (
     StoreConfig,
     WriteOutcome,
 )
-from tests.integration.claimers import sql
+from tests.integration.claimers import _connect, sql
 
 SECRET = "s3cret"
 
@@ -437,3 +437,41 @@ def test_a_transaction_whose_reply_is_lost_committed(store_config: StoreConfig) 
         with pytest.raises(StoreUnavailable):
             store.configure_queue(QueueConfig("slow", concurrency_limit=1))
         assert store.queues()["slow"].concurrency_limit == 1
+
+
+@pytest.mark.timeout(60)
+def test_init_schema_on_a_current_store_waits_for_no_live_transaction(
+    store: Store, store_config: StoreConfig
+) -> None:
+    """`up` beside a live fleet (a restarted coordinator, pods joined from
+    elsewhere) runs ``init_schema`` while pods hold their usual locks: a
+    claim's ROW EXCLUSIVE on ``steps``, a status read's ACCESS SHARE on the
+    views. On a store already at this version it must not queue behind them:
+    its DDL did (CREATE INDEX takes SHARE on ``steps``, CREATE OR REPLACE VIEW
+    ACCESS EXCLUSIVE), and a pod that then needed a lock it held deadlocked
+    (`up` failed with "deadlock detected" in CI)."""
+    pod = _connect(store_config)
+    pod.autocommit = False
+    finished = threading.Event()
+    errors: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            store.init_schema()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+        finished.set()
+
+    try:
+        with pod.cursor() as cur:  # a transaction left open, as a pod's is mid-claim
+            cur.execute("LOCK TABLE steps IN ROW EXCLUSIVE MODE")
+            cur.execute("LOCK TABLE queue_stats, step_attempts IN ACCESS SHARE MODE")
+        worker = threading.Thread(target=init, daemon=True)
+        worker.start()
+        assert finished.wait(10), "init_schema waited for a pod's open transaction"
+        assert errors == []
+    finally:
+        pod.rollback()  # lets a blocked init_schema finish before the schema is dropped
+        pod.close()
+        finished.wait(20)
+    assert store.check_schema() == SCHEMA_VERSION
