@@ -26,6 +26,7 @@ from typing import IO, Any
 from fleetsim.client_history import ClientHistory, NullHistory, history_dir
 from fleetsim.config import FleetTimings, PodGroup
 from fleetsim.errors import ConfigError, FleetNotRunning, FleetsimError
+from fleetsim.pod_spawner import ForkedPod, PodSpawner, fork_available, module_argv
 from fleetsim.rundir import (
     ProcessRecord,
     RunDir,
@@ -73,6 +74,10 @@ class FleetSpec:
     metrics: bool = True  # pods send metrics; the coordinator writes metrics.jsonl
     metrics_port: int = 0  # a Prometheus endpoint on this port (0: none)
     metrics_host: str = "127.0.0.1"
+    # "fork": pods are forked from a spawner process that imported a pod's
+    # modules once (fleetsim.pod_spawner; 50 pods start in a third of the
+    # time); "exec": each pod is a fresh `python -m fleetsim pod`.
+    spawn: str = "fork"
 
     @property
     def submit_queue(self) -> str:
@@ -86,6 +91,8 @@ class FleetSpec:
             raise ConfigError("--steps must be >= 0")
         if self.rate < 0:
             raise ConfigError("--rate must be >= 0")
+        if self.spawn not in ("fork", "exec"):
+            raise ConfigError(f"--spawn must be fork or exec, got {self.spawn!r}")
         if self.groups and sum(g.pods for g in self.groups) != self.pods:
             raise ConfigError(f"the pod groups hold {sum(g.pods for g in self.groups)} pods, "
                               f"not {self.pods}")
@@ -111,7 +118,7 @@ class PodProcess:
 
     pod_id: str
     incarnation: int
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedPod
     log_path: Path
     started_at: float
     ready_at: float | None = None
@@ -156,6 +163,8 @@ class Coordinator:
         self._watch_at = 0.0
         self.metrics: Any = None  # fleetsim.metrics_recorder.MetricsRecorder
         self.metrics_server: Any = None  # the Prometheus endpoint's HTTP server
+        self.spawner: PodSpawner | None = None  # forks the pods (spec.spawn == "fork")
+        self._spawner_lock = threading.Lock()
 
     # -- start ------------------------------------------------------------
 
@@ -172,6 +181,9 @@ class Coordinator:
         self._self_record = ProcessRecord.of("coordinator", "coordinator", os.getpid())
         self.run_dir.record_child(self._self_record)
         try:
+            if spec.spawn == "fork" and fork_available():
+                # Its imports overlap the store's start.
+                self._start_spawner()
             self._start_store()
             self._refuse_live_schema()
             self._start_bus()
@@ -552,13 +564,17 @@ class Coordinator:
         env["FLEETSIM_STORE"] = self._pod_store_url(pod_id)
         env["PYTHONUNBUFFERED"] = "1"
         argv = self.pod_command(pod_id, incarnation)
-        out: IO[bytes]
-        with open(log_path, "ab") as out:
-            # Recorded before it runs (not when ready): `down` must find it if we die now.
-            process = spawn_recorded(
-                self.run_dir, "pod", pod_id, argv,
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
+        process: subprocess.Popen[bytes] | ForkedPod
+        if self.spec.spawn == "fork" and fork_available() and module_argv(argv) is not None:
+            process = self._fork_pod(pod_id, argv, env, log_path)
+        else:
+            out: IO[bytes]
+            with open(log_path, "ab") as out:
+                # Recorded before it runs (not when ready): `down` must find it if we die now.
+                process = spawn_recorded(
+                    self.run_dir, "pod", pod_id, argv,
+                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                )
         pod = PodProcess(pod_id, incarnation, process, log_path, time.monotonic())
         with self._lock:
             self.pods[pod_id] = pod
@@ -567,6 +583,36 @@ class Coordinator:
                          name=f"exit-{pod_id}").start()
         self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
         return pod
+
+    def _start_spawner(self) -> PodSpawner:
+        """Start the process the pods are forked from (recorded, like every child)."""
+        def start(argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+            with open(self.run_dir.logs / "pod-spawner.log", "ab") as out:
+                return spawn_recorded(self.run_dir, "spawner", "pod-spawner", argv,
+                                      stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True, pass_fds=fds)
+
+        self.spawner = PodSpawner(start)
+        return self.spawner
+
+    def _fork_pod(self, pod_id: str, argv: list[str], env: dict[str, str],
+                  log_path: Path) -> ForkedPod:
+        """A pod forked by the spawner, recorded in children.json before it runs."""
+        with self._spawner_lock:
+            spawner = self.spawner
+            if spawner is None or spawner.gone:
+                if spawner is not None:
+                    log.warning("the pod spawner is gone; starting another")
+                spawner = self._start_spawner()
+            child = spawner.spawn(argv, env, log_path)
+        try:
+            # The command line as /proc shows it (the child set it, and waits).
+            self.run_dir.record_child(ProcessRecord.of("pod", pod_id, child.pid))
+            spawner.release(child)
+        except BaseException:
+            spawner.cancel(child)
+            raise
+        return child
 
     def _wait_ready(self, pods: list[PodProcess], timeout_s: float = POD_READY_TIMEOUT_S) -> None:
         assert self.store is not None
@@ -665,6 +711,10 @@ class Coordinator:
         this waits for the exit itself, without reaping it (WNOWAIT), so
         the store learns of it within milliseconds.
         """
+        if isinstance(pod.process, ForkedPod):
+            # The spawner, its parent, reaps it and reports at once.
+            self._record_exit(pod, pod.process.wait())
+            return
         try:
             info = os.waitid(os.P_PID, pod.pid, os.WEXITED | os.WNOWAIT)
         except ChildProcessError:  # already reaped: poll() records it
@@ -811,6 +861,8 @@ class Coordinator:
             except subprocess.TimeoutExpired:
                 self.proxy_process.kill()
                 self.proxy_process.wait()
+        if self.spawner is not None:
+            self.spawner.close()
         if self._submitter is not None:
             self._submitter.join(timeout=5)
         self._submit_history.close()
@@ -994,7 +1046,7 @@ def stop_detached_fleet(run_dir: RunDir, timeout_s: float = 60.0) -> dict[str, A
             grace = float(value)
     with contextlib.suppress(ConfigError):
         children = run_dir.children()  # again: the coordinator may have forgotten some
-    others = [c for c in children if c.kind in ("pod", "proxy", "coordinator")]
+    others = [c for c in children if c.kind in ("pod", "proxy", "spawner", "coordinator")]
     stopped = stop_processes(others, grace_s=min(grace + 2.0, max(timeout_s, 1.0)))
     result["killed"] = [r.name for r in stopped if r.kind == "pod"]
     result["proxy_stopped"] = any(r.kind == "proxy" for r in stopped)

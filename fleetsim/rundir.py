@@ -36,7 +36,7 @@ CHILDREN_FILE = "children.json"
 # the ticks themselves are readable (Linux) they are compared exactly.
 _CREATE_TIME_SLACK_S = 1.0
 # Kinds of process a fleet starts, and what `down` calls them.
-KINDS = ("coordinator", "store", "proxy", "pod")
+KINDS = ("coordinator", "store", "proxy", "spawner", "pod")
 
 
 @dataclass(frozen=True)

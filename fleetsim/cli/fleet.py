@@ -106,6 +106,9 @@ def init(ctx: click.Context, store: str | None, schema: str | None, as_json: boo
         help="CURVE key directory from `fleetsim keys generate`.")
 @option("--status-line/--no-status-line", default=True, help="Live status line in the "
         "foreground.")
+@option("--spawn", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,
+        help="fork: pods are forked from one process that loaded their code once (fast "
+        "starts: 50 pods in seconds); exec: each pod is a fresh `python -m fleetsim pod`.")
 @click.pass_context
 def up(ctx: click.Context, /, **params: Any) -> None:
     """Start a fleet: the store (embedded by default), the schema and the pods.
@@ -127,6 +130,7 @@ def up(ctx: click.Context, /, **params: Any) -> None:
         bus_host=params["bus_host"], bus_keys=params["bus_keys"],
         handlers=tuple(params["handlers"]),
         metrics=params["metrics"], metrics_port=params["metrics_port"],
+        spawn=params["spawn"],
     )
     if params["detach"]:
         _up_detached(ctx, params)
@@ -268,7 +272,7 @@ def _up_detached(ctx: click.Context, params: dict[str, Any]) -> None:
     argv.append("--restart" if params["restart"] else "--no-restart")
     argv.append("--fault-proxy" if params["fault_proxy"] else "--no-fault-proxy")
     argv.append("--metrics" if params["metrics"] else "--no-metrics")
-    argv += ["--bus-host", params["bus_host"]]
+    argv += ["--bus-host", params["bus_host"], "--spawn", params["spawn"]]
     if params["bus_keys"]:
         argv += ["--bus-keys", str(Path(params["bus_keys"]).resolve())]
     env = dict(os.environ)

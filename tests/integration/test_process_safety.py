@@ -211,7 +211,7 @@ def _read(path: Path) -> str:
 
 def _coordinator_pods(coordinator: psutil.Process) -> int:
     try:
-        return sum(1 for c in coordinator.children() if "pod" in c.cmdline())
+        return sum(1 for c in coordinator.children(recursive=True) if "pod" in c.cmdline())
     except psutil.Error:
         return 0
 
