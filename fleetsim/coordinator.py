@@ -343,8 +343,12 @@ class Coordinator:
 
     def _helper_pids(self) -> dict[str, int]:
         """The fleet's processes besides the pods and this one, for the metrics series."""
-        proxy = self.proxy_process
-        return {"fault-proxy": proxy.pid} if proxy is not None else {}
+        helpers = {}
+        if self.proxy_process is not None:
+            helpers["fault-proxy"] = self.proxy_process.pid
+        if self.spawner is not None and not self.spawner.gone:
+            helpers["pod-spawner"] = self.spawner.process.pid
+        return helpers
 
     def _start_proxies(self) -> None:
         from chaos.proxy_process import ProxyControl
