@@ -7,7 +7,7 @@ and computes, for each process series and for the store:
 - a **process series** is one pod incarnation (``pod-2#0``, ``pod-2#1``: a
   restarted pod is a new process, so its first sample is the start of a new
   series, never a jump in the old one), the coordinator (``coordinator``)
-  or a helper process it started (``fault-proxy``); ``<name>#<pid>`` when
+  or a helper process it started (``fault-proxy``, ``pod-spawner``); ``<name>#<pid>`` when
   the file holds several pids under one name. For
   its ``rss_bytes`` and ``open_fds``: ``first`` (first sample after the
   warm-up), ``last``, ``peak`` (whole series, warm-up included),

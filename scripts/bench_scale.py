@@ -16,6 +16,7 @@ check valid. Example:
 
     python scripts/bench_scale.py --pods 50 --steps 50000
     python scripts/bench_scale.py --pods 200 --steps 50000 --repeat 1
+    python scripts/bench_scale.py --pods 50 --spawn fork,exec --repeat 3   # side by side
 """
 
 from __future__ import annotations
@@ -94,15 +95,17 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def trial(pods: int, steps: int, store: str | None, timeout: float) -> dict[str, Any]:
+def trial(pods: int, steps: int, store: str | None, timeout: float,
+          spawn: str = "fork") -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"fleetsim-scale-{pods}-"))
-    up_args = ["up", "--pods", str(pods), "--detach", "--no-status-line"]
+    up_args = ["up", "--pods", str(pods), "--detach", "--no-status-line", "--spawn", spawn]
     if store:
         up_args += ["--store", store, "--schema", f"scale_{os.getpid()}_{pods}"]
     started = time.monotonic()
     result = cli(run_dir, *up_args, timeout=timeout)
     if result.returncode != 0:
-        return {"pods": pods, "error": f"fleetsim up: {result.stderr.strip()[-500:]}"}
+        return {"pods": pods, "spawn": spawn,
+                "error": f"fleetsim up: {result.stderr.strip()[-500:]}"}
     try:
         run = json.loads((run_dir / "run.json").read_text())
         deadline = time.monotonic() + timeout
@@ -131,7 +134,7 @@ def trial(pods: int, steps: int, store: str | None, timeout: float) -> dict[str,
         checked = cli(run_dir, "check", "--json", timeout=timeout)
         valid = checked.returncode == 0 and json.loads(checked.stdout).get("valid") is True
         return {
-            "pods": pods, "steps": steps, "start_s": round(start_s, 2),
+            "pods": pods, "spawn": spawn, "steps": steps, "start_s": round(start_s, 2),
             "drain_s": round(drain_s, 2), "steps_per_s": round(steps / drain_s, 1),
             "valid": valid,
             "connections_peak": sampler.connections,
@@ -151,14 +154,27 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--store", help="PostgreSQL URL (default: the embedded server)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--spawn", default="fork",
+                        help="fork, exec or both (fork,exec: interleaved, side by side)")
     args = parser.parse_args()
     trials = []
-    for _ in range(args.repeat):
+    spawns = args.spawn.split(",")
+    for repeat in range(args.repeat):
         for pods in (int(n) for n in args.pods.split(",")):
-            outcome = trial(pods, args.steps, args.store, args.timeout)
-            print(json.dumps(outcome), file=sys.stderr)
-            trials.append(outcome)
-    print(json.dumps({"trials": trials}, indent=2))
+            # Interleaved, the order reversed every other repeat.
+            for spawn in spawns if repeat % 2 == 0 else spawns[::-1]:
+                outcome = trial(pods, args.steps, args.store, args.timeout, spawn)
+                print(json.dumps(outcome), file=sys.stderr)
+                trials.append(outcome)
+    summary = {}
+    for spawn in spawns:
+        for pods in (int(n) for n in args.pods.split(",")):
+            starts = [t["start_s"] for t in trials
+                      if t.get("spawn") == spawn and t["pods"] == pods and "start_s" in t]
+            if starts:
+                summary[f"{pods} pods, {spawn}"] = {"start_s_median": statistics.median(starts),
+                                                    "start_s": starts}
+    print(json.dumps({"trials": trials, "summary": summary}, indent=2))
     return 0 if all(t.get("valid") for t in trials) else 1
 
 

@@ -94,11 +94,14 @@ def test_sigkill_non_leader_its_steps_are_reclaimed_in_time(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("spawn", ["fork", "exec"])
 def test_sigkill_leader_new_term_in_time_and_recovery_continues(
-    store: Store, store_config: StoreConfig, tmp_path: Path
+    store: Store, store_config: StoreConfig, tmp_path: Path, spawn: str
 ) -> None:
+    """Whether the pods were forked by the pod-spawner or exec'd, the
+    coordinator sees the leader's death at once."""
     submit_steps(store, 300, "sleep:100")
-    with running_fleet(store_config, tmp_path, pods=3, batch=2) as fleet:
+    with running_fleet(store_config, tmp_path, pods=3, batch=2, spawn=spawn) as fleet:
         leader, term = leader_pod(store)
         wait_until(lambda: rows(store, "SELECT 1 FROM steps WHERE claimed_by=:p AND"
                                 " status='claimed'", p=leader), 20, what="leader holds steps")
@@ -185,3 +188,30 @@ def test_sigterm_mid_step_finishes_or_releases_and_exits_0(
         assert state == "stopped"
         wait_until(lambda: store.status_counts()["completed"] == 40, 60, what="drain")
     assert completed_once(store) == (40, 0)
+
+
+@pytest.mark.timeout(120)
+def test_a_fleet_whose_pod_spawner_died_still_sees_its_pods_die_and_restarts_them(
+    store: Store, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    """The spawner is the forked pods' parent: killed, it reports no more
+    exits. The coordinator still sees a pod end (its pidfd), with an unknown
+    status, and restarts it through a new spawner."""
+    from fleetsim.pod_spawner import UNKNOWN_EXIT
+
+    with running_fleet(store_config, tmp_path, pods=2, restart=True) as fleet:
+        assert fleet.spawner is not None
+        old_spawner = fleet.spawner
+        old_spawner.process.kill()
+        wait_until(lambda: old_spawner.gone, 20, what="the spawner seen gone")
+        victim = fleet.pods["pod-2"]
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.process.wait(timeout=20) == UNKNOWN_EXIT
+        # What the supervision loop does every 0.2 s: reap, and restart.
+        wait_until(lambda: ("pod-2", UNKNOWN_EXIT) in fleet.poll(), 30,
+                   what="pod-2's exit seen and the pod restarted")
+        assert fleet.pods["pod-2"].incarnation == 1
+        wait_until(lambda: any(p["id"] == "pod-2" and p["incarnation"] == 1
+                               and p["state"] == "alive" for p in store.pods()),
+                   30, what="pod-2's next incarnation alive")
+        assert fleet.spawner is not old_spawner and not fleet.spawner.gone
