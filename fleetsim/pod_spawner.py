@@ -165,6 +165,10 @@ class PodSpawner:
         self._replies, replies_w = os.pipe()
         try:
             self.process = start(spawner_command(requests_r, replies_w), (requests_r, replies_w))
+        except BaseException:
+            os.close(self._requests)
+            os.close(self._replies)
+            raise
         finally:
             os.close(requests_r)
             os.close(replies_w)
@@ -366,7 +370,11 @@ def serve(requests_fd: int, replies_fd: int) -> int:
             request = json.loads(line)
             op = request.get("op")
             if op == "spawn":
-                reply(_fork(request, waiting, close=(requests_fd, replies_fd, wake_r, wake_w)))
+                # The child keeps none of the spawner's fds: not its pipes, nor
+                # the release pipes of other children (a pipe it held open
+                # would keep such a child from seeing the spawner's end).
+                reply(_fork(request, waiting, close=(requests_fd, replies_fd, wake_r, wake_w,
+                                                     *waiting.values())))
             elif op in ("release", "cancel"):
                 pid = int(request["pid"])
                 fd = waiting.pop(pid, None)
