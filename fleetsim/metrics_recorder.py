@@ -259,7 +259,12 @@ class MetricsRecorder:
         if self._helpers is None:
             return []
         lines = []
-        for name, pid in sorted(dict(self._helpers()).items()):
+        helpers = dict(self._helpers())
+        # Forget the helpers that are no longer named (a spawner replaced, a
+        # proxy restarted): one entry per pid ever seen would only grow.
+        for pid in set(self._helper_processes) - set(helpers.values()):
+            del self._helper_processes[pid]
+        for name, pid in sorted(helpers.items()):
             process = self._helper_processes.get(pid)
             if process is None:
                 try:

@@ -144,6 +144,10 @@ def test_helper_processes_get_a_line_each_while_they_live(tmp_path: Path) -> Non
         recorder.sample()  # gone: no line, no error
         helpers["other"] = 2**22 + 7  # never existed (above the default pid_max)
         recorder.sample()
+        assert child.pid in recorder._helper_processes
+        del helpers["fault-proxy"]  # no longer a helper (replaced, restarted)
+        recorder.sample()
+        assert child.pid not in recorder._helper_processes  # forgotten, not kept for ever
     finally:
         recorder.stop()
         if child.poll() is None:
