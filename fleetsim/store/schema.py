@@ -7,6 +7,8 @@ new ``SCHEMA_VERSION`` and a note in that document.
 
 from __future__ import annotations
 
+import re
+
 SCHEMA_VERSION = 4
 
 # Statuses a step moves through. 'failed' means "the last attempt failed and
@@ -400,3 +402,33 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """,
     ),
 }
+
+
+def _named(pattern: str) -> tuple[str, ...]:
+    found = (re.search(pattern, statement) for statement in DDL)
+    return tuple(sorted({m.group(1) for m in found if m}))
+
+
+# What a complete store at SCHEMA_VERSION has, read off DDL: its tables,
+# sequences, indexes and views, and the columns DDL adds to older tables.
+# `init` on a store at this version runs DDL only if one of them is
+# missing (a store made at version 4 before the timeouts existed): DDL
+# takes locks that live pods' transactions would wait behind.
+CURRENT_RELATIONS = _named(
+    r"CREATE (?:TABLE|SEQUENCE|(?:UNIQUE )?INDEX) IF NOT EXISTS (\w+)") + _named(
+    r"CREATE OR REPLACE VIEW (\w+)")
+CURRENT_COLUMNS = tuple(sorted(
+    f"{m.group(1)}.{m.group(2)}" for statement in DDL
+    if (m := re.search(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", statement))))
+
+# The names of CURRENT_RELATIONS and CURRENT_COLUMNS present in the store's schema.
+PRESENT_RELATIONS = """
+SELECT c.relname FROM pg_class c
+ WHERE c.relnamespace = to_regnamespace(current_schema())
+   AND c.relname = ANY(CAST(:names AS text[]))
+"""
+PRESENT_COLUMNS = """
+SELECT table_name || '.' || column_name FROM information_schema.columns
+ WHERE table_schema = current_schema()
+   AND table_name || '.' || column_name = ANY(CAST(:names AS text[]))
+"""

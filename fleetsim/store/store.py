@@ -54,7 +54,16 @@ from fleetsim.store.records import (
     StepSpec,
     WriteOutcome,
 )
-from fleetsim.store.schema import DDL, MIGRATIONS, SCHEMA_VERSION, STEP_STATUSES
+from fleetsim.store.schema import (
+    CURRENT_COLUMNS,
+    CURRENT_RELATIONS,
+    DDL,
+    MIGRATIONS,
+    PRESENT_COLUMNS,
+    PRESENT_RELATIONS,
+    SCHEMA_VERSION,
+    STEP_STATUSES,
+)
 from fleetsim.store.url import pooler_mode, redact, validate_schema_name, validate_url
 from fleetsim.store.values import check_storable, storable_text
 
@@ -342,8 +351,9 @@ class Store:
     def init_schema(self) -> None:
         """Create the schema if needed (idempotent, safe to run concurrently).
 
-        A store already at ``SCHEMA_VERSION`` is left alone: no DDL, so no
-        lock that live pods' transactions would have to wait for.
+        A store already at ``SCHEMA_VERSION`` with every table, index, view
+        and column of it is left alone: no DDL, so no lock that live pods'
+        transactions would have to wait for.
         """
         with self._transaction() as conn:
             # Serialise concurrent inits: CREATE ... IF NOT EXISTS races otherwise.
@@ -355,7 +365,7 @@ class Store:
                 version = conn.execute(
                     sa.text("SELECT coalesce(max(version), 0) FROM fleetsim_schema")
                 ).scalar_one()
-            if version == SCHEMA_VERSION:
+            if version == SCHEMA_VERSION and _schema_complete(conn):
                 # Already current: run no DDL. Beside a live fleet (a restarted
                 # coordinator, pods joined from elsewhere) CREATE INDEX takes
                 # SHARE on steps and CREATE OR REPLACE VIEW takes ACCESS
@@ -1072,6 +1082,14 @@ _HOT = (_CLAIM, _COMPLETE, _FAIL, _RELEASE, _HEARTBEAT)
 
 
 @functools.lru_cache(maxsize=256)
+def _schema_complete(conn: sa.Connection) -> bool:
+    """Whether the schema has every relation and column DDL would create (catalog reads only)."""
+    relations = conn.execute(sa.text(PRESENT_RELATIONS), {"names": list(CURRENT_RELATIONS)})
+    columns = conn.execute(sa.text(PRESENT_COLUMNS), {"names": list(CURRENT_COLUMNS)})
+    return (len(relations.all()) == len(CURRENT_RELATIONS)
+            and len(columns.all()) == len(CURRENT_COLUMNS))
+
+
 def _text(sql: str) -> sa.TextClause:
     """text() parses its binds with a regex on every construction: build each once."""
     return sa.text(sql)

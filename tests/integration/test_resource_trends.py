@@ -62,8 +62,9 @@ def test_a_run_of_half_a_minute_reports_trends_for_every_process_and_the_store(
             "resources_skipped")
         assert res["run_s"] >= 30 and res["warmup_s"] == pytest.approx(
             warmup_s(res["run_s"]), abs=0.01)
-        # One series per pod process and the coordinator: no restart in this run.
-        assert set(res["processes"]) == {"coordinator", "pod-1#0", "pod-2#0"}
+        # One series per pod process, the coordinator and the pod-spawner the
+        # pods were forked from: no restart in this run.
+        assert set(res["processes"]) == {"coordinator", "pod-spawner", "pod-1#0", "pod-2#0"}
         for key, entry in res["processes"].items():
             rss, fds = entry["rss_bytes"], entry["open_fds"]
             assert 10 * MIB < rss["first"] <= rss["peak"] and rss["last"] > 10 * MIB, key

@@ -475,3 +475,24 @@ def test_init_schema_on_a_current_store_waits_for_no_live_transaction(
         pod.close()
         finished.wait(20)
     assert store.check_schema() == SCHEMA_VERSION
+
+
+@pytest.mark.timeout(60)
+def test_init_schema_still_repairs_a_current_store_missing_an_object(
+    store: Store, store_config: StoreConfig
+) -> None:
+    """Skipping DDL on a current store must not skip a store that lacks part
+    of it: each relation and column DDL creates, dropped, comes back."""
+    from fleetsim.store.schema import CURRENT_COLUMNS, CURRENT_RELATIONS
+
+    assert "steps_claimable" in CURRENT_RELATIONS and "queue_stats" in CURRENT_RELATIONS
+    assert "steps.timeout_s" in CURRENT_COLUMNS
+    for drop, present in [
+        ("DROP INDEX steps_claimable", "SELECT to_regclass('steps_claimable')"),
+        ("DROP VIEW queue_stats", "SELECT to_regclass('queue_stats')"),
+        ("DROP TABLE pod_exits", "SELECT to_regclass('pod_exits')"),
+    ]:
+        sql(store_config, drop)
+        assert sql(store_config, present) == [(None,)]
+        store.init_schema()
+        assert sql(store_config, present) != [(None,)], drop
