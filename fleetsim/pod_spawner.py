@@ -213,8 +213,14 @@ class PodSpawner:
             with self._state:
                 self._pods[pod.pid] = pod
                 early = self._early_exits.pop(pod.pid, None)
+                # The spawner died since it answered: the reader's watch of
+                # the orphans began without this one.
+                orphan = self.gone
             if early is not None:
                 self._ended(pod, early)
+            elif orphan:
+                threading.Thread(target=self._watch_orphans, args=([pod],), daemon=True,
+                                 name="pod-spawner-orphans").start()
             return pod
 
     def release(self, pod: ForkedPod) -> None:

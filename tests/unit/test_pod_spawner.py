@@ -43,6 +43,14 @@ def spawn(spawner: PodSpawner, tmp_path: Path, *args: str,
     return pod, out, log
 
 
+def running(spawner: PodSpawner, tmp_path: Path) -> ForkedPod:
+    """A released child that sleeps, once it runs."""
+    pod, out, _ = spawn(spawner, tmp_path, "sleep")
+    spawner.release(pod)
+    wait_until(out.exists, 20, what="the child ran")
+    return pod
+
+
 @pytest.mark.timeout(60)
 def test_a_child_runs_only_once_released_and_its_exit_status_is_reported(
         spawner: PodSpawner, tmp_path: Path) -> None:
@@ -64,9 +72,7 @@ def test_a_child_runs_only_once_released_and_its_exit_status_is_reported(
 @pytest.mark.timeout(60)
 def test_a_killed_child_reports_the_signal_and_is_signalled_through_its_pidfd(
         spawner: PodSpawner, tmp_path: Path) -> None:
-    pod, out, _ = spawn(spawner, tmp_path, "sleep")
-    spawner.release(pod)
-    wait_until(out.exists, 20, what="the child ran")
+    pod = running(spawner, tmp_path)
     pod.kill()
     assert pod.wait(timeout=20) == -signal.SIGKILL
     pod.kill()  # once it ended, a signal goes nowhere (its pid may be someone else's)
@@ -93,10 +99,9 @@ def test_a_cancelled_child_never_runs(spawner: PodSpawner, tmp_path: Path) -> No
 def test_when_the_coordinator_goes_unreleased_children_die_released_ones_run_on(
         tmp_path: Path) -> None:
     spawner = PodSpawner(start_plain)
+    released: ForkedPod | None = None
     try:
-        running, running_out, _ = spawn(spawner, tmp_path, "sleep")
-        spawner.release(running)
-        wait_until(running_out.exists, 20, what="the released child ran")
+        released = running(spawner, tmp_path)
         held, held_out, _ = spawn(spawner, tmp_path, "exit", "0")
         os.close(spawner._requests)  # as the coordinator's death closes it
         assert spawner.process.wait(timeout=20) == 0
@@ -104,9 +109,11 @@ def test_when_the_coordinator_goes_unreleased_children_die_released_ones_run_on(
                    or psutil.Process(held.pid).status() == psutil.STATUS_ZOMBIE,
                    20, what="the unreleased child killed")
         assert not held_out.exists()
-        assert psutil.Process(running.pid).status() != psutil.STATUS_ZOMBIE
+        assert psutil.Process(released.pid).status() != psutil.STATUS_ZOMBIE
     finally:
-        os.kill(running.pid, signal.SIGKILL)
+        if released is not None:
+            os.kill(released.pid, signal.SIGKILL)
+        spawner.close()
 
 
 @pytest.mark.timeout(60)
@@ -114,9 +121,7 @@ def test_without_its_spawner_a_pods_end_is_still_seen_with_an_unknown_status(
         tmp_path: Path) -> None:
     spawner = PodSpawner(start_plain)
     try:
-        pod, out, _ = spawn(spawner, tmp_path, "sleep")
-        spawner.release(pod)
-        wait_until(out.exists, 20, what="the child ran")
+        pod = running(spawner, tmp_path)
         spawner.process.kill()
         spawner.process.wait()
         wait_until(lambda: spawner.gone, 20, what="the spawner seen gone")
