@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -146,28 +147,47 @@ class FaultClock(Coordinator):
             conn.close()
 
 
+def parse_spawns(text: str) -> tuple[str, ...]:
+    """``fork,exec`` -> the ways of starting pods to compare, each checked."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names or any(n not in ("fork", "exec") for n in names):
+        raise ConfigError(f"--spawn takes fork, exec or fork,exec; got {text!r}")
+    return names
+
+
 def run_chaos(url: str, faults: tuple[str, ...], repeat: int, say: Callable[[str], None],
-              factory: Callable[[FleetSpec], FaultClock] = FaultClock
-              ) -> list[dict[str, Any]]:
-    """Every fault ``repeat`` times, interleaved; one row per fault."""
+              factory: Callable[[FleetSpec], FaultClock] = FaultClock,
+              spawns: tuple[str, ...] = ("fork",)) -> list[dict[str, Any]]:
+    """Every fault ``repeat`` times, interleaved; one row per fault (and way of spawning).
+
+    With several ``spawns`` each fault runs with pods forked and exec'd
+    side by side (the order reversed every other repeat); the rows are
+    named ``kill-leader (fork)``, ``kill-leader (exec)``.
+    """
     from chaos.trial import run_trial
 
-    results: dict[str, list[tuple[Any, dict[str, Any]]]] = {name: [] for name in faults}
+    def key(name: str, spawn: str) -> str:
+        return name if len(spawns) == 1 else f"{name} ({spawn})"
+
+    results: dict[str, list[tuple[Any, dict[str, Any]]]] = {
+        key(name, spawn): [] for name in faults for spawn in spawns}
     try:
         for index in range(repeat):
             for name in faults:
-                made: list[FaultClock] = []
+                for spawn in spawns if index % 2 == 0 else spawns[::-1]:
+                    made: list[FaultClock] = []
 
-                def keep(spec: FleetSpec, made: list[FaultClock] = made) -> FaultClock:
-                    made.append(factory(spec))
-                    return made[-1]
+                    def keep(spec: FleetSpec, made: list[FaultClock] = made,
+                             spawn: str = spawn) -> FaultClock:
+                        made.append(factory(replace(spec, spawn=spawn)))
+                        return made[-1]
 
-                say(f"[{index + 1}/{repeat}] chaos {name}")
-                result = run_trial(url, chaos_trial(name), name=name, seed=index, say=say,
-                                   factory=keep)
-                measured = made[0].measured[0] if made and made[0].measured else {}
-                say(f"  {result.verdict} in {result.seconds:.1f}s")
-                results[name].append((result, measured))
+                    say(f"[{index + 1}/{repeat}] chaos {key(name, spawn)}")
+                    result = run_trial(url, chaos_trial(name), name=name, seed=index, say=say,
+                                       factory=keep)
+                    measured = made[0].measured[0] if made and made[0].measured else {}
+                    say(f"  {result.verdict} in {result.seconds:.1f}s")
+                    results[key(name, spawn)].append((result, measured))
     except KeyboardInterrupt:
         say("interrupted: reporting what was measured")
     return [_row(name, runs) for name, runs in results.items() if runs]

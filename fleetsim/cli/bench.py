@@ -95,6 +95,9 @@ def _store_url(ctx: click.Context, url: str | None) -> Iterator[str]:
         "and from the fault), and throughput during the fault, over --repeat trials of "
         "each fault: kill-leader, kill, pause-leader, partition-leader, "
         "storage-brownout.")
+@option("--spawn", default="fork", metavar="fork|exec|fork,exec", env="FLEETSIM_BENCH_SPAWN",
+        help="With --chaos: how the fleets start their pods (`up --spawn`); fork,exec runs "
+        "both side by side, a row each.")
 @option("--timeout", type=float, default=600.0, env="FLEETSIM_BENCH_TIMEOUT",
         help="Give up on a trial not drained after this many seconds.")
 @option("--json", "json_file", default=None, metavar="FILE", env="FLEETSIM_BENCH_JSON",
@@ -130,6 +133,10 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
     """
     if params["chaos"] and params["checker"]:
         raise ConfigError("--chaos and --checker are separate benches: give one")
+    if params["spawn"] != "fork" and not params["chaos"]:
+        # The throughput rows measure the fleet once it runs: how its pods
+        # started does not change them.
+        raise ConfigError("--spawn is for --chaos (the throughput fleets always fork)")
     if params["chaos"]:
         _bench_chaos(ctx, params)
         return
@@ -210,15 +217,16 @@ def bench(ctx: click.Context, /, **params: Any) -> None:
 
 def _bench_chaos(ctx: click.Context, params: dict[str, Any]) -> None:
     """`bench --chaos`: the chaos table (and JSON)."""
-    from fleetsim.bench.chaos import chaos_table_lines, parse_faults, run_chaos
+    from fleetsim.bench.chaos import chaos_table_lines, parse_faults, parse_spawns, run_chaos
 
     faults = parse_faults(params["chaos"])
+    spawns = parse_spawns(params["spawn"])
 
     def say(line: str) -> None:
         click.echo(f"bench: {line}", err=True)
 
     with _store_url(ctx, params["store"]) as url:
-        rows = run_chaos(url, faults, params["repeat"], say)
+        rows = run_chaos(url, faults, params["repeat"], say, spawns=spawns)
     data = {"chaos": rows, "repeat": params["repeat"],
             "command": "fleetsim " + shlex.join(redact_argv(sys.argv[1:]))}
     if params["json_file"] and params["json_file"] != "-":

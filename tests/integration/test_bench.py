@@ -123,3 +123,37 @@ def test_bench_chaos_reports_the_failover_of_a_killed_leader(
     assert 0 < row["new_term_from_fault"]["median_s"] < 10
     assert row["reclaim_from_fault"]["trials_with_it"] in (0, 1)
     assert row["throughput_fraction"]["median"] > 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, message", [
+    (["--chaos", "kill", "--spawn", "vfork"], "--spawn takes fork, exec or fork,exec"),
+    (["--spawn", "exec"], "--spawn is for --chaos"),
+])
+def test_bench_spawn_bad_input_is_one_line(tmp_path: Path, args: list[str],
+                                           message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench", *args,
+         "--store", "postgresql://nobody@127.0.0.1:1/none"],
+        capture_output=True, text=True, timeout=50, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(240)
+def test_bench_chaos_puts_forked_and_execd_pods_side_by_side(
+        pg_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
+         "--chaos", "kill-leader", "--spawn", "fork,exec", "--repeat", "1", "--store", pg_url,
+         "--json", "-"],
+        capture_output=True, text=True, timeout=230, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["fault"]: row for row in json.loads(proc.stdout)["chaos"]}
+    assert set(rows) == {"kill-leader (fork)", "kill-leader (exec)"}
+    for row in rows.values():
+        assert row["valid"] == row["trials"] == 1
+        assert 0 < row["new_term_from_fault"]["median_s"] < 10
