@@ -26,7 +26,13 @@ from typing import IO, Any
 from fleetsim.client_history import ClientHistory, NullHistory, history_dir
 from fleetsim.config import FleetTimings, PodGroup
 from fleetsim.errors import ConfigError, FleetNotRunning, FleetsimError
-from fleetsim.pod_spawner import ForkedPod, PodSpawner, fork_available, module_argv
+from fleetsim.pod_spawner import (
+    SPAWN_MODES,
+    ForkedPod,
+    PodSpawner,
+    fork_available,
+    module_argv,
+)
 from fleetsim.rundir import (
     ProcessRecord,
     RunDir,
@@ -91,7 +97,7 @@ class FleetSpec:
             raise ConfigError("--steps must be >= 0")
         if self.rate < 0:
             raise ConfigError("--rate must be >= 0")
-        if self.spawn not in ("fork", "exec"):
+        if self.spawn not in SPAWN_MODES:
             raise ConfigError(f"--spawn must be fork or exec, got {self.spawn!r}")
         if self.groups and sum(g.pods for g in self.groups) != self.pods:
             raise ConfigError(f"the pod groups hold {sum(g.pods for g in self.groups)} pods, "
@@ -181,7 +187,7 @@ class Coordinator:
         self._self_record = ProcessRecord.of("coordinator", "coordinator", os.getpid())
         self.run_dir.record_child(self._self_record)
         try:
-            if spec.spawn == "fork" and fork_available():
+            if self.forks_pods:
                 # Its imports overlap the store's start.
                 self._start_spawner()
             self._start_store()
@@ -569,7 +575,7 @@ class Coordinator:
         env["PYTHONUNBUFFERED"] = "1"
         argv = self.pod_command(pod_id, incarnation)
         process: subprocess.Popen[bytes] | ForkedPod
-        if self.spec.spawn == "fork" and fork_available() and module_argv(argv) is not None:
+        if self.forks_pods and module_argv(argv) is not None:
             process = self._fork_pod(pod_id, argv, env, log_path)
         else:
             out: IO[bytes]
@@ -587,6 +593,11 @@ class Coordinator:
                          name=f"exit-{pod_id}").start()
         self._event("pod.started", pod=pod_id, pid=process.pid, incarnation=incarnation)
         return pod
+
+    @property
+    def forks_pods(self) -> bool:
+        """Whether pods are forked by the pod-spawner (asked for, and possible here)."""
+        return self.spec.spawn == "fork" and fork_available()
 
     def _start_spawner(self) -> PodSpawner:
         """Start the process the pods are forked from (recorded, like every child)."""

@@ -64,6 +64,10 @@ PRELOAD = (
     "psutil", "tenacity", "setproctitle",
 )
 
+# How a coordinator may start its pods (`up --spawn`): forked by the spawner,
+# or each a fresh `python -m fleetsim pod`.
+SPAWN_MODES = ("fork", "exec")
+
 # The status of a pod that ended while no spawner was left to reap it.
 UNKNOWN_EXIT = 255
 

@@ -17,6 +17,7 @@ the checker). Figures, in database time:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +28,7 @@ from fleetsim.bench import server
 from fleetsim.bench.measure import Spread
 from fleetsim.coordinator import Coordinator, FleetSpec
 from fleetsim.errors import ConfigError
+from fleetsim.pod_spawner import SPAWN_MODES
 
 FAULT_AT_S = 2.0
 # name -> (action, target, parameters, needs the fault proxy)
@@ -150,7 +152,7 @@ class FaultClock(Coordinator):
 def parse_spawns(text: str) -> tuple[str, ...]:
     """``fork,exec`` -> the ways of starting pods to compare, each checked."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names or any(n not in ("fork", "exec") for n in names):
+    if not names or any(n not in SPAWN_MODES for n in names):
         raise ConfigError(f"--spawn takes fork, exec or fork,exec; got {text!r}")
     return names
 
@@ -173,21 +175,21 @@ def run_chaos(url: str, faults: tuple[str, ...], repeat: int, say: Callable[[str
         key(name, spawn): [] for name in faults for spawn in spawns}
     try:
         for index in range(repeat):
-            for name in faults:
-                for spawn in spawns if index % 2 == 0 else spawns[::-1]:
-                    made: list[FaultClock] = []
+            order = spawns if index % 2 == 0 else spawns[::-1]
+            for name, spawn in itertools.product(faults, order):
+                made: list[FaultClock] = []
 
-                    def keep(spec: FleetSpec, made: list[FaultClock] = made,
-                             spawn: str = spawn) -> FaultClock:
-                        made.append(factory(replace(spec, spawn=spawn)))
-                        return made[-1]
+                def keep(spec: FleetSpec, made: list[FaultClock] = made,
+                         spawn: str = spawn) -> FaultClock:
+                    made.append(factory(replace(spec, spawn=spawn)))
+                    return made[-1]
 
-                    say(f"[{index + 1}/{repeat}] chaos {key(name, spawn)}")
-                    result = run_trial(url, chaos_trial(name), name=name, seed=index, say=say,
-                                       factory=keep)
-                    measured = made[0].measured[0] if made and made[0].measured else {}
-                    say(f"  {result.verdict} in {result.seconds:.1f}s")
-                    results[key(name, spawn)].append((result, measured))
+                say(f"[{index + 1}/{repeat}] chaos {key(name, spawn)}")
+                result = run_trial(url, chaos_trial(name), name=name, seed=index, say=say,
+                                   factory=keep)
+                measured = made[0].measured[0] if made and made[0].measured else {}
+                say(f"  {result.verdict} in {result.seconds:.1f}s")
+                results[key(name, spawn)].append((result, measured))
     except KeyboardInterrupt:
         say("interrupted: reporting what was measured")
     return [_row(name, runs) for name, runs in results.items() if runs]

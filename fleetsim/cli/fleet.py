@@ -46,6 +46,7 @@ from fleetsim.errors import (
     FleetsimError,
     StoreUnavailable,
 )
+from fleetsim.pod_spawner import SPAWN_MODES
 from fleetsim.rundir import RunDir
 from fleetsim.status import status_data, unserved_warning
 from fleetsim.store import StepSpec, Store, StoreConfig, pod_application_name, redact
@@ -106,7 +107,7 @@ def init(ctx: click.Context, store: str | None, schema: str | None, as_json: boo
         help="CURVE key directory from `fleetsim keys generate`.")
 @option("--status-line/--no-status-line", default=True, help="Live status line in the "
         "foreground.")
-@option("--spawn", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,
+@option("--spawn", type=click.Choice(SPAWN_MODES), default="fork", show_default=True,
         help="fork: pods are forked from one process that loaded their code once (fast "
         "starts: 50 pods in seconds); exec: each pod is a fresh `python -m fleetsim pod`.")
 @click.pass_context

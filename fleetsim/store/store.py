@@ -1081,7 +1081,6 @@ _HEARTBEAT = _prepared("fleetsim_heartbeat", q.HEARTBEAT)
 _HOT = (_CLAIM, _COMPLETE, _FAIL, _RELEASE, _HEARTBEAT)
 
 
-@functools.lru_cache(maxsize=256)
 def _schema_complete(conn: sa.Connection) -> bool:
     """Whether the schema has every relation and column DDL would create (catalog reads only)."""
     relations = conn.execute(sa.text(PRESENT_RELATIONS), {"names": list(CURRENT_RELATIONS)})
@@ -1090,6 +1089,7 @@ def _schema_complete(conn: sa.Connection) -> bool:
             and len(columns.all()) == len(CURRENT_COLUMNS))
 
 
+@functools.lru_cache(maxsize=256)
 def _text(sql: str) -> sa.TextClause:
     """text() parses its binds with a regex on every construction: build each once."""
     return sa.text(sql)

@@ -14,15 +14,19 @@ import pytest
 pytestmark = pytest.mark.timeout(90)
 
 
+def bench(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`fleetsim bench ARGS` in a fresh process, with no FLEETSIM_* setting of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
 def test_a_tiny_bench_prints_the_table_and_writes_the_json(
         pg_url: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
-         "--pods", "1", "--steps", "300", "--repeat", "1", "--store", pg_url,
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=80, env=env, stdin=subprocess.DEVNULL)
+    proc = bench(tmp_path, "--pods", "1", "--steps", "300", "--repeat", "1", "--store", pg_url,
+                 "--json", str(out), timeout=80)
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.splitlines()[0]
     for column in ("config", "completed", "success %", "steps/s", "ratio to ref", "e2e p50",
@@ -44,12 +48,9 @@ def test_a_tiny_bench_prints_the_table_and_writes_the_json(
 
 
 def test_store_loop_and_fleet_options_in_one_tiny_bench(pg_url: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
-         "--pods", "1", "--steps", "500", "--repeat", "1", "--store-loop", "--metrics", "off",
-         "--client-history", "off", "--store", pg_url, "--json", "-"],
-        capture_output=True, text=True, timeout=80, env=env, stdin=subprocess.DEVNULL)
+    proc = bench(tmp_path, "--pods", "1", "--steps", "500", "--repeat", "1", "--store-loop",
+                 "--metrics", "off", "--client-history", "off", "--store", pg_url,
+                 "--json", "-", timeout=80)
     assert proc.returncode == 0, proc.stderr
     rows = {row["key"]: row for row in json.loads(proc.stdout)["rows"]}
     assert list(rows) == ["reference procs=1 batch=50 noop", "store procs=1 batch=50 noop",
@@ -108,11 +109,8 @@ def test_bench_checker_times_a_valid_history_and_the_checker_sees_a_broken_one(
 @pytest.mark.timeout(180)
 def test_bench_chaos_reports_the_failover_of_a_killed_leader(
         pg_url: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
-         "--chaos", "kill-leader", "--repeat", "1", "--store", pg_url, "--json", "-"],
-        capture_output=True, text=True, timeout=170, env=env, stdin=subprocess.DEVNULL)
+    proc = bench(tmp_path, "--chaos", "kill-leader", "--repeat", "1", "--store", pg_url,
+                 "--json", "-", timeout=170)
     assert proc.returncode == 0, proc.stderr
     [row] = json.loads(proc.stdout)["chaos"]
     assert row["fault"] == "kill-leader" and row["valid"] == row["trials"] == 1
@@ -132,11 +130,8 @@ def test_bench_chaos_reports_the_failover_of_a_killed_leader(
 ])
 def test_bench_spawn_bad_input_is_one_line(tmp_path: Path, args: list[str],
                                            message: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench", *args,
-         "--store", "postgresql://nobody@127.0.0.1:1/none"],
-        capture_output=True, text=True, timeout=50, env=env, stdin=subprocess.DEVNULL)
+    proc = bench(tmp_path, *args, "--store", "postgresql://nobody@127.0.0.1:1/none",
+                 timeout=50)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 
@@ -145,12 +140,8 @@ def test_bench_spawn_bad_input_is_one_line(tmp_path: Path, args: list[str],
 @pytest.mark.timeout(240)
 def test_bench_chaos_puts_forked_and_execd_pods_side_by_side(
         pg_url: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSIM_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetsim", "--run-dir", str(tmp_path / "run"), "bench",
-         "--chaos", "kill-leader", "--spawn", "fork,exec", "--repeat", "1", "--store", pg_url,
-         "--json", "-"],
-        capture_output=True, text=True, timeout=230, env=env, stdin=subprocess.DEVNULL)
+    proc = bench(tmp_path, "--chaos", "kill-leader", "--spawn", "fork,exec", "--repeat", "1",
+                 "--store", pg_url, "--json", "-", timeout=230)
     assert proc.returncode == 0, proc.stderr
     rows = {row["fault"]: row for row in json.loads(proc.stdout)["chaos"]}
     assert set(rows) == {"kill-leader (fork)", "kill-leader (exec)"}
