@@ -482,19 +482,21 @@ class ControlClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         request_id = next(self._request_ids)
         socket = self._connected_socket()
-        socket.send(
-            encode(dataclasses.replace(message, request_id=request_id), secret=self._secret),
-            zmq.NOBLOCK,
-        )
+        frame = encode(dataclasses.replace(message, request_id=request_id), secret=self._secret)
         deadline = time.monotonic() + timeout
+        # The send waits for a connection to queue on, within the same
+        # deadline: a DEALER has none while its peer is away or refused its
+        # CURVE handshake, and says so with EAGAIN, not with a timeout.
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not socket.poll(_ms(remaining), zmq.POLLIN):
-                self._reset()
-                raise BusTimeout(
-                    f"no reply from the coordinator at {self.endpoint} within {timeout:g}s"
-                    " — is `fleetsim up` running?"
-                )
+            try:
+                socket.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if not self._wait(socket, zmq.POLLOUT, deadline):
+                    raise self._no_reply(timeout) from None
+        while True:
+            if not self._wait(socket, zmq.POLLIN, deadline):
+                raise self._no_reply(timeout)
             frames = socket.recv_multipart()
             if len(frames) != 1:
                 continue
@@ -524,6 +526,17 @@ class ControlClient:
                 "the coordinator's reply is not signed with this client's bus secret"
                 " (is the secret file this fleet's?)"
             ) from None
+
+    @staticmethod
+    def _wait(socket: zmq.Socket[bytes], event: int, deadline: float) -> bool:
+        """Whether ``socket`` is ready for ``event`` before ``deadline``."""
+        remaining = deadline - time.monotonic()
+        return remaining > 0 and bool(socket.poll(_ms(remaining), event))
+
+    def _no_reply(self, timeout: float) -> BusTimeout:
+        self._reset()
+        return BusTimeout(f"no reply from the coordinator at {self.endpoint} within {timeout:g}s"
+                          " — is `fleetsim up` running?")
 
     def _connected_socket(self) -> zmq.Socket[bytes]:
         if self._socket is None:

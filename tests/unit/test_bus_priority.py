@@ -33,6 +33,12 @@ METRICS_PER_POLL = 64
 @pytest.fixture
 def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    # Every socket of it discards what it has not sent when closed. The
+    # tests' sockets are locals: a socket garbage-collected at the end of a
+    # test is closed with the default linger (for ever), before destroy()
+    # can set 0, and term() then waited for a metrics backlog nobody would
+    # read again (the image suite hung here once under load).
+    context.setsockopt(zmq.LINGER, 0)
     yield context
     context.destroy(linger=0)
 
