@@ -94,8 +94,20 @@ class BusService(threading.Thread):
         self.pods: dict[str, bytes] = {}  # pod id -> routing identity of its latest Hello
         self.heard: dict[str, float] = {}  # pod id -> when we last heard from it (monotonic)
         self.metrics: dict[str, dict[str, Any]] = {}  # pod id -> latest snapshot
-        self.malformed = 0
-        self.refused = 0  # messages not signed with the bus secret
+        self._bus: CoordinatorBus | None = None  # the sockets, once the thread made them
+
+    # Read from the sockets' own counters, not copied after each poll round:
+    # a refusal is answered inside the round, and whoever got the answer
+    # must find it counted.
+    @property
+    def malformed(self) -> int:
+        """Frames dropped or refused as not valid for their channel."""
+        return self._bus.malformed if self._bus is not None else 0
+
+    @property
+    def refused(self) -> int:
+        """Messages refused as not signed with the bus secret."""
+        return self._bus.refused if self._bus is not None else 0
 
     def start_and_wait(self, timeout_s: float = 10.0) -> BusEndpoints:
         """Start the thread; return the bound endpoints once listening."""
@@ -172,6 +184,7 @@ class BusService(threading.Thread):
             self._error = exc
             self._ready.set()
             return
+        self._bus = bus
         self.endpoints = bus.endpoints
         self._ready.set()
         next_sweep = time.monotonic() + _SWEEP_EVERY_S
@@ -194,8 +207,6 @@ class BusService(threading.Thread):
                     except queue.Empty:
                         break
                     action(bus)
-                self.malformed = bus.malformed
-                self.refused = bus.refused
         finally:
             bus.close()
 
